@@ -1,0 +1,31 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Where an NVIDIA GPU answers, pip's default torch (a CUDA build). Elsewhere the CPU build pinned
+# in ENV.md: an unpinned torch would pull a multi-GB CUDA build onto a CPU-only machine. The CPU
+# torch does not bring triton, whose interpreter runs the kernels there: pin the tested one.
+HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_NVIDIA_GPU),yes)
+TORCH_SPEC := torch
+else
+TORCH_SPEC := torch==2.13.0 triton==3.6.0
+endif
+
+.PHONY: setup test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,56 @@
+"""Triton kernels on the chunked KV layout, each with a launcher and a pure-torch reference.
+
+Place in the stack: the bottom. Imports torch and triton only; knows tensors and pointers, never
+requests or schedules (cli/api -> runtime -> models -> kernels).
+
+KV layout (block-first). Per pipeline stage, a pool tensor
+
+    kv_pool[num_chunks, layers_in_stage, 2, chunk_tokens, num_kv_heads, head_dim]
+
+where index 2 is (K, V). A chunk holds K and V of `chunk_tokens` consecutive positions of one
+sequence for all layers of the stage and is one contiguous block of memory, so it crosses PCIe as
+one large copy. `chunk_tokens` is a power of two (8 to 256 are tested). A sequence's chunk table
+lists its chunk ids in position order: position p lives in chunk table[p // chunk_tokens] at row
+p % chunk_tokens. A slot (for the store kernel) is chunk_id * chunk_tokens + row. Every stage has a
+GPU pool and a larger host pool of the same chunk shape; attention reads only the GPU pool.
+
+Kernels (see each module's docstring for shapes):
+    decode_attention   one query per sequence, GQA, split-K over long contexts
+    prefill_attention  causal attention of packed new tokens over cached prefix + new tokens
+    store_kv           write new tokens' K/V into their slots at one layer
+    copy_chunks        whole chunks between pools (host->GPU, GPU->host, GPU->GPU)
+    copy_rows          single token rows at some layers (write-through to the host copy)
+Each has a `<name>_ref` in pure torch with the same arguments.
+
+Dtypes float32, float16 and bfloat16; head_dim up to 256 (64, 80, 96, 128 tested).
+
+On a machine without CUDA the kernels are defined for Triton's interpreter (TRITON_INTERPRET=1,
+set here unless the caller chose) so they can run on CPU tensors, slowly; the engine uses the
+torch references there by default.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before any @triton.jit below runs: the decorator reads it once per kernel.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from .kv_copy import copy_chunks, copy_chunks_ref, copy_rows, copy_rows_ref  # noqa: E402
+from .kv_store import store_kv, store_kv_ref  # noqa: E402
+from .prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+
+__all__ = [
+    "copy_chunks",
+    "copy_chunks_ref",
+    "copy_rows",
+    "copy_rows_ref",
+    "decode_attention",
+    "decode_attention_ref",
+    "prefill_attention",
+    "prefill_attention_ref",
+    "store_kv",
+    "store_kv_ref",
+]

@@ -1,0 +1,68 @@
+"""Helpers shared by the kernel launchers: argument checks and block-size choices."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_power_of_2(value: int) -> int:
+    return triton.next_power_of_2(max(1, int(value)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 attention must stay float32: TF32 (the GPU default for fp32 tl.dot) keeps only 10
+    # mantissa bits and would break the float32 end-to-end equality the engine promises.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def needs_upcast(dtype: torch.dtype) -> bool:
+    """The interpreter computes on numpy, which has no bfloat16: such tiles go through float32."""
+    return dtype == torch.bfloat16 and interpreter_active()
+
+
+def check_kv_pool(kv_pool: torch.Tensor, name: str = "kv_pool") -> None:
+    """The pool is [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim], contiguous."""
+    if kv_pool.dim() != 6 or kv_pool.shape[2] != 2:
+        raise ValueError(
+            f"{name} must have shape [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim], "
+            f"got {tuple(kv_pool.shape)}"
+        )
+    if kv_pool.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} dtype {kv_pool.dtype} is not one of {SUPPORTED_DTYPES}")
+    if not kv_pool.is_contiguous():
+        raise ValueError(f"{name} must be contiguous: a chunk is one block of memory")
+    chunk_tokens = kv_pool.shape[3]
+    if chunk_tokens < 1 or chunk_tokens & (chunk_tokens - 1):
+        raise ValueError(f"chunk_tokens must be a power of two, got {chunk_tokens}")
+
+
+def check_index_tensor(tensor: torch.Tensor, name: str, dim: int, device: torch.device) -> None:
+    if tensor.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device}")
+    if tensor.dim() and tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def check_layer(layer: int, kv_pool: torch.Tensor) -> None:
+    if not 0 <= layer < kv_pool.shape[1]:
+        raise IndexError(f"layer {layer} is outside the pool's {kv_pool.shape[1]} layers")
+
+
+def bit_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the same width, so copies move bits and nothing else."""
+    integer_dtype = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.view(integer_dtype)

@@ -1,0 +1,259 @@
+"""Decode attention: one new query token per sequence against its chunked KV cache.
+
+Interface
+    decode_attention(q, kv_pool, layer, chunk_tables, seq_lens, scale, num_splits=None) -> out
+    q            [batch, num_heads, head_dim]                  the query of each sequence's newest token
+    kv_pool      [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]   (GPU pool)
+    layer        which layer of the pool (layer index within the stage)
+    chunk_tables [batch, max_chunks] int32                     chunk ids in position order; entries
+                                                               past a sequence's last chunk are ignored
+    seq_lens     [batch] int32 >= 1                            tokens to attend to, the new one included
+                                                               (its K/V must already be stored)
+    out          [batch, num_heads, head_dim], q's dtype
+
+GQA: query head h reads KV head h // (num_heads // num_kv_heads). Softmax is online, in float32.
+
+Long contexts with few sequences would leave most of the GPU idle, so each sequence's positions
+are split across `num_splits` programs (split-K). Each writes a partial output normalised by its
+own softmax sum plus the log-sum-exp; a second small kernel merges the splits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    check_index_tensor,
+    check_kv_pool,
+    check_layer,
+    dot_precision,
+    needs_upcast,
+    next_power_of_2,
+)
+from .chunk_gather import token_row_offsets
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_attention_split_kernel(
+    q_ptr,  # [batch, num_heads, head_dim]
+    kv_pool_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
+    chunk_tables_ptr,  # [batch, max_chunks] int32
+    seq_lens_ptr,  # [batch] int32
+    partial_out_ptr,  # [batch, num_heads, num_splits, head_dim] float32
+    partial_lse_ptr,  # [batch, num_heads, num_splits] float32, log2 domain
+    layer,
+    scale_log2,  # softmax scale * log2(e): the kernel works with exp2
+    tokens_per_split,
+    stride_q_batch,
+    stride_q_head,
+    stride_pool_chunk,
+    stride_pool_layer,
+    stride_pool_kv,
+    stride_pool_token,
+    stride_pool_head,
+    stride_table_batch,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK_TOKENS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # query heads per KV head
+    BLOCK_G: tl.constexpr,  # GROUP_SIZE padded to a tensor-core tile (>= 16)
+    BLOCK_N: tl.constexpr,  # positions per iteration
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # compute in float32: the CPU interpreter cannot do bf16 arithmetic
+):
+    tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    sequence = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + sequence)
+    split_start = split * tokens_per_split
+    split_end = tl.minimum(split_start + tokens_per_split, seq_len)
+
+    group = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    group_mask = group < GROUP_SIZE
+    dim_mask = dims < HEAD_DIM
+    heads = kv_head * GROUP_SIZE + group
+
+    q_offsets = sequence.to(tl.int64) * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=group_mask[:, None] & dim_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table_row = chunk_tables_ptr + sequence.to(tl.int64) * stride_table_batch
+
+    for block_start in range(split_start, split_end, BLOCK_N):
+        positions = block_start + tl.arange(0, BLOCK_N)
+        position_mask = positions < split_end
+        rows = token_row_offsets(
+            table_row, positions, position_mask, layer, kv_head,
+            stride_pool_chunk, stride_pool_layer, stride_pool_token, stride_pool_head, CHUNK_TOKENS,
+        )
+        tile_mask = position_mask[:, None] & dim_mask[None, :]
+        k = tl.load(kv_pool_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(kv_pool_ptr + rows[:, None] + stride_pool_kv + dims[None, :], mask=tile_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(position_mask[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        probs = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(running_max - new_max)
+        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        running_max = new_max
+
+    # A split past the end of a short sequence saw no position: weight zero in the merge.
+    has_positions = running_sum > 0
+    safe_sum = tl.where(has_positions, running_sum, 1.0)
+    lse = tl.where(has_positions, running_max + tl.log2(safe_sum), float("-inf"))
+
+    partial_row = (sequence.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split
+    out_offsets = partial_row[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(partial_out_ptr + out_offsets, acc / safe_sum[:, None], mask=group_mask[:, None] & dim_mask[None, :])
+    tl.store(partial_lse_ptr + partial_row, lse, mask=group_mask)
+
+
+@triton.jit
+def _decode_attention_merge_kernel(
+    partial_out_ptr,  # [batch, num_heads, num_splits, head_dim] float32
+    partial_lse_ptr,  # [batch, num_heads, num_splits] float32, log2 domain
+    out_ptr,  # [batch, num_heads, head_dim]
+    stride_out_batch,
+    stride_out_head,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    sequence = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_mask = splits < NUM_SPLITS
+    dim_mask = dims < HEAD_DIM
+
+    row = (sequence.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS
+    lse = tl.load(partial_lse_ptr + row + splits, mask=split_mask, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    partial = tl.load(
+        partial_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
+    merged = tl.sum(partial * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    out_offsets = sequence.to(tl.int64) * stride_out_batch + head * stride_out_head + dims
+    tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, target_programs: int) -> int:
+    """Enough splits that batch * kv_heads * splits reaches target_programs, never an empty split."""
+    programs = batch * num_kv_heads
+    wanted = -(-target_programs // max(programs, 1))
+    return max(1, min(wanted, -(-max_seq_len // block_n), 64))
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        # Two waves of programs per SM hide the latency of the chunk-table loads.
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one by one: no reason to split
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_pool: torch.Tensor,
+    layer: int,
+    chunk_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Launch decode attention; see the module docstring. max_seq_len avoids a device sync."""
+    check_kv_pool(kv_pool)
+    check_layer(layer, kv_pool)
+    _, _, _, chunk_tokens, num_kv_heads, head_dim = kv_pool.shape
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [batch, num_heads, {head_dim}], got {tuple(q.shape)}")
+    batch, num_heads, _ = q.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.dtype != kv_pool.dtype or q.device != kv_pool.device:
+        raise TypeError(f"q ({q.dtype}, {q.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    check_index_tensor(chunk_tables, "chunk_tables", 2, q.device)
+    check_index_tensor(seq_lens, "seq_lens", 1, q.device)
+    if chunk_tables.shape[0] != batch or seq_lens.shape[0] != batch:
+        raise ValueError(f"chunk_tables and seq_lens need {batch} rows, q's batch")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, block_n, _target_programs(q.device))
+    # Splits hold whole blocks so that only the last block of a sequence is partly masked.
+    tokens_per_split = block_n * -(-max_seq_len // (block_n * num_splits))
+
+    partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    group_size = num_heads // num_kv_heads
+    block_d = max(16, next_power_of_2(head_dim))
+    _decode_attention_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse,
+        layer, scale * LOG2_E, tokens_per_split,
+        q.stride(0), q.stride(1),
+        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+        chunk_tables.stride(0),
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        CHUNK_TOKENS=chunk_tokens, GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)),
+        BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype),
+    )
+    _decode_attention_merge_kernel[(batch, num_heads)](
+        partial_out, partial_lse, out, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
+    )
+    return out
+
+
+def gather_sequence_kv(kv_pool: torch.Tensor, layer: int, chunk_table: torch.Tensor, length: int):
+    """K and V of one sequence's first `length` positions, each [length, num_kv_heads, head_dim]."""
+    chunk_tokens = kv_pool.shape[3]
+    num_chunks = -(-length // chunk_tokens)
+    chunks = kv_pool[chunk_table[:num_chunks].long(), layer]  # [n, 2, chunk_tokens, kv_heads, dim]
+    k = chunks[:, 0].reshape(-1, *kv_pool.shape[4:])[:length]
+    v = chunks[:, 1].reshape(-1, *kv_pool.shape[4:])[:length]
+    return k, v
+
+
+def decode_attention_ref(q, kv_pool, layer, chunk_tables, seq_lens, scale) -> torch.Tensor:
+    """Pure-torch decode attention in float32, one sequence at a time."""
+    num_heads, num_kv_heads = q.shape[1], kv_pool.shape[4]
+    out = torch.empty_like(q)
+    for sequence in range(q.shape[0]):
+        k, v = gather_sequence_kv(kv_pool, layer, chunk_tables[sequence], int(seq_lens[sequence]))
+        k = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)  # [len, heads, dim]
+        v = v.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[sequence].float(), k) * scale
+        out[sequence] = torch.einsum("hl,lhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
+    return out

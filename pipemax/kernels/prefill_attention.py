@@ -1,0 +1,204 @@
+"""Prefill attention: causal attention for a packed batch of new tokens over chunked KV.
+
+Interface
+    prefill_attention(q, kv_pool, layer, chunk_tables, cu_seqlens_q, seq_lens, scale) -> out
+    q            [total_new_tokens, num_heads, head_dim]    new tokens of all sequences, packed
+    kv_pool      [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
+    layer        which layer of the pool
+    chunk_tables [batch, max_chunks] int32                  chunk ids in position order
+    cu_seqlens_q [batch + 1] int32                          sequence b's new tokens are
+                                                            q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]
+    seq_lens     [batch] int32                              all tokens of sequence b after this step:
+                                                            prefix already cached + new tokens
+    out          [total_new_tokens, num_heads, head_dim]
+
+The K/V of the new tokens must be stored in the pool first (kv_store). All keys, cached prefix and
+new tokens alike, are then read through the chunk table, so one kernel serves a first prefill
+(prefix 0), a prompt continued over several scheduling steps (chunked prefill) and a sequence
+whose prefix was prefetched from host memory. New token i of sequence b sits at position
+seq_lens[b] - q_len_b + i and attends to positions <= its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    check_index_tensor,
+    check_kv_pool,
+    check_layer,
+    dot_precision,
+    needs_upcast,
+    next_power_of_2,
+)
+from .chunk_gather import token_row_offsets
+from .decode_attention import LOG2_E, gather_sequence_kv
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr,  # [total_new_tokens, num_heads, head_dim]
+    kv_pool_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
+    chunk_tables_ptr,  # [batch, max_chunks] int32
+    cu_seqlens_q_ptr,  # [batch + 1] int32
+    seq_lens_ptr,  # [batch] int32
+    out_ptr,  # [total_new_tokens, num_heads, head_dim]
+    layer,
+    scale_log2,  # softmax scale * log2(e)
+    stride_q_token,
+    stride_q_head,
+    stride_out_token,
+    stride_out_head,
+    stride_pool_chunk,
+    stride_pool_layer,
+    stride_pool_kv,
+    stride_pool_token,
+    stride_pool_head,
+    stride_table_batch,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CHUNK_TOKENS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,  # query heads per KV head
+    BLOCK_M: tl.constexpr,  # new tokens per program
+    BLOCK_N: tl.constexpr,  # key positions per iteration
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # compute in float32: the CPU interpreter cannot do bf16 arithmetic
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    query_block = tl.program_id(0)
+    sequence = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP_SIZE
+
+    q_start = tl.load(cu_seqlens_q_ptr + sequence)
+    q_len = tl.load(cu_seqlens_q_ptr + sequence + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + sequence)
+    prefix_len = seq_len - q_len
+
+    rows = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len
+    query_positions = prefix_len + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    io_mask = row_mask[:, None] & dim_mask[None, :]
+
+    q_offsets = (q_start + rows).to(tl.int64)[:, None] * stride_q_token + head * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=io_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = chunk_tables_ptr + sequence.to(tl.int64) * stride_table_batch
+
+    # Keys past this block's last query are all masked by causality; a block past the sequence's
+    # new tokens (the grid is sized for the longest sequence) has no work at all.
+    key_end = tl.minimum(seq_len, prefix_len + (query_block + 1) * BLOCK_M)
+    key_end = tl.where(query_block * BLOCK_M < q_len, key_end, 0)
+    for block_start in range(0, key_end, BLOCK_N):
+        positions = block_start + tl.arange(0, BLOCK_N)
+        position_mask = positions < key_end
+        key_rows = token_row_offsets(
+            table_row, positions, position_mask, layer, kv_head,
+            stride_pool_chunk, stride_pool_layer, stride_pool_token, stride_pool_head, CHUNK_TOKENS,
+        )
+        tile_mask = position_mask[:, None] & dim_mask[None, :]
+        k = tl.load(kv_pool_ptr + key_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(kv_pool_ptr + key_rows[:, None] + stride_pool_kv + dims[None, :], mask=tile_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = (positions[None, :] <= query_positions[:, None]) & position_mask[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        # Padding rows (past q_len) may see no key at all: keep their max finite to avoid NaN.
+        new_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(running_max - new_max)
+        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        running_max = new_max
+
+    safe_sum = tl.where(running_sum > 0, running_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    out_offsets = (q_start + rows).to(tl.int64)[:, None] * stride_out_token + head * stride_out_head + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    kv_pool: torch.Tensor,
+    layer: int,
+    chunk_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_q_len: int | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Launch prefill attention; see the module docstring. max_q_len avoids a device sync."""
+    check_kv_pool(kv_pool)
+    check_layer(layer, kv_pool)
+    _, _, _, chunk_tokens, num_kv_heads, head_dim = kv_pool.shape
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [tokens, num_heads, {head_dim}], got {tuple(q.shape)}")
+    num_heads = q.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.dtype != kv_pool.dtype or q.device != kv_pool.device:
+        raise TypeError(f"q ({q.dtype}, {q.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    check_index_tensor(chunk_tables, "chunk_tables", 2, q.device)
+    check_index_tensor(cu_seqlens_q, "cu_seqlens_q", 1, q.device)
+    check_index_tensor(seq_lens, "seq_lens", 1, q.device)
+    batch = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != batch + 1 or chunk_tables.shape[0] != batch:
+        raise ValueError(f"cu_seqlens_q needs {batch + 1} entries and chunk_tables {batch} rows")
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+
+    out = torch.empty_like(q)
+    if batch == 0 or q.shape[0] == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    grid = (triton.cdiv(max_q_len, block_m), batch, num_heads)
+    _prefill_attention_kernel[grid](
+        q, kv_pool, chunk_tables, cu_seqlens_q, seq_lens, out,
+        layer, scale * LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+        chunk_tables.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), CHUNK_TOKENS=chunk_tokens,
+        GROUP_SIZE=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype),
+    )
+    return out
+
+
+def prefill_attention_ref(q, kv_pool, layer, chunk_tables, cu_seqlens_q, seq_lens, scale) -> torch.Tensor:
+    """Pure-torch causal prefill attention over chunked KV, in float32, one sequence at a time."""
+    num_heads, num_kv_heads = q.shape[1], kv_pool.shape[4]
+    out = torch.empty_like(q)
+    for sequence in range(seq_lens.shape[0]):
+        start, end = int(cu_seqlens_q[sequence]), int(cu_seqlens_q[sequence + 1])
+        seq_len = int(seq_lens[sequence])
+        if end == start:
+            continue
+        k, v = gather_sequence_kv(kv_pool, layer, chunk_tables[sequence], seq_len)
+        k = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)  # [seq_len, heads, dim]
+        v = v.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        query_positions = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+        hidden = torch.arange(seq_len, device=q.device)[None, :] > query_positions[:, None]
+        scores.masked_fill_(hidden, float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v).to(q.dtype)
+    return out

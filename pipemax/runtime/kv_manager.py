@@ -1,0 +1,242 @@
+"""KV manager: which chunks belong to which sequence, and where each sequence's KV lives.
+
+Pure Python, no tensors (the pool in kv_pool.py owns those). Two id spaces: GPU chunks
+[0, num_gpu_chunks) and host chunks [0, num_host_chunks). Allocation is deterministic (lowest
+free id first), so every pipeline stage, driven by the same decisions, picks the same ids and
+stages never exchange chunk tables.
+
+A sequence moves through these residencies:
+
+    allocate -> GPU --begin_offload--> OFFLOADING --finish_offload--> HOST
+                 ^                                                     |  ^
+      make_gpu_resident                                  begin_prefetch  release_staging
+                 |                                                     v  |
+               STAGED <--finish_prefetch-- PREFETCHING <---------------+  |
+                 +--------------------------------------------------------+
+
+GPU: its chunks are GPU chunks it owns. HOST: the authoritative chunks are host chunks.
+STAGED: host-resident, with a staging copy in GPU chunks that attention reads; tokens appended
+while staged get a GPU row and, written through by the stage, the same row in the host copy, so
+release_staging never copies anything back. OFFLOADING / PREFETCHING: a copy is in flight; the
+caller finishes it once the copy's event has completed.
+
+Every chunk is in exactly one state: free, owned (by one GPU- or host-resident sequence) or
+staging (GPU chunks only). A request that cannot be met raises before anything changes.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from dataclasses import dataclass, field
+
+
+class Residency(enum.Enum):
+    GPU = "gpu"
+    OFFLOADING = "offloading"
+    HOST = "host"
+    PREFETCHING = "prefetching"
+    STAGED = "staged"
+
+
+class ChunkState(enum.Enum):
+    FREE = "free"
+    OWNED = "owned"
+    STAGING = "staging"
+
+
+class PoolExhaustedError(RuntimeError):
+    """Not enough free chunks in a pool; nothing was allocated."""
+
+    def __init__(self, pool: str, requested: int, free: int, total: int):
+        super().__init__(
+            f"{pool} KV pool exhausted: {requested} chunk(s) requested, {free} free of {total}"
+        )
+        self.pool = pool
+        self.requested = requested
+        self.free = free
+
+
+class KVStateError(RuntimeError):
+    """An operation that the sequence's residency does not allow (or an unknown sequence)."""
+
+
+class ChunkAllocator:
+    """Free list of one pool's chunk ids; lowest id first so allocation is deterministic."""
+
+    def __init__(self, name: str, num_chunks: int):
+        if num_chunks < 0:
+            raise ValueError(f"{name} pool cannot have {num_chunks} chunks")
+        self.name = name
+        self.num_chunks = num_chunks
+        self.states = [ChunkState.FREE] * num_chunks
+        self._free_heap = list(range(num_chunks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_heap)
+
+    def check_available(self, count: int) -> None:
+        if count > self.num_free:
+            raise PoolExhaustedError(self.name, count, self.num_free, self.num_chunks)
+
+    def allocate(self, count: int, state: ChunkState) -> list[int]:
+        self.check_available(count)
+        chunk_ids = [heapq.heappop(self._free_heap) for _ in range(count)]
+        for chunk_id in chunk_ids:
+            self.states[chunk_id] = state
+        return chunk_ids
+
+    def free(self, chunk_ids: list[int]) -> None:
+        for chunk_id in chunk_ids:
+            if self.states[chunk_id] is ChunkState.FREE:
+                raise KVStateError(f"{self.name} chunk {chunk_id} freed twice")
+            self.states[chunk_id] = ChunkState.FREE
+            heapq.heappush(self._free_heap, chunk_id)
+
+    def set_state(self, chunk_ids: list[int], state: ChunkState) -> None:
+        for chunk_id in chunk_ids:
+            self.states[chunk_id] = state
+
+
+@dataclass
+class SequenceKV:
+    seq_id: int
+    num_tokens: int
+    residency: Residency
+    gpu_chunks: list[int] = field(default_factory=list)  # owned (GPU) or staging (PREFETCHING/STAGED)
+    host_chunks: list[int] = field(default_factory=list)  # authoritative when host-resident
+
+
+@dataclass(frozen=True)
+class RowCopy:
+    """One token row to write through from a staging chunk to the host copy."""
+
+    gpu_chunk: int
+    host_chunk: int
+    row: int
+
+
+class KVManager:
+    def __init__(self, num_gpu_chunks: int, num_host_chunks: int, chunk_tokens: int):
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self.chunk_tokens = chunk_tokens
+        self.gpu = ChunkAllocator("GPU", num_gpu_chunks)
+        self.host = ChunkAllocator("host", num_host_chunks)
+        self.sequences: dict[int, SequenceKV] = {}
+
+    # ---- queries -------------------------------------------------------------------------
+    def chunks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.chunk_tokens)
+
+    def sequence(self, seq_id: int) -> SequenceKV:
+        try:
+            return self.sequences[seq_id]
+        except KeyError:
+            raise KVStateError(f"unknown sequence {seq_id}") from None
+
+    def residency(self, seq_id: int) -> Residency:
+        return self.sequence(seq_id).residency
+
+    def chunk_table(self, seq_id: int) -> list[int]:
+        """GPU chunk ids that attention reads, in position order."""
+        seq = self._expect(seq_id, Residency.GPU, Residency.STAGED)
+        return list(seq.gpu_chunks)
+
+    def slots(self, seq_id: int, start: int, end: int) -> list[int]:
+        """GPU slots (chunk_id * chunk_tokens + row) of positions [start, end)."""
+        seq = self._expect(seq_id, Residency.GPU, Residency.STAGED)
+        if not 0 <= start <= end <= seq.num_tokens:
+            raise IndexError(f"positions [{start}, {end}) outside sequence {seq_id} of {seq.num_tokens} tokens")
+        chunk_tokens = self.chunk_tokens
+        return [seq.gpu_chunks[p // chunk_tokens] * chunk_tokens + p % chunk_tokens for p in range(start, end)]
+
+    def write_back_rows(self, seq_id: int, start: int, end: int) -> list[RowCopy]:
+        """Rows of positions [start, end) to copy from staging to the host copy (write-through)."""
+        seq = self._expect(seq_id, Residency.STAGED)
+        if not 0 <= start <= end <= seq.num_tokens:
+            raise IndexError(f"positions [{start}, {end}) outside sequence {seq_id} of {seq.num_tokens} tokens")
+        chunk_tokens = self.chunk_tokens
+        return [
+            RowCopy(seq.gpu_chunks[p // chunk_tokens], seq.host_chunks[p // chunk_tokens], p % chunk_tokens)
+            for p in range(start, end)
+        ]
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """A new GPU-resident sequence with room for num_tokens; returns its chunk table."""
+        if seq_id in self.sequences:
+            raise KVStateError(f"sequence {seq_id} already has KV chunks")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        chunks = self.gpu.allocate(self.chunks_for(num_tokens), ChunkState.OWNED)
+        self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.GPU, gpu_chunks=chunks)
+        return list(chunks)
+
+    def append(self, seq_id: int, count: int = 1) -> None:
+        """Room for `count` more tokens. A staged sequence grows its host copy in step."""
+        seq = self._expect(seq_id, Residency.GPU, Residency.STAGED)
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        new_chunks = self.chunks_for(seq.num_tokens + count) - len(seq.gpu_chunks)
+        if seq.residency is Residency.STAGED:
+            self.gpu.check_available(new_chunks)
+            self.host.check_available(new_chunks)
+            seq.host_chunks += self.host.allocate(new_chunks, ChunkState.OWNED)
+            seq.gpu_chunks += self.gpu.allocate(new_chunks, ChunkState.STAGING)
+        else:
+            seq.gpu_chunks += self.gpu.allocate(new_chunks, ChunkState.OWNED)
+        seq.num_tokens += count
+
+    def begin_offload(self, seq_id: int) -> list[tuple[int, int]]:
+        """GPU -> host: allocates host chunks; returns (gpu_chunk, host_chunk) pairs to copy."""
+        seq = self._expect(seq_id, Residency.GPU)
+        seq.host_chunks = self.host.allocate(len(seq.gpu_chunks), ChunkState.OWNED)
+        seq.residency = Residency.OFFLOADING
+        return list(zip(seq.gpu_chunks, seq.host_chunks))
+
+    def finish_offload(self, seq_id: int) -> None:
+        seq = self._expect(seq_id, Residency.OFFLOADING)
+        self.gpu.free(seq.gpu_chunks)
+        seq.gpu_chunks = []
+        seq.residency = Residency.HOST
+
+    def begin_prefetch(self, seq_id: int) -> list[tuple[int, int]]:
+        """Host -> staging: allocates staging chunks; returns (host_chunk, gpu_chunk) pairs."""
+        seq = self._expect(seq_id, Residency.HOST)
+        seq.gpu_chunks = self.gpu.allocate(len(seq.host_chunks), ChunkState.STAGING)
+        seq.residency = Residency.PREFETCHING
+        return list(zip(seq.host_chunks, seq.gpu_chunks))
+
+    def finish_prefetch(self, seq_id: int) -> None:
+        self._expect(seq_id, Residency.PREFETCHING).residency = Residency.STAGED
+
+    def release_staging(self, seq_id: int) -> None:
+        """Staged -> host: the host copy is current (write-through), so staging just goes."""
+        seq = self._expect(seq_id, Residency.STAGED)
+        self.gpu.free(seq.gpu_chunks)
+        seq.gpu_chunks = []
+        seq.residency = Residency.HOST
+
+    def make_gpu_resident(self, seq_id: int) -> None:
+        """Staged -> GPU: staging chunks become the sequence's own; the host copy is dropped."""
+        seq = self._expect(seq_id, Residency.STAGED)
+        self.gpu.set_state(seq.gpu_chunks, ChunkState.OWNED)
+        self.host.free(seq.host_chunks)
+        seq.host_chunks = []
+        seq.residency = Residency.GPU
+
+    def free(self, seq_id: int) -> None:
+        """Drop a finished (or preempted) sequence. Not while one of its copies is in flight."""
+        seq = self._expect(seq_id, Residency.GPU, Residency.HOST, Residency.STAGED)
+        self.gpu.free(seq.gpu_chunks)
+        self.host.free(seq.host_chunks)
+        del self.sequences[seq_id]
+
+    def _expect(self, seq_id: int, *allowed: Residency) -> SequenceKV:
+        seq = self.sequence(seq_id)
+        if seq.residency not in allowed:
+            names = " or ".join(r.value for r in allowed)
+            raise KVStateError(f"sequence {seq_id} is {seq.residency.value}; this needs it {names}")
+        return seq

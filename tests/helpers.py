@@ -1,0 +1,47 @@
+"""Shared test helpers: dtype-paired tolerances, a mismatch report, random chunk tables."""
+
+import torch
+
+TOLERANCES = {  # (atol, rtol)
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    # bf16 keeps 8 mantissa bits, and the interpreter truncates where the GPU rounds.
+    torch.bfloat16: (2e-2, 2e-2),
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Like torch.testing.assert_close, but says how many elements mismatch and the worst one."""
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    actual, expected = actual.float().cpu(), expected.float().cpu()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual - expected).abs()
+    bad = ~(error <= atol + rtol * expected.abs())  # NaN counts as bad
+    if bad.any():
+        worst = int(torch.nan_to_num(error, nan=float("inf")).argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), error.shape))
+        raise AssertionError(
+            f"{int(bad.sum())} of {error.numel()} elements differ (atol={atol}, rtol={rtol}); "
+            f"worst at {index}: got {actual[index].item()}, expected {expected[index].item()}"
+        )
+
+
+def random_chunk_tables(generator: torch.Generator, seq_lens: list[int], chunk_tokens: int, spare_chunks: int = 3):
+    """Chunk tables over a shuffled pool, so consecutive positions sit in scattered chunks.
+
+    Returns (num_chunks, tables [batch, max_chunks] int32). Table entries past a sequence's last
+    chunk hold other sequences' ids, which kernels must ignore.
+    """
+    needed = [-(-length // chunk_tokens) for length in seq_lens]
+    num_chunks = sum(needed) + spare_chunks
+    order = torch.randperm(num_chunks, generator=generator)
+    width = max(needed + [1])
+    tables = torch.empty(len(seq_lens), width, dtype=torch.int32)
+    start = 0
+    for row, count in enumerate(needed):
+        ids = order[start:start + count]
+        start += count
+        filler = order[torch.randint(0, num_chunks, (width - count,), generator=generator)]
+        tables[row] = torch.cat([ids, filler]).to(torch.int32)
+    return num_chunks, tables
