@@ -12,7 +12,10 @@ HAS_CUDA = torch.cuda.is_available()
 # Every kernel example runs the Triton interpreter on CPU: keep example counts modest and let
 # slow examples through; CI runs a fixed seed so a failure reproduces.
 settings.register_profile(
-    "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    "default", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile(
+    "gpu", deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile("thorough", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

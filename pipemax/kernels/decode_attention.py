@@ -56,8 +56,8 @@ def _decode_attention_split_kernel(
     stride_pool_token,
     stride_pool_head,
     stride_table_batch,
-    NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    num_heads,  # runtime values: a new batch shape must not cost a recompilation
+    num_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CHUNK_TOKENS: tl.constexpr,
@@ -120,7 +120,7 @@ def _decode_attention_split_kernel(
     safe_sum = tl.where(has_positions, running_sum, 1.0)
     lse = tl.where(has_positions, running_max + tl.log2(safe_sum), float("-inf"))
 
-    partial_row = (sequence.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split
+    partial_row = (sequence.to(tl.int64) * num_heads + heads) * num_splits + split
     out_offsets = partial_row[:, None] * HEAD_DIM + dims[None, :]
     tl.store(partial_out_ptr + out_offsets, acc / safe_sum[:, None], mask=group_mask[:, None] & dim_mask[None, :])
     tl.store(partial_lse_ptr + partial_row, lse, mask=group_mask)
@@ -133,9 +133,9 @@ def _decode_attention_merge_kernel(
     out_ptr,  # [batch, num_heads, head_dim]
     stride_out_batch,
     stride_out_head,
-    NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    num_heads,
+    num_splits,
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -143,10 +143,10 @@ def _decode_attention_merge_kernel(
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
     dim_mask = dims < HEAD_DIM
 
-    row = (sequence.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS
+    row = (sequence.to(tl.int64) * num_heads + head) * num_splits
     lse = tl.load(partial_lse_ptr + row + splits, mask=split_mask, other=float("-inf"))
     weights = tl.exp2(lse - tl.max(lse, axis=0))
     partial = tl.load(
@@ -223,14 +223,14 @@ def decode_attention(
         layer, scale * LOG2_E, tokens_per_split,
         q.stride(0), q.stride(1),
         kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
-        chunk_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        chunk_tables.stride(0), num_heads, num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
         CHUNK_TOKENS=chunk_tokens, GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)),
         BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype),
     )
     _decode_attention_merge_kernel[(batch, num_heads)](
-        partial_out, partial_lse, out, out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
+        partial_out, partial_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
+        BLOCK_S=next_power_of_2(num_splits),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
     )
     return out

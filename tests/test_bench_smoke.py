@@ -1,0 +1,17 @@
+"""The GPU benchmark script runs end to end (tiny shapes, CPU), so it does not rot between GPU sessions."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kernel in ("decode_attention", "prefill_attention", "store_kv", "copy_chunks host->GPU", "copy_rows GPU->host"):
+        assert kernel in result.stdout
+    assert '"device": "CPU (smoke)"' in out.read_text()
