@@ -1,0 +1,25 @@
+"""Model wrappers per HF family, weight loading, layer ranges (stages).
+
+Place in the stack: runtime -> models -> kernels. Models call kernels through
+`attention.ChunkedAttention` and hold no KV bookkeeping; a model object can be built for any
+contiguous layer range, so a pipeline stage loads only its own layers.
+"""
+
+from .attention import AttentionMetadata, ChunkedAttention
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError, load_model_config, model_config_from_hf
+from .llama import LlamaFamilyModel
+from .loader import WeightLoadError, load_model, load_weights
+
+__all__ = [
+    "AttentionMetadata",
+    "ChunkedAttention",
+    "LlamaFamilyModel",
+    "ModelConfig",
+    "SUPPORTED_ARCHITECTURES",
+    "UnsupportedModelError",
+    "WeightLoadError",
+    "load_model",
+    "load_model_config",
+    "load_weights",
+    "model_config_from_hf",
+]

@@ -1,0 +1,130 @@
+"""What PipeMax needs to know of a model, read through transformers' config classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+# Rope variants whose frequencies do not depend on the sequence length: precomputed once.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2, or Llama with attention_bias
+    o_bias: bool  # Llama with attention_bias
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm on each head of q and k before rope
+    max_model_len: int  # positions PipeMax serves; capped by a sliding window it does not implement
+    hf_config: object  # the transformers config, for rope initialisation
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_bytes(self, dtype: torch.dtype, layer_start: int = 0, layer_end: int | None = None) -> int:
+        """Bytes of the weights of layers [layer_start, layer_end) plus embeddings/head where held."""
+        layer_end = self.num_layers if layer_end is None else layer_end
+        per_layer = (
+            self.hidden_size * (self.q_size + 2 * self.kv_size)
+            + self.q_size * self.hidden_size
+            + 3 * self.hidden_size * self.intermediate_size
+            + 2 * self.hidden_size
+        )
+        total = per_layer * (layer_end - layer_start)
+        if layer_start == 0:
+            total += self.vocab_size * self.hidden_size
+        if layer_end == self.num_layers:
+            total += self.hidden_size + (0 if self.tie_word_embeddings and layer_start == 0 else self.vocab_size * self.hidden_size)
+        return total * torch.tensor([], dtype=dtype).element_size()
+
+
+def model_config_from_hf(hf_config) -> ModelConfig:
+    architectures = getattr(hf_config, "architectures", None) or []
+    model_type_archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if architecture is None and not architectures:
+        architecture = model_type_archs.get(getattr(hf_config, "model_type", None))
+    if architecture is None:
+        raise UnsupportedModelError(
+            f"unsupported architecture {architectures or getattr(hf_config, 'model_type', '?')}; "
+            f"PipeMax supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    family = SUPPORTED_ARCHITECTURES[architecture]
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; PipeMax supports {SUPPORTED_ROPE_TYPES}")
+    if getattr(hf_config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise UnsupportedModelError("partial rotary embeddings are not supported")
+
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    max_len = hf_config.max_position_embeddings
+    window = getattr(hf_config, "sliding_window", None)
+    uses_window = window is not None and (family == "mistral" or getattr(hf_config, "use_sliding_window", False))
+    if uses_window:
+        # Within the window, full attention is exactly sliding-window attention.
+        max_len = min(max_len, window)
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=family in ("llama", "mistral") and attention_bias,
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        qk_norm=family == "qwen3",
+        max_model_len=max_len,
+        hf_config=hf_config,
+    )
+
+
+def load_model_config(model_path: str | Path, gguf_file: str | None = None) -> ModelConfig:
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_path), gguf_file=gguf_file)
+    except ValueError as error:  # transformers' message for an unknown model_type
+        raise UnsupportedModelError(f"{error}; PipeMax supports {', '.join(SUPPORTED_ARCHITECTURES)}") from error
+    return model_config_from_hf(hf_config)

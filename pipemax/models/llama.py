@@ -1,0 +1,107 @@
+"""One wrapper for the Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 (qkv bias), Qwen3
+(q/k RMSNorm). A model object holds a contiguous range of layers (a pipeline stage): the first
+stage also holds the embedding, the last the final norm and the LM head.
+
+Projections are fused (q|k|v, gate|up) for fewer, larger matmuls; the loader concatenates the
+checkpoint's separate weights. Numerics follow transformers (RMSNorm in float32, rope cos/sin in
+float32 then cast), so float32 outputs match it closely.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, ChunkedAttention
+from .config import ModelConfig
+from .rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.config = config
+        hidden = config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, **factory)
+        self.qkv_proj = nn.Linear(hidden, config.q_size + 2 * config.kv_size, bias=config.qkv_bias, **factory)
+        self.o_proj = nn.Linear(config.q_size, hidden, bias=config.o_bias, **factory)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, **factory)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, **factory)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, **factory)
+        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=config.mlp_bias, **factory)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias, **factory)
+
+    def forward(self, layer, hidden, positions, rotary, attention: ChunkedAttention, meta: AttentionMetadata):
+        config = self.config
+        tokens = hidden.shape[0]
+        residual = hidden
+        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        q, k, v = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
+        q = q.view(tokens, config.num_heads, config.head_dim)
+        k = k.view(tokens, config.num_kv_heads, config.head_dim)
+        v = v.view(tokens, config.num_kv_heads, config.head_dim)
+        if config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        attn = attention(layer, q, k.contiguous(), v, meta)
+        hidden = residual + self.o_proj(attn.view(tokens, config.q_size))
+
+        residual = hidden
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return residual + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaFamilyModel(nn.Module):
+    """Layers [layer_start, layer_end) of a Llama-family model."""
+
+    def __init__(self, config: ModelConfig, layer_start: int = 0, layer_end: int | None = None,
+                 device=None, dtype=torch.float32):
+        super().__init__()
+        layer_end = config.num_layers if layer_end is None else layer_end
+        if not 0 <= layer_start < layer_end <= config.num_layers:
+            raise ValueError(f"layer range [{layer_start}, {layer_end}) is not within the model's {config.num_layers} layers")
+        factory = dict(device=device, dtype=dtype)
+        self.config = config
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.is_first, self.is_last = layer_start == 0, layer_end == config.num_layers
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(config, **factory) for _ in range(layer_end - layer_start))
+        if self.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+            if config.tie_word_embeddings and self.is_first:
+                self.lm_head.weight = self.embed_tokens.weight  # one tensor, as in the checkpoint
+        self.rotary = RotaryEmbedding(config.hf_config, config.head_dim, config.max_model_len, device=device)
+
+    @property
+    def num_stage_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, attention: ChunkedAttention,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """inputs: token ids [tokens] on the first stage, hidden states [tokens, hidden] elsewhere.
+        Returns hidden states; on the last stage after the final norm."""
+        hidden = self.embed_tokens(inputs) if self.is_first else inputs
+        for layer, module in enumerate(self.layers):
+            hidden = module(layer, hidden, positions, self.rotary, attention, meta)
+        return self.norm(hidden) if self.is_last else hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,171 @@
+"""Build a model (or one stage of it) and load its weights.
+
+Sources: a local HF folder with safetensors (one file, or shards listed in
+model.safetensors.index.json), a GGUF file read through transformers' GGUF support, or any
+iterable of (name, tensor) pairs in transformers' naming (tests pass a reference model's
+state_dict). Only the tensors of the stage's layers are read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, load_model_config
+from .llama import LlamaFamilyModel
+
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Checkpoint weights that go into one fused parameter: (fused name, part index, parts).
+FUSED_PARTS = {
+    "self_attn.q_proj": ("qkv_proj", 0, 3),
+    "self_attn.k_proj": ("qkv_proj", 1, 3),
+    "self_attn.v_proj": ("qkv_proj", 2, 3),
+    "mlp.gate_proj": ("gate_up_proj", 0, 2),
+    "mlp.up_proj": ("gate_up_proj", 1, 2),
+}
+RENAMED = {
+    "self_attn.o_proj": "o_proj",
+    "mlp.down_proj": "down_proj",
+    "self_attn.q_norm": "q_norm",
+    "self_attn.k_norm": "k_norm",
+    "input_layernorm": "input_layernorm",
+    "post_attention_layernorm": "post_attention_layernorm",
+}
+IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class WeightLoadError(RuntimeError):
+    pass
+
+
+def find_weights(model_path: Path) -> tuple[str, Path | list[Path]]:
+    """('safetensors', [files]) or ('gguf', file) for a folder or a file path."""
+    if model_path.is_file() and model_path.suffix == ".gguf":
+        return "gguf", model_path
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return "safetensors", [model_path / shard for shard in shards]
+    files = sorted(model_path.glob("*.safetensors"))
+    if files:
+        return "safetensors", files
+    ggufs = sorted(model_path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    raise WeightLoadError(f"no safetensors or single GGUF file found in {model_path}")
+
+
+def iter_safetensors(files: list[Path], wanted) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if wanted(name):
+                    yield name, handle.get_tensor(name)
+
+
+def iter_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+    yield from reference.state_dict().items()
+
+
+def stage_wants(config: ModelConfig, layer_start: int, layer_end: int):
+    """Predicate: does this stage need the checkpoint tensor of that name?"""
+    first, last = layer_start == 0, layer_end == config.num_layers
+
+    def wanted(name: str) -> bool:
+        match = LAYER_NAME.match(name)
+        if match:
+            return layer_start <= int(match.group(1)) < layer_end
+        if name == "model.embed_tokens.weight":
+            return first or (last and config.tie_word_embeddings)
+        if name in ("model.norm.weight", "lm_head.weight"):
+            return last
+        return False
+
+    return wanted
+
+
+def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors (transformers names) into the model; every parameter must be set."""
+    config = model.config
+    params = dict(model.named_parameters())
+    pending = set(params)
+    fused_sizes = {
+        "qkv_proj": [config.q_size, config.kv_size, config.kv_size],
+        "gate_up_proj": [config.intermediate_size, config.intermediate_size],
+    }
+    wanted = stage_wants(config, model.layer_start, model.layer_end)
+
+    def assign(target: str, tensor: torch.Tensor, part: int | None = None, fused: str | None = None):
+        if target not in params:
+            raise WeightLoadError(f"checkpoint tensor maps to {target}, which this model does not have")
+        param = params[target]
+        destination = param.data
+        if part is not None:
+            sizes = fused_sizes[fused]
+            destination = destination.narrow(0, sum(sizes[:part]), sizes[part])
+        if tuple(destination.shape) != tuple(tensor.shape):
+            raise WeightLoadError(f"{target}: checkpoint shape {tuple(tensor.shape)} != {tuple(destination.shape)}")
+        destination.copy_(tensor)
+        pending.discard(f"{target}#{part}" if part is not None else target)
+
+    # Fused parameters are complete only when all their parts arrived.
+    for name, param in list(params.items()):
+        if name.endswith(("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight", "gate_up_proj.bias")):
+            pending.discard(name)
+            parts = 3 if "qkv_proj" in name else 2
+            pending.update(f"{name}#{part}" for part in range(parts))
+
+    for name, tensor in named_tensors:
+        if IGNORED.search(name) or not wanted(name):
+            continue
+        match = LAYER_NAME.match(name)
+        if match:
+            layer = int(match.group(1)) - model.layer_start
+            module, _, kind = match.group(2).rpartition(".")  # kind: weight or bias
+            if module in FUSED_PARTS:
+                fused, part, _ = FUSED_PARTS[module]
+                assign(f"layers.{layer}.{fused}.{kind}", tensor, part, fused)
+            elif module in RENAMED:
+                assign(f"layers.{layer}.{RENAMED[module]}.{kind}", tensor)
+            else:
+                raise WeightLoadError(f"unexpected checkpoint tensor {name}")
+        elif name == "model.embed_tokens.weight":
+            if model.is_first:
+                assign("embed_tokens.weight", tensor)
+            if model.is_last and config.tie_word_embeddings and "lm_head.weight" in params:
+                assign("lm_head.weight", tensor)  # a last stage without the embedding: a copy
+        elif name == "model.norm.weight":
+            assign("norm.weight", tensor)
+        elif name == "lm_head.weight" and "lm_head.weight" in params:
+            assign("lm_head.weight", tensor)
+    if pending:
+        missing = sorted(pending)
+        raise WeightLoadError(f"{len(missing)} parameter(s) not found in the checkpoint, e.g. {missing[:4]}")
+
+
+def load_model(model_path: str | Path, layer_start: int = 0, layer_end: int | None = None,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               config: ModelConfig | None = None) -> LlamaFamilyModel:
+    """The model (or the stage [layer_start, layer_end)) from a local folder or GGUF file."""
+    model_path = Path(model_path)
+    kind, source = find_weights(model_path)
+    if config is None:
+        config = (load_model_config(source.parent, gguf_file=source.name) if kind == "gguf"
+                  else load_model_config(model_path))
+    layer_end = config.num_layers if layer_end is None else layer_end
+    model = LlamaFamilyModel(config, layer_start, layer_end, device=device, dtype=dtype)
+    wanted = stage_wants(config, layer_start, layer_end)
+    tensors = iter_gguf(source) if kind == "gguf" else iter_safetensors(source, wanted)
+    with torch.no_grad():
+        load_weights(model, tensors)
+    model.eval()
+    return model

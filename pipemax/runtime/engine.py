@@ -1,0 +1,234 @@
+"""The engine loop on one device: schedule -> run the model -> sample -> finish or continue.
+
+    plan = scheduler.schedule()          which sequences, how many tokens each
+    logits = runner.execute(plan)        build tensors, run the layers, logits of sampling rows
+    tokens = sample(logits, ...)         per-request parameters and seeds
+    _append_token(...)                   stop conditions; finished sequences free their KV
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from pipemax.models import ModelConfig, load_model, load_model_config
+from pipemax.models.loader import find_weights
+
+from .kv_manager import KVManager
+from .kv_pool import KVPool, KVPoolSpec
+from .model_runner import ModelRunner
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("pipemax")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local HF folder (safetensors) or .gguf file
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    chunk_tokens: int = 16  # tokens per KV chunk
+    max_num_seqs: int = 256  # sequences in one step (--max-batch)
+    max_num_batched_tokens: int = 2048  # tokens in one step (decode tokens + prefill pieces)
+    gpu_memory_gib: float | None = None  # device memory PipeMax may use, weights included (CUDA)
+    kv_cache_gib: float | None = None  # KV pool size; default: what gpu_memory_gib leaves (CPU: 1 GiB)
+    attention_backend: str = "auto"  # triton | torch; auto: triton on CUDA, torch on CPU
+    prefill_mode: str = "mixed"  # mixed | separate (see scheduler)
+    max_model_len: int | None = None  # tokens per sequence, prompt + output; default: the model's
+    seed: int = 0  # for requests without a seed of their own
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+        for name in ("gpu_memory_gib", "kv_cache_gib"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class FinishedRequest:
+    seq_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None
+    stop_text_end: int | None = None  # where a matched stop string starts in the output text
+    num_preemptions: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        self.tokenizer = tokenizer
+        path = Path(config.model)
+        kind, source = find_weights(path)
+        self.model_config: ModelConfig = (
+            load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(path)
+        )
+        self.model = load_model(path, device=self.device, dtype=self.dtype, config=self.model_config)
+        self.eos_token_ids = self._eos_token_ids(path)
+
+        spec = KVPoolSpec(self.model_config.num_layers, self.model_config.num_kv_heads, self.model_config.head_dim,
+                          config.chunk_tokens, self.dtype)
+        kv_bytes = self._kv_budget_bytes()
+        num_chunks = spec.chunks_in(kv_bytes)
+        max_len = min(config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
+        if num_chunks * config.chunk_tokens < max_len:
+            if num_chunks < 1:
+                raise ValueError(f"KV budget of {kv_bytes / 2**30:.2f} GiB holds no chunk of {spec.chunk_bytes / 2**20:.2f} MiB")
+            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_chunks * config.chunk_tokens, max_len)
+            max_len = num_chunks * config.chunk_tokens
+        self.max_model_len = max_len
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.kv_pool = KVPool(spec, num_chunks, 0, self.device, backend)
+        self.kv = KVManager(num_chunks, 0, config.chunk_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.kv, backend)
+        self.batch_generator = torch.Generator().manual_seed(config.seed)
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ---- setup helpers -----------------------------------------------------------------------
+    def _kv_budget_bytes(self) -> int:
+        config = self.config
+        if config.kv_cache_gib is not None:
+            return int(config.kv_cache_gib * 2**30)
+        if self.device.type != "cuda":
+            return 2**30
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(config.gpu_memory_gib * 2**30) if config.gpu_memory_gib else int(0.9 * total)
+        weights = self.model_config.weight_bytes(self.dtype)
+        # Activations of the largest step: hidden states, q/k/v, the MLP's intermediate, fp32 logits.
+        mc, element = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
+        per_token = (4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size + 3 * mc.intermediate_size) * element
+        activations = config.max_num_batched_tokens * per_token + config.max_num_seqs * mc.vocab_size * 4 * 2
+        free = budget - weights - activations - 512 * 2**20  # CUDA context, allocator slack
+        if free <= 0:
+            raise ValueError(f"gpu_memory_gib={budget / 2**30:.1f} leaves no room for a KV cache after "
+                             f"{weights / 2**30:.1f} GiB of weights")
+        return free
+
+    def _eos_token_ids(self, path: Path) -> set[int]:
+        ids: set[int] = set()
+
+        def add(value):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+
+        add(getattr(self.model_config.hf_config, "eos_token_id", None))
+        generation_config = path / "generation_config.json" if path.is_dir() else None
+        if generation_config and generation_config.exists():
+            import json
+
+            add(json.loads(generation_config.read_text()).get("eos_token_id"))
+        if self.tokenizer is not None:
+            add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests ----------------------------------------------------------------------------
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError for a prompt this engine cannot serve."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the maximum context is "
+                             f"{self.max_model_len} tokens, output included")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        self.check_prompt(prompt_token_ids)
+        seq_id = next(self._ids)
+        self.scheduler.add(Sequence(seq_id, list(prompt_token_ids), params, generator=make_generator(params)))
+        return seq_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[FinishedRequest]:
+        plan = self.scheduler.schedule()
+        logits = self.runner.execute(plan)
+        sampling = [entry for entry in plan.scheduled if entry.samples]
+        for entry in plan.scheduled:
+            entry.seq.num_computed_tokens = entry.end
+        tokens, logprobs = sample(logits, [e.seq.params for e in sampling], [e.seq.generator for e in sampling],
+                                  self.batch_generator)
+        finished = []
+        for index, entry in enumerate(sampling):
+            seq = entry.seq
+            seq.token_ids.append(tokens[index])
+            if seq.params.logprobs:
+                seq.output_logprobs.append(logprobs[index])
+            if self._check_stop(seq):
+                self.scheduler.finish(seq)
+                finished.append(FinishedRequest(
+                    seq.seq_id, seq.prompt_token_ids, seq.output_token_ids, seq.finish_reason,
+                    seq.output_logprobs if seq.params.logprobs else None, seq.stop_text_end, seq.num_preemptions,
+                ))
+        self.num_steps += 1
+        return finished
+
+    def run(self) -> Iterator[FinishedRequest]:
+        """Step until every added request has finished, yielding each as it finishes."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        params = seq.params
+        token = seq.token_ids[-1]
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif params.stop and self._stop_string_end(seq) is not None:
+            seq.finish_reason = "stop"
+        elif len(seq.output_token_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    def _stop_string_end(self, seq: Sequence) -> int | None:
+        """Character offset in the output text where the first stop string starts, if one has appeared."""
+        if self.tokenizer is None:
+            return None
+        longest = max(len(stop) for stop in seq.params.stop)
+        # A stop string that completes with the newest token lies within its last `longest` + 1
+        # tokens (every token decodes to at least one character, or to a part of one).
+        tail = self.tokenizer.decode(seq.output_token_ids[-(longest + 1):], skip_special_tokens=True)
+        if not any(stop in tail for stop in seq.params.stop):
+            return None
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        positions = [text.find(stop) for stop in seq.params.stop if stop in text]
+        seq.stop_text_end = min(positions)
+        return seq.stop_text_end
+
+
+def with_overrides(config: EngineConfig, **overrides) -> EngineConfig:
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
