@@ -1,0 +1,125 @@
+"""Every family's logits match transformers on tiny random float32 configs, in prefill and decode,
+with the torch reference kernels and the Triton kernels."""
+
+import pytest
+import torch
+
+from pipemax.models import (
+    LlamaFamilyModel,
+    UnsupportedModelError,
+    WeightLoadError,
+    load_model,
+    load_weights,
+    model_config_from_hf,
+)
+from pipemax.runtime.kv_manager import KVManager
+from pipemax.runtime.kv_pool import KVPool, KVPoolSpec
+from pipemax.runtime.model_runner import ModelRunner
+from pipemax.runtime.scheduler import ScheduledSequence, StepPlan
+from pipemax.runtime.sampling import SamplingParams
+from pipemax.runtime.sequence import Sequence
+from tests.helpers import assert_close
+from tests.tiny_models import FAMILIES, save_tiny_model, tiny_hf_model
+
+
+def build(hf_model, backend, chunk_tokens=8, layer_range=(0, None)):
+    config = model_config_from_hf(hf_model.config)
+    model = LlamaFamilyModel(config, *layer_range)
+    with torch.no_grad():
+        load_weights(model, hf_model.state_dict().items())
+    spec = KVPoolSpec(model.num_stage_layers, config.num_kv_heads, config.head_dim, chunk_tokens, torch.float32)
+    pool = KVPool(spec, 64, 0, "cpu", backend)
+    kv = KVManager(64, 0, chunk_tokens)
+    return model, ModelRunner(model, pool, kv, backend), kv
+
+
+def run_all_logits(runner, kv, entries):
+    """Logits at every scheduled position (not only the sampled ones)."""
+    plan = StepPlan([e for e in entries if e.num_tokens == 1 and e.start > 0], [e for e in entries if not (e.num_tokens == 1 and e.start > 0)])
+    for entry in plan.scheduled:
+        if entry.seq.seq_id not in kv.sequences:
+            kv.allocate(entry.seq.seq_id, entry.num_tokens)
+        else:
+            kv.append(entry.seq.seq_id, entry.num_tokens)
+    input_ids, positions, meta, _ = runner.build_batch(plan)
+    with torch.inference_mode():
+        hidden = runner.model(input_ids, positions, runner.attention, meta)
+        return plan, runner.model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_transformers_prefill_then_decode(family, backend):
+    hf = tiny_hf_model(family)
+    model, runner, kv = build(hf, backend)
+    generator = torch.Generator().manual_seed(1)
+    lengths = [5, 19, 12]  # crossing 8-token chunks, ending mid-chunk
+    prompts = [torch.randint(0, hf.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    seqs = [Sequence(i, p, SamplingParams()) for i, p in enumerate(prompts)]
+    # Prefill all but the last 2 tokens (sequence 1 in two pieces: a chunked prefill), then decode 2.
+    first = [ScheduledSequence(seqs[0], 0, 3), ScheduledSequence(seqs[1], 0, 9), ScheduledSequence(seqs[2], 0, 10)]
+    second = [ScheduledSequence(seqs[1], 9, 8)]
+    third = [ScheduledSequence(seqs[0], 3, 1), ScheduledSequence(seqs[1], 17, 1), ScheduledSequence(seqs[2], 10, 1)]
+    fourth = [ScheduledSequence(seqs[0], 4, 1), ScheduledSequence(seqs[1], 18, 1), ScheduledSequence(seqs[2], 11, 1)]
+    ours = {i: {} for i in range(3)}
+    for step in (first, second, third, fourth):
+        plan, logits = run_all_logits(runner, kv, step)
+        row = 0
+        for entry in plan.scheduled:
+            for position in range(entry.start, entry.end):
+                ours[entry.seq.seq_id][position] = logits[row]
+                row += 1
+    with torch.no_grad():
+        for seq_id, prompt in enumerate(prompts):
+            expected = hf(torch.tensor([prompt])).logits[0]
+            actual = torch.stack([ours[seq_id][p] for p in range(len(prompt))])
+            assert_close(actual, expected, torch.float16)  # float32 compute; tolerance of the summed logits
+
+
+def test_stage_layer_range_chains_to_the_full_model():
+    hf = tiny_hf_model("qwen2")
+    config = model_config_from_hf(hf.config)
+    full = LlamaFamilyModel(config)
+    first, second = LlamaFamilyModel(config, 0, 2), LlamaFamilyModel(config, 2, 3)
+    for model in (full, first, second):
+        with torch.no_grad():
+            load_weights(model, hf.state_dict().items())
+    assert not hasattr(second, "embed_tokens") and not hasattr(first, "lm_head")
+    assert sum(p.numel() for p in first.parameters()) + sum(p.numel() for p in second.parameters()) == \
+        sum(p.numel() for p in full.parameters())
+
+
+def test_loads_sharded_safetensors_and_tied_embeddings(tmp_path):
+    hf = save_tiny_model("qwen3", tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert torch.equal(model.embed_tokens.weight, hf.model.embed_tokens.weight)
+    q, k, v = (hf.model.layers[1].self_attn.q_proj.weight, hf.model.layers[1].self_attn.k_proj.weight,
+               hf.model.layers[1].self_attn.v_proj.weight)
+    assert torch.equal(model.layers[1].qkv_proj.weight, torch.cat([q, k, v]))
+
+
+def test_last_stage_of_tied_model_gets_its_own_head(tmp_path):
+    hf = save_tiny_model("llama-bias", tmp_path)
+    stage = load_model(tmp_path, layer_start=2)
+    assert torch.equal(stage.lm_head.weight, hf.model.embed_tokens.weight)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)
+    config.architectures = ["GPT2LMHeadModel"]
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        model_config_from_hf(config)
+
+
+def test_missing_weight_is_reported(tmp_path):
+    hf = tiny_hf_model("llama3")
+    config = model_config_from_hf(hf.config)
+    model = LlamaFamilyModel(config)
+    partial = [(n, t) for n, t in hf.state_dict().items() if "layers.1.mlp.up_proj" not in n]
+    with pytest.raises(WeightLoadError, match="not found in the checkpoint"):
+        with torch.no_grad():
+            load_weights(model, partial)

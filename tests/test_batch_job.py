@@ -1,0 +1,178 @@
+"""serve-offline end to end: OpenAI batch JSONL with good and bad lines, vLLM-shaped results,
+resume after a kill, stop strings and chat through a real tokenizer on a tiny random model."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipemax import LLM, SamplingParams
+from pipemax.cli import main
+from pipemax.models.default_model import default_model_path
+from tests.tiny_models import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template."""
+    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    save_tiny_model("llama3", folder, vocab_size=49152, eos_token_id=2, bos_token_id=1)
+    source = default_model_path()
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+def completion(custom_id, prompt, **body):
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": prompt, "temperature": 0, "max_tokens": 6, **body}}
+
+
+def chat(custom_id, content, **body):
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 5,
+                     "temperature": 0, **body}}
+
+
+def write_lines(path, records):
+    with open(path, "w") as handle:
+        for record in records:
+            handle.write(record if isinstance(record, str) else json.dumps(record))
+            handle.write("\n")
+
+
+def read_results(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def serve(model_folder, input_path, output_path, *extra):
+    return main(["serve-offline", "--model", str(model_folder), "-i", str(input_path), "-o", str(output_path),
+                 "--no-progress", "--max-model-len", "256", *extra])
+
+
+def test_good_and_bad_lines(model_folder, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [
+        completion("ok-text", "Hello there"),
+        chat("ok-chat", "What is 2+2?", logprobs=True),
+        completion("ok-ids", [5, 6, 7, 8], seed=3, temperature=0.8, top_k=20),
+        {"prompt": "plain line", "max_tokens": 3},
+        "{this is not json",
+        {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        completion("too-long", "word " * 400),
+        completion("bad-temperature", "hi", temperature=-1),
+        completion("bad-n", "hi", n=2),
+        completion("ok-text", "a duplicate custom_id"),
+        "",
+    ])
+    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 0
+    summary = capsys.readouterr().out
+    assert "4 succeeded, 6 failed, 0 already done" in summary and "tokens/s" in summary
+
+    results = {r["custom_id"]: r for r in read_results(tmp_path / "out.jsonl")}
+    assert len(results) == 10
+    for custom_id in ("ok-text", "ok-chat", "ok-ids", "line-4"):
+        record = results[custom_id]
+        assert record["error"] is None and record["response"]["status_code"] == 200
+        body = record["response"]["body"]
+        usage = body["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert results["ok-chat"]["response"]["body"]["object"] == "chat.completion"
+    assert results["ok-chat"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
+    assert len(results["ok-chat"]["response"]["body"]["choices"][0]["logprobs"]["content"]) == \
+        results["ok-chat"]["response"]["body"]["usage"]["completion_tokens"]
+    assert results["ok-text"]["response"]["body"]["object"] == "text_completion"
+    assert results["ok-ids"]["response"]["body"]["usage"]["prompt_tokens"] == 4
+
+    errors = {cid: r["error"] for cid, r in results.items() if r["error"]}
+    assert "not valid JSON" in errors["line-5"]
+    assert "unsupported url '/v1/embeddings'" in errors["bad-url"]
+    assert "maximum context" in errors["too-long"]
+    assert "temperature must be >= 0" in errors["bad-temperature"]
+    assert "only n=1" in errors["bad-n"]
+    assert "duplicate custom_id 'ok-text'" in errors["ok-text#line-10"]
+    for cid in errors:
+        assert results[cid]["response"]["status_code"] == 400
+
+    # Rerun: everything is already there, nothing is written twice.
+    before = (tmp_path / "out.jsonl").read_text()
+    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 0
+    assert "0 succeeded, 0 failed, 10 already done" in capsys.readouterr().out
+    assert (tmp_path / "out.jsonl").read_text() == before
+
+
+def test_resume_drops_a_line_cut_short(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion(f"r{i}", f"prompt number {i}") for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    serve(model_folder, requests, out)
+    lines = out.read_text().splitlines()
+    # As if killed while writing r-last: keep two whole lines and half of the third.
+    out.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][: len(lines[2]) // 2])
+    serve(model_folder, requests, out)
+    ids = [r["custom_id"] for r in read_results(out)]
+    assert sorted(ids) == ["r0", "r1", "r2"]
+
+
+def test_killed_job_resumes_with_every_result_exactly_once(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    count = 24
+    write_lines(requests, [completion(f"req-{i}", f"story {i}:", max_tokens=20, ignore_eos=True) for i in range(count)])
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "pipemax.cli", "serve-offline", "--model", str(model_folder), "-i", str(requests),
+               "-o", str(out), "--no-progress", "--max-batch", "2", "--max-model-len", "256"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_results(out)) if out.read_text().endswith("\n") else None
+    assert done_before is None or 3 <= done_before < count
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = [r["custom_id"] for r in read_results(out)]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(count))  # all, each exactly once
+    assert "already done" in result.stdout
+
+
+def test_stop_strings_cut_the_text_and_chat_uses_the_template(model_folder):
+    llm = LLM(model=str(model_folder), max_model_len=256)
+    free = llm.generate("The weather today", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0]
+    text = free.text
+    assert len(text) > 8
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stopped = llm.generate("The weather today", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                              stop=[stop]), use_tqdm=False)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == text[: text.find(stop)]
+
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    expected_prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                                        tokenize=True)
+    if not isinstance(expected_prompt, list):
+        expected_prompt = expected_prompt["input_ids"]
+    assert out.prompt_token_ids == list(expected_prompt)
+    assert "<|im_start|>assistant" in llm.tokenizer.decode(out.prompt_token_ids)
+
+
+def test_cli_rejects_missing_input_file(tmp_path, capsys):
+    assert main(["serve-offline", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""Tiny random transformers models of every supported family, built on the CPU in milliseconds."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=211, max_position_embeddings=512, rms_norm_eps=1e-6,
+    # Larger than the default 0.02 so random logits have clear winners: greedy comparisons
+    # then test the engine, not float rounding between near-equal logits.
+    initializer_range=0.3,
+)
+
+FAMILIES = {
+    "llama3": lambda: transformers.LlamaConfig(**COMMON, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "llama-bias": lambda: transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "qwen3": lambda: transformers.Qwen3Config(**{**COMMON, "num_attention_heads": 4}, head_dim=32, tie_word_embeddings=True),
+}
+MODEL_CLASSES = {
+    "llama3": transformers.LlamaForCausalLM,
+    "llama-bias": transformers.LlamaForCausalLM,
+    "mistral": transformers.MistralForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "qwen3": transformers.Qwen3ForCausalLM,
+}
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides):
+    config = FAMILIES[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[family](config).eval()
+    if family == "llama-bias":  # biases start at zero: make them matter
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.3)
+    return model
+
+
+def save_tiny_model(family: str, folder, seed: int = 0, max_shard_size=None, **overrides):
+    model = tiny_hf_model(family, seed, **overrides)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
