@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -17,6 +18,23 @@ def interpreter_active() -> bool:
 
 def next_power_of_2(value: int) -> int:
     return triton.next_power_of_2(max(1, int(value)))
+
+
+def attention_tiles(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and pipeline depth whose shared memory fits 99 KiB per block: the limit of
+    sm_86/sm_89 cards (RTX 3090/4090, A6000, L40S), the smallest we target. Wide rows (float32 at
+    head_dim >= 128, or head_dim 256) get narrower key tiles and a two-stage pipeline."""
+    row_bytes = next_power_of_2(head_dim) * torch.tensor([], dtype=dtype).element_size()
+    if row_bytes >= 1024:  # float32 x 256
+        return {"block_m": 32, "block_n": 16, "num_stages": 2}
+    if row_bytes >= 512:  # float32 x 128, 16-bit x 256
+        return {"block_m": 64, "block_n": 32, "num_stages": 2}
+    return {"block_m": 64, "block_n": 64, "num_stages": 3}
+
+
+def device_guard(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

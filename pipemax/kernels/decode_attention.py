@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    attention_tiles,
     check_index_tensor,
+    device_guard,
     check_kv_pool,
     check_layer,
     dot_precision,
@@ -37,7 +39,8 @@ from .chunk_gather import token_row_offsets
 LOG2_E = 1.4426950408889634
 
 
-@triton.jit
+# Values that change from step to step must not trigger Triton's specialisation on 1 / 16.
+@triton.jit(do_not_specialize=["layer", "tokens_per_split", "stride_table_batch", "num_heads", "num_splits"])
 def _decode_attention_split_kernel(
     q_ptr,  # [batch, num_heads, head_dim]
     kv_pool_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
@@ -74,7 +77,8 @@ def _decode_attention_split_kernel(
 
     seq_len = tl.load(seq_lens_ptr + sequence)
     split_start = split * tokens_per_split
-    split_end = tl.minimum(split_start + tokens_per_split, seq_len)
+    # The last split runs to the end of the sequence, so a stale max_seq_len costs speed, never keys.
+    split_end = tl.where(split == num_splits - 1, seq_len, tl.minimum(split_start + tokens_per_split, seq_len))
 
     group = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -126,7 +130,7 @@ def _decode_attention_split_kernel(
     tl.store(partial_lse_ptr + partial_row, lse, mask=group_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads", "num_splits"])
 def _decode_attention_merge_kernel(
     partial_out_ptr,  # [batch, num_heads, num_splits, head_dim] float32
     partial_lse_ptr,  # [batch, num_heads, num_splits] float32, log2 domain
@@ -148,13 +152,17 @@ def _decode_attention_merge_kernel(
 
     row = (sequence.to(tl.int64) * num_heads + head) * num_splits
     lse = tl.load(partial_lse_ptr + row + splits, mask=split_mask, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    max_lse = tl.max(lse, axis=0)
+    # A padding row (seq_len 0) has no keys at all: its output is zeros, not NaN.
+    max_lse = tl.where(max_lse == float("-inf"), 0.0, max_lse)
+    weights = tl.exp2(lse - max_lse)
     partial = tl.load(
         partial_out_ptr + (row + splits)[:, None] * HEAD_DIM + dims[None, :],
         mask=split_mask[:, None] & dim_mask[None, :],
         other=0.0,
     )
-    merged = tl.sum(partial * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    total_weight = tl.sum(weights, axis=0)
+    merged = tl.sum(partial * weights[:, None], axis=0) / tl.where(total_weight > 0, total_weight, 1.0)
     out_offsets = sequence.to(tl.int64) * stride_out_batch + head * stride_out_head + dims
     tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
@@ -182,9 +190,10 @@ def decode_attention(
     scale: float,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
 ) -> torch.Tensor:
-    """Launch decode attention; see the module docstring. max_seq_len avoids a device sync."""
+    """Launch decode attention; see the module docstring. max_seq_len (a bound on seq_lens)
+    avoids a device sync; block_n defaults to a tile that fits the GPU's shared memory."""
     check_kv_pool(kv_pool)
     check_layer(layer, kv_pool)
     _, _, _, chunk_tokens, num_kv_heads, head_dim = kv_pool.shape
@@ -201,6 +210,8 @@ def decode_attention(
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
     if chunk_tables.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(f"chunk_tables and seq_lens need {batch} rows, q's batch")
+    tiles = attention_tiles(head_dim, q.dtype)
+    block_n = block_n or tiles["block_n"]
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
 
@@ -209,6 +220,9 @@ def decode_attention(
         return out
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
+    if chunk_tables.shape[1] * chunk_tokens < max_seq_len:
+        raise ValueError(f"chunk_tables hold {chunk_tables.shape[1]} chunks of {chunk_tokens} tokens, "
+                         f"fewer than max_seq_len {max_seq_len}")
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, block_n, _target_programs(q.device))
     # Splits hold whole blocks so that only the last block of a sequence is partly masked.
@@ -218,21 +232,21 @@ def decode_attention(
     partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     group_size = num_heads // num_kv_heads
     block_d = max(16, next_power_of_2(head_dim))
-    _decode_attention_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse,
-        layer, scale * LOG2_E, tokens_per_split,
-        q.stride(0), q.stride(1),
-        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
-        chunk_tables.stride(0), num_heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d,
-        CHUNK_TOKENS=chunk_tokens, GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)),
-        BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype),
-    )
-    _decode_attention_merge_kernel[(batch, num_heads)](
-        partial_out, partial_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-        BLOCK_S=next_power_of_2(num_splits),
-        HEAD_DIM=head_dim, BLOCK_D=block_d,
-    )
+    with device_guard(q):
+        _decode_attention_split_kernel[(batch, num_kv_heads, num_splits)](
+            q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse,
+            layer, scale * LOG2_E, tokens_per_split,
+            q.stride(0), q.stride(1),
+            kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+            chunk_tables.stride(0), num_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK_TOKENS=chunk_tokens,
+            GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)), BLOCK_N=block_n,
+            DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
+        )
+        _decode_attention_merge_kernel[(batch, num_heads)](
+            partial_out, partial_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
+            BLOCK_S=next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        )
     return out
 
 

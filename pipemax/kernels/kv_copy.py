@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bit_view, check_index_tensor, check_kv_pool, next_power_of_2
+from ._common import bit_view, check_index_tensor, check_kv_pool, device_guard, next_power_of_2
 
 COPY_BLOCK = 4096  # elements per program: 8 KiB of bf16, enough in flight per SM for PCIe reads
 
@@ -47,7 +47,7 @@ def _copy_chunks_kernel(
     tl.store(dst_pool_ptr + dst_chunk * CHUNK_ELEMENTS + offsets, values, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer_start"])
 def _copy_rows_kernel(
     src_pool_ptr,  # [src_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim] as integers
     dst_pool_ptr,  # [dst_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim] as integers
@@ -103,6 +103,7 @@ def _check_ids(ids: torch.Tensor, name: str, count: int, device: torch.device) -
 
 
 def copy_chunks(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids) -> None:
+    """Programs run concurrently: within one pool, no chunk may be both a source and a destination."""
     device = _check_pools(src_pool, dst_pool)
     num_copies = src_chunk_ids.shape[0] if src_chunk_ids.dim() == 1 else -1
     _check_ids(src_chunk_ids, "src_chunk_ids", num_copies, device)
@@ -111,10 +112,11 @@ def copy_chunks(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids) -> None:
         return
     chunk_elements = src_pool[0].numel()
     block = min(COPY_BLOCK, next_power_of_2(chunk_elements))
-    _copy_chunks_kernel[(num_copies, triton.cdiv(chunk_elements, block))](
-        bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids,
-        CHUNK_ELEMENTS=chunk_elements, BLOCK=block,
-    )
+    with device_guard(src_chunk_ids):
+        _copy_chunks_kernel[(num_copies, triton.cdiv(chunk_elements, block))](
+            bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids,
+            CHUNK_ELEMENTS=chunk_elements, BLOCK=block,
+        )
 
 
 def copy_rows(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids, token_rows, layer_start: int, num_layers: int) -> None:
@@ -129,11 +131,12 @@ def copy_rows(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids, token_rows, laye
         return
     row_elements = src_pool.shape[4] * src_pool.shape[5]
     block = min(COPY_BLOCK, next_power_of_2(row_elements))
-    _copy_rows_kernel[(num_rows, num_layers * 2, triton.cdiv(row_elements, block))](
-        bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids, token_rows, layer_start,
-        CHUNK_ELEMENTS=src_pool[0].numel(), ROW_ELEMENTS=row_elements, CHUNK_TOKENS=src_pool.shape[3],
-        BLOCK=block,
-    )
+    with device_guard(src_chunk_ids):
+        _copy_rows_kernel[(num_rows, num_layers * 2, triton.cdiv(row_elements, block))](
+            bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids, token_rows, layer_start,
+            CHUNK_ELEMENTS=src_pool[0].numel(), ROW_ELEMENTS=row_elements, CHUNK_TOKENS=src_pool.shape[3],
+            BLOCK=block,
+        )
 
 
 def copy_chunks_ref(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids) -> None:

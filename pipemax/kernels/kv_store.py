@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bit_view, check_index_tensor, check_kv_pool, check_layer, next_power_of_2
+from ._common import bit_view, check_index_tensor, device_guard, check_kv_pool, check_layer, next_power_of_2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer", "stride_k_token", "stride_v_token"])
 def _store_kv_kernel(
     k_ptr,  # [num_tokens, num_kv_heads, head_dim]
     v_ptr,  # [num_tokens, num_kv_heads, head_dim]
@@ -75,12 +75,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor, layer: int
     row_elements = kv_pool.shape[4] * kv_pool.shape[5]
     block = min(1024, next_power_of_2(row_elements))
     # Stores move bits: integer views keep the copy exact for every dtype, bf16 on the interpreter too.
-    _store_kv_kernel[(num_tokens, triton.cdiv(row_elements, block))](
-        bit_view(k), bit_view(v), bit_view(kv_pool), slot_mapping, layer,
-        k.stride(0), v.stride(0),
-        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3),
-        ROW_ELEMENTS=row_elements, CHUNK_TOKENS=kv_pool.shape[3], BLOCK=block,
-    )
+    with device_guard(kv_pool):
+        _store_kv_kernel[(num_tokens, triton.cdiv(row_elements, block))](
+            bit_view(k), bit_view(v), bit_view(kv_pool), slot_mapping, layer,
+            k.stride(0), v.stride(0),
+            kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3),
+            ROW_ELEMENTS=row_elements, CHUNK_TOKENS=kv_pool.shape[3], BLOCK=block,
+        )
 
 
 def store_kv_ref(k, v, kv_pool, layer, slot_mapping) -> None:

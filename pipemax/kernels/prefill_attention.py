@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    attention_tiles,
     check_index_tensor,
+    device_guard,
     check_kv_pool,
     check_layer,
     dot_precision,
@@ -37,7 +39,7 @@ from .chunk_gather import token_row_offsets
 from .decode_attention import LOG2_E, gather_sequence_kv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["layer", "stride_table_batch"])
 def _prefill_attention_kernel(
     q_ptr,  # [total_new_tokens, num_heads, head_dim]
     kv_pool_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
@@ -139,10 +141,11 @@ def prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_q_len: int | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
-    """Launch prefill attention; see the module docstring. max_q_len avoids a device sync."""
+    """Launch prefill attention; see the module docstring. max_q_len (the longest q_len; a smaller
+    value leaves rows unwritten) avoids a device sync; tiles default to ones that fit the GPU."""
     check_kv_pool(kv_pool)
     check_layer(layer, kv_pool)
     _, _, _, chunk_tokens, num_kv_heads, head_dim = kv_pool.shape
@@ -161,6 +164,8 @@ def prefill_attention(
     batch = seq_lens.shape[0]
     if cu_seqlens_q.shape[0] != batch + 1 or chunk_tables.shape[0] != batch:
         raise ValueError(f"cu_seqlens_q needs {batch + 1} entries and chunk_tables {batch} rows")
+    tiles = attention_tiles(head_dim, q.dtype)
+    block_m, block_n = block_m or tiles["block_m"], block_n or tiles["block_n"]
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {block}")
@@ -171,16 +176,17 @@ def prefill_attention(
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     grid = (triton.cdiv(max_q_len, block_m), batch, num_heads)
-    _prefill_attention_kernel[grid](
-        q, kv_pool, chunk_tables, cu_seqlens_q, seq_lens, out,
-        layer, scale * LOG2_E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
-        chunk_tables.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), CHUNK_TOKENS=chunk_tokens,
-        GROUP_SIZE=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype),
-    )
+    with device_guard(q):
+        _prefill_attention_kernel[grid](
+            q, kv_pool, chunk_tables, cu_seqlens_q, seq_lens, out,
+            layer, scale * LOG2_E,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+            chunk_tables.stride(0),
+            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), CHUNK_TOKENS=chunk_tokens,
+            GROUP_SIZE=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
+        )
     return out
 
 

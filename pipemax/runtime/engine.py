@@ -44,6 +44,7 @@ class EngineConfig:
     prefill_mode: str = "mixed"  # mixed | separate (see scheduler)
     max_model_len: int | None = None  # tokens per sequence, prompt + output; default: the model's
     seed: int = 0  # for requests without a seed of their own
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton backend only)
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -110,6 +111,8 @@ class LLMEngine:
         self.kv = KVManager(num_chunks, 0, config.chunk_tokens)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode)
         self.runner = ModelRunner(self.model, self.kv_pool, self.kv, backend)
+        if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.batch_generator = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
         self.num_steps = 0

@@ -22,6 +22,10 @@ caller finishes it once the copy's event has completed.
 
 Every chunk is in exactly one state: free, owned (by one GPU- or host-resident sequence) or
 staging (GPU chunks only). A request that cannot be met raises before anything changes.
+
+Freed ids are handed out again at once. With asynchronous copies, the caller (the stage
+executor) calls release_staging / free / finish_* only after the events of every kernel and copy
+that touches those chunks have completed; otherwise a new owner could be overwritten.
 """
 
 from __future__ import annotations
@@ -88,9 +92,14 @@ class ChunkAllocator:
         return chunk_ids
 
     def free(self, chunk_ids: list[int]) -> None:
-        for chunk_id in chunk_ids:
+        for chunk_id in chunk_ids:  # validate all before changing any
+            if not 0 <= chunk_id < self.num_chunks:
+                raise KVStateError(f"{self.name} chunk id {chunk_id} is outside the pool of {self.num_chunks}")
             if self.states[chunk_id] is ChunkState.FREE:
                 raise KVStateError(f"{self.name} chunk {chunk_id} freed twice")
+        if len(set(chunk_ids)) != len(chunk_ids):
+            raise KVStateError(f"{self.name} chunk ids listed twice in one free: {chunk_ids}")
+        for chunk_id in chunk_ids:
             self.states[chunk_id] = ChunkState.FREE
             heapq.heappush(self._free_heap, chunk_id)
 

@@ -7,11 +7,14 @@
 On a CPU-only machine both are ordinary CPU tensors and every copy is synchronous; the logic is
 the same. The pool runs copies on the caller's current stream; the stage executor chooses the
 streams and records the events. Chunk ids are checked against the pool's size before any kernel
-runs, so a bad id raises instead of writing into another sequence's chunk.
+runs, so a bad id raises instead of writing into another sequence's chunk (slot mappings for
+`store` come from the KV manager and are not re-checked: that would cost a device sync).
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ import torch
 
 from pipemax import kernels
 
+log = logging.getLogger("pipemax")
 KERNEL_BACKENDS = ("triton", "torch")
 MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 8, 256
 
@@ -76,10 +80,13 @@ class KVPool:
         self.device = torch.device(device)
         self.backend = backend
         self.gpu = torch.zeros(num_gpu_chunks, *spec.chunk_shape, dtype=spec.dtype, device=self.device)
-        # Pinned, so that kernels on the GPU can read and write it directly over PCIe.
-        self.host = torch.zeros(
-            num_host_chunks, *spec.chunk_shape, dtype=spec.dtype, pin_memory=self.device.type == "cuda"
-        )
+        host_shape = (num_host_chunks, *spec.chunk_shape)
+        if self.device.type == "cuda":
+            # Pinned, so that kernels on the GPU can read and write it directly over PCIe.
+            self.host = pinned_empty(host_shape, spec.dtype)
+            self._unpin = weakref.finalize(self, unpin, self.host)
+        else:
+            self.host = torch.zeros(host_shape, dtype=spec.dtype)
 
     @classmethod
     def from_budget(cls, spec: KVPoolSpec, gpu_bytes: int, host_bytes: int, device, backend: str = "triton"):
@@ -108,7 +115,10 @@ class KVPool:
         self._copy_chunks(self.gpu, "GPU", gpu_chunk_ids, self.host, "host", host_chunk_ids)
 
     def copy_gpu_chunks(self, src_chunk_ids: Sequence[int], dst_chunk_ids: Sequence[int]) -> None:
-        """gpu[src] -> gpu[dst], e.g. to compact or fork a sequence."""
+        """gpu[src] -> gpu[dst], e.g. to compact or fork a sequence. The sets must not overlap:
+        the copies run concurrently."""
+        if set(src_chunk_ids) & set(dst_chunk_ids):
+            raise ValueError("a chunk is both a source and a destination of one GPU->GPU copy")
         self._copy_chunks(self.gpu, "GPU", src_chunk_ids, self.gpu, "GPU", dst_chunk_ids)
 
     def write_back(
@@ -159,4 +169,35 @@ class KVPool:
                 raise IndexError(f"{what} chunk id {chunk_id} outside the {what} pool of {count} chunks")
 
     def _ids(self, values: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(list(values), dtype=torch.int32, device=self.device)
+        ids = torch.tensor(list(values), dtype=torch.int32)
+        if self.device.type != "cuda":
+            return ids
+        # From pinned memory without blocking: the host keeps queueing work (torch's pinned
+        # allocator keeps the buffer alive until the copy has run).
+        return ids.pin_memory().to(self.device, non_blocking=True)
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory of exactly the requested size.
+
+    torch's pinned allocator rounds each block up to a power of two (a 20 GiB pool would pin
+    32 GiB), so the host pool is allocated as ordinary memory and registered with CUDA instead.
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return tensor
+    try:
+        error = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister returned {error}")
+    except (RuntimeError, AttributeError) as error:
+        log.warning("cudaHostRegister failed (%s): falling back to torch's pinned allocator", error)
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    tensor.registered_with_cuda = True
+    return tensor
+
+
+def unpin(tensor: torch.Tensor) -> None:
+    if getattr(tensor, "registered_with_cuda", False):
+        torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())

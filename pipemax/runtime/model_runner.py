@@ -8,6 +8,7 @@ import torch
 
 from pipemax.models import AttentionMetadata, ChunkedAttention, LlamaFamilyModel
 
+from .cuda_graphs import DecodeGraphs
 from .kv_manager import KVManager
 from .kv_pool import KVPool
 from .scheduler import ScheduledSequence, StepPlan
@@ -23,12 +24,20 @@ def chunk_table_tensor(kv: KVManager, entries: list[ScheduledSequence]) -> torch
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaFamilyModel, kv_pool: KVPool, kv: KVManager, attention_backend: str):
+    def __init__(self, model: LlamaFamilyModel, kv_pool: KVPool, kv: KVManager, attention_backend: str,
+                 decode_graphs: DecodeGraphs | None = None):
         self.model = model
         self.kv_pool = kv_pool
         self.kv = kv
         self.device = kv_pool.device
         self.attention = ChunkedAttention(kv_pool.gpu, attention_backend, scale=model.config.head_dim**-0.5)
+        self.decode_graphs = decode_graphs
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode graphs for every batch bucket up to max_batch (CUDA, Triton backend)."""
+        self.decode_graphs = DecodeGraphs(self.model, self.attention, max_batch, max_model_len,
+                                          self.kv_pool.spec.chunk_tokens, self.device)
+        self.decode_graphs.capture()
 
     def build_batch(self, plan: StepPlan):
         """(input_ids, positions, metadata, rows whose logits are sampled)."""
@@ -70,6 +79,10 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Logits [sampling sequences, vocab] float32, in plan order (decode first, then prefill)."""
         input_ids, positions, meta, sample_rows = self.build_batch(plan)
-        hidden = self.model(input_ids, positions, self.attention, meta)
+        if self.decode_graphs is not None and not plan.prefill:
+            hidden = self.decode_graphs.run(input_ids, positions, meta.slot_mapping, meta.decode_chunk_tables,
+                                            meta.decode_seq_lens)
+        else:
+            hidden = self.model(input_ids, positions, self.attention, meta)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))

@@ -28,7 +28,10 @@ decode_attention, prefill_attention, kv_store, kv_copy = (
 )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HEAD_DIMS = (64, 80, 96, 128)
+HEAD_DIMS = (64, 80, 96, 128, 256)
+# Shared memory per block on the smallest card we target (sm_86/sm_89: RTX 3090/4090, A6000, L40S).
+SHARED_MEMORY_LIMIT = 101_376
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 class Recorder:
@@ -52,12 +55,16 @@ def compile_launch(kernel, args, constexprs, target):
             isinstance(value, int) and value % 16 == 0)
         if aligned:
             attrs[(index,)] = [["tt.divisibility", 16]]
+    options = {k: v for k, v in constexprs.items() if k in LAUNCH_OPTIONS}
+    constexprs = {k: v for k, v in constexprs.items() if k not in LAUNCH_OPTIONS}
     for name in constexprs:
         signature[name] = "constexpr"
     source = ASTSource(kernel, signature, constexprs, attrs)
-    options = triton.compiler.make_backend(target).parse_options({})
+    options = triton.compiler.make_backend(target).parse_options(options)
     compiled = triton.compile(source, target=target, options=options.__dict__)
     assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"
+    shared = compiled.metadata.shared
+    assert shared <= SHARED_MEMORY_LIMIT, f"{kernel.__name__} {constexprs}: {shared} bytes of shared memory"
     return compiled
 
 

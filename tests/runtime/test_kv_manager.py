@@ -147,6 +147,8 @@ class KVManagerMachine(RuleBasedStateMachine):
         for pool in (self.manager.gpu, self.manager.host):
             used = sum(state is not ChunkState.FREE for state in pool.states)
             assert pool.num_free + used == pool.num_chunks
+            # The free list holds exactly the FREE ids, each once.
+            assert sorted(pool._free_heap) == [i for i, s in enumerate(pool.states) if s is ChunkState.FREE]
 
     @invariant()
     def tokens_covered_by_chunks(self):
@@ -201,6 +203,15 @@ def test_allocation_is_deterministic_lowest_id_first():
         manager.free(0)
         manager.allocate(2, 20)
     assert first.chunk_table(2) == second.chunk_table(2) == [0, 1, 3]
+
+
+def test_free_validates_every_id_before_changing_any():
+    allocator = KVManager(4, 0, 8).gpu
+    ids = allocator.allocate(2, ChunkState.OWNED)
+    for bad in ([ids[0], -1], [ids[0], 4], [ids[0], ids[0]], [ids[0], 3]):
+        with pytest.raises(KVStateError):
+            allocator.free(bad)
+        assert allocator.num_free == 2 and all(allocator.states[i] is ChunkState.OWNED for i in ids)
 
 
 def test_unknown_and_duplicate_sequences():

@@ -92,6 +92,8 @@ def test_pool_rejects_ids_outside_it_and_duplicate_destinations():
         pool.prefetch([0, 1], [3, 3])
     with pytest.raises(IndexError, match="row is outside"):
         pool.write_back([0], [0], [8])
+    with pytest.raises(ValueError, match="both a source and a destination"):
+        pool.copy_gpu_chunks([0, 1, 2], [1, 2, 3])
 
 
 def test_spec_validation_and_budget():
@@ -107,6 +109,13 @@ def test_spec_validation_and_budget():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_host_pool_is_pinned_on_cuda():
-    _, pool, _ = make("cuda", "triton")
+def test_host_pool_is_pinned_on_cuda_at_its_exact_size():
+    spec = KVPoolSpec(num_layers=4, num_kv_heads=8, head_dim=128, chunk_tokens=16, dtype=torch.bfloat16)
+    pool = KVPool(spec, 4, 1500, "cuda", "triton")  # 750 MiB: torch's allocator would pin 1 GiB
     assert pool.host.is_pinned() and pool.gpu.is_cuda
+    assert pool.host.untyped_storage().nbytes() == 1500 * spec.chunk_bytes
+    ids = list(range(4))
+    pool.gpu.normal_()
+    pool.offload(ids, [1499, 7, 0, 1000])
+    torch.cuda.synchronize()
+    assert torch.equal(pool.host[[1499, 7, 0, 1000]], pool.gpu.cpu())

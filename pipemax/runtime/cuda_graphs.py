@@ -1,0 +1,90 @@
+"""Decode steps under CUDA graphs, one graph per batch-size bucket.
+
+A decode step of a small model is dozens of short kernel launches; replaying a captured graph
+removes the launch overhead. Each bucket (1, 2, 4, 8, ... up to max_num_seqs) is captured once,
+reading its inputs from static buffers; a step with n sequences pads to the next bucket (padding
+rows store nothing, slot -1, and attend over one token of chunk 0; their outputs are dropped).
+
+Only pure-decode steps replay graphs: prefill steps vary in shape and run eagerly. Attention in a
+graph is the Triton kernel with a fixed split count chosen for max_model_len; sequences shorter
+than that leave the later splits empty, which the merge kernel weighs as zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipemax.models import AttentionMetadata, ChunkedAttention, LlamaFamilyModel
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in BUCKETS if b < max_batch]
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaFamilyModel, attention: ChunkedAttention, max_batch: int, max_model_len: int,
+                 chunk_tokens: int, device: torch.device):
+        if attention.backend != "triton":
+            raise ValueError("CUDA graphs need the Triton attention backend (the torch references sync with the host)")
+        self.model = model
+        self.attention = attention
+        self.max_model_len = max_model_len
+        self.buckets = bucket_sizes(max_batch)
+        max_chunks = -(-max_model_len // chunk_tokens)
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.chunk_tables = torch.zeros(max_batch, max_chunks, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.empty_int = torch.zeros(0, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def metadata(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch], num_decode_tokens=batch,
+            decode_chunk_tables=self.chunk_tables[:batch], decode_seq_lens=self.seq_lens[:batch],
+            decode_max_seq_len=self.max_model_len,
+            prefill_chunk_tables=self.chunk_tables[:0], prefill_cu_seqlens_q=self.empty_int,
+            prefill_seq_lens=self.empty_int, prefill_max_q_len=0,
+        )
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        return self.model(self.input_ids[:batch], self.positions[:batch], self.attention, self.metadata(batch))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for batch in reversed(self.buckets):  # largest first: later graphs reuse its memory pool
+                self._forward(batch)  # warm-up: compiles the kernels outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[batch] = self._forward(batch)
+                pool = graph.pool()
+                self.graphs[batch] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def bucket_for(self, batch: int) -> int:
+        return next(size for size in self.buckets if size >= batch)
+
+    @torch.inference_mode()
+    def run(self, input_ids, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
+        """Hidden states [batch, hidden] of a decode step, through the bucket's graph."""
+        batch = input_ids.shape[0]
+        bucket = self.bucket_for(batch)
+        self.input_ids[:batch].copy_(input_ids)
+        self.positions[:batch].copy_(positions)
+        self.slot_mapping[:batch].copy_(slot_mapping)
+        self.slot_mapping[batch:bucket].fill_(-1)
+        self.chunk_tables[:batch, : chunk_tables.shape[1]].copy_(chunk_tables)
+        self.seq_lens[:batch].copy_(seq_lens)
+        self.seq_lens[batch:bucket].fill_(1)
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][:batch]
