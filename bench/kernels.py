@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.peaks import measure_peaks, time_ms  # noqa: E402
 from pipemax import kernels  # noqa: E402
 
 # Llama-3-8B attention shape.
@@ -57,16 +56,7 @@ class Bench:
         self.rows: list[Row] = []
 
     def time_ms(self, fn) -> float:
-        if self.device.type == "cuda":
-            import triton.testing
-
-            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return time_ms(fn, self.device)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -74,19 +64,7 @@ class Bench:
 
     # ---- peaks ------------------------------------------------------------------------------
     def measure_peaks(self) -> dict[str, float]:
-        nbytes = 2**20 if self.smoke else 2**30
-        src = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        dst = torch.empty_like(src)
-        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        peaks = {
-            "hbm_gbps": 2 * nbytes / self.time_ms(lambda: dst.copy_(src)) / 1e6,
-            "h2d_gbps": nbytes / self.time_ms(lambda: dst.copy_(pinned, non_blocking=True)) / 1e6,
-            "d2h_gbps": nbytes / self.time_ms(lambda: pinned.copy_(dst, non_blocking=True)) / 1e6,
-        }
-        n = 256 if self.smoke else 8192
-        a = torch.randn(n, n, device=self.device, dtype=self.dtype)
-        b = torch.randn(n, n, device=self.device, dtype=self.dtype)
-        peaks["matmul_tflops"] = 2 * n**3 / self.time_ms(lambda: a @ b) / 1e9
+        peaks = measure_peaks(self.device, self.dtype, small=self.smoke)
         for name, value in peaks.items():
             unit = "TFLOP/s" if "tflops" in name else "GB/s"
             self.rows.append(Row(f"peak: {name.split('_')[0]}", "", 0.0, value, unit))

@@ -15,3 +15,16 @@ def test_kernel_benchmark_smoke(tmp_path):
     for kernel in ("decode_attention", "prefill_attention", "store_kv", "copy_chunks host->GPU", "copy_rows GPU->host"):
         assert kernel in result.stdout
     assert '"device": "CPU (smoke)"' in out.read_text()
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--smoke", "--prefill-mode", "both",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for system in ("pipemax (mixed)", "pipemax (separate)", "transformers generate"):
+        assert system in result.stdout
+    import json
+
+    report = json.loads(out.read_text())
+    assert all(r["generated_tokens"] == 6 * 8 for r in report["results"])

@@ -34,7 +34,7 @@ from ._common import (
     needs_upcast,
     next_power_of_2,
 )
-from .chunk_gather import token_row_offsets
+from .attention_core import load_kv_tile, online_softmax_step
 
 LOG2_E = 1.4426950408889634
 
@@ -99,25 +99,14 @@ def _decode_attention_split_kernel(
     for block_start in range(split_start, split_end, BLOCK_N):
         positions = block_start + tl.arange(0, BLOCK_N)
         position_mask = positions < split_end
-        rows = token_row_offsets(
-            table_row, positions, position_mask, layer, kv_head,
-            stride_pool_chunk, stride_pool_layer, stride_pool_token, stride_pool_head, CHUNK_TOKENS,
+        k, v = load_kv_tile(
+            kv_pool_ptr, table_row, positions, position_mask, dims, dim_mask, layer, kv_head,
+            stride_pool_chunk, stride_pool_layer, stride_pool_kv, stride_pool_token, stride_pool_head,
+            CHUNK_TOKENS, UPCAST,
         )
-        tile_mask = position_mask[:, None] & dim_mask[None, :]
-        k = tl.load(kv_pool_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(kv_pool_ptr + rows[:, None] + stride_pool_kv + dims[None, :], mask=tile_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        scores = tl.where(position_mask[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        probs = tl.exp2(scores - new_max[:, None])
-        rescale = tl.exp2(running_max - new_max)
-        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-        running_max = new_max
+        running_max, running_sum, acc = online_softmax_step(
+            q, k, v, position_mask[None, :], running_max, running_sum, acc, scale_log2, DOT_PRECISION
+        )
 
     # A split past the end of a short sequence saw no position: weight zero in the merge.
     has_positions = running_sum > 0

@@ -35,7 +35,7 @@ from ._common import (
     needs_upcast,
     next_power_of_2,
 )
-from .chunk_gather import token_row_offsets
+from .attention_core import load_kv_tile, online_softmax_step
 from .decode_attention import LOG2_E, gather_sequence_kv
 
 
@@ -103,28 +103,15 @@ def _prefill_attention_kernel(
     for block_start in range(0, key_end, BLOCK_N):
         positions = block_start + tl.arange(0, BLOCK_N)
         position_mask = positions < key_end
-        key_rows = token_row_offsets(
-            table_row, positions, position_mask, layer, kv_head,
-            stride_pool_chunk, stride_pool_layer, stride_pool_token, stride_pool_head, CHUNK_TOKENS,
+        k, v = load_kv_tile(
+            kv_pool_ptr, table_row, positions, position_mask, dims, dim_mask, layer, kv_head,
+            stride_pool_chunk, stride_pool_layer, stride_pool_kv, stride_pool_token, stride_pool_head,
+            CHUNK_TOKENS, UPCAST,
         )
-        tile_mask = position_mask[:, None] & dim_mask[None, :]
-        k = tl.load(kv_pool_ptr + key_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-        v = tl.load(kv_pool_ptr + key_rows[:, None] + stride_pool_kv + dims[None, :], mask=tile_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = (positions[None, :] <= query_positions[:, None]) & position_mask[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        # Padding rows (past q_len) may see no key at all: keep their max finite to avoid NaN.
-        new_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        rescale = tl.exp2(running_max - new_max)
-        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-        running_max = new_max
+        running_max, running_sum, acc = online_softmax_step(
+            q, k, v, visible, running_max, running_sum, acc, scale_log2, DOT_PRECISION
+        )
 
     safe_sum = tl.where(running_sum > 0, running_sum, 1.0)
     out = acc / safe_sum[:, None]

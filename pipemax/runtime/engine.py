@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipemax.models import ModelConfig, load_model, load_model_config
+from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, load_model_config
 from pipemax.models.loader import find_weights
 
 from .kv_manager import KVManager
@@ -80,17 +80,23 @@ class FinishedRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer=None):
+    def __init__(self, config: EngineConfig, tokenizer=None, model: LlamaFamilyModel | None = None):
+        """Loads config.model, unless a built model (with weights, on the device) is given:
+        benchmarks pass random-weight models of real shapes that way."""
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.tokenizer = tokenizer
         path = Path(config.model)
-        kind, source = find_weights(path)
-        self.model_config: ModelConfig = (
-            load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(path)
-        )
-        self.model = load_model(path, device=self.device, dtype=self.dtype, config=self.model_config)
+        if model is None:
+            kind, source = find_weights(path)
+            self.model_config: ModelConfig = (
+                load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(path)
+            )
+            model = load_model(path, device=self.device, dtype=self.dtype, config=self.model_config)
+        else:
+            self.model_config = model.config
+        self.model = model
         self.eos_token_ids = self._eos_token_ids(path)
 
         spec = KVPoolSpec(self.model_config.num_layers, self.model_config.num_kv_heads, self.model_config.head_dim,

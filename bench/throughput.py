@@ -1,0 +1,256 @@
+"""End-to-end throughput: PipeMax against transformers `generate`, same shapes, same run.
+
+    python bench/throughput.py --model llama-3-8b --workload fixed --num-prompts 128 \\
+        --input-len 512 --output-len 256 --memory-cap-gib 32          (the issue-3 target, on a GPU)
+    python bench/throughput.py --model llama-3.2-1b --workload sharegpt --num-prompts 256
+    python bench/throughput.py --smoke                                 (tiny, CPU: checks the script)
+
+Models have random weights of real shapes (no downloads); every request ignores EOS, so both
+systems generate exactly the requested lengths. The peer runs batched at the largest batch that
+fits the memory cap. Printed: generated and total tokens/s, the ratio to the peer, and a roofline
+(weights and KV bytes at the measured HBM bandwidth, FLOPs at the measured matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.peaks import measure_peaks  # noqa: E402
+from pipemax.models import LlamaFamilyModel, model_config_from_hf  # noqa: E402
+from pipemax.runtime.engine import EngineConfig, LLMEngine  # noqa: E402
+from pipemax.runtime.sampling import SamplingParams  # noqa: E402
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+MODEL_SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=100000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
+}
+# (mean input, mean output) tokens; lengths are log-normal around these means.
+WORKLOADS = {"sharegpt": (344, 237), "longbench": (2700, 100)}
+
+
+@dataclass
+class Result:
+    system: str
+    seconds: float
+    generated_tokens: int
+    total_tokens: int
+    note: str = ""
+
+    @property
+    def generated_per_s(self) -> float:
+        return self.generated_tokens / self.seconds
+
+    @property
+    def total_per_s(self) -> float:
+        return self.total_tokens / self.seconds
+
+
+def hf_config(name: str):
+    import transformers
+
+    return transformers.LlamaConfig(**MODEL_SHAPES[name])
+
+
+def make_workload(kind: str, num_prompts: int, input_len: int, output_len: int, vocab: int, seed: int):
+    """[(prompt token ids, output length)], seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "fixed":
+        lengths = [(input_len, output_len)] * num_prompts
+    else:
+        mean_in, mean_out = WORKLOADS[kind]
+        sigma = 0.6
+
+        def lognormal(mean, low, high):
+            mu = math.log(mean) - sigma**2 / 2
+            values = torch.empty(num_prompts).log_normal_(mu, sigma, generator=generator)
+            return [int(min(max(v, low), high)) for v in values.tolist()]
+
+        lengths = list(zip(lognormal(mean_in, 4, 7000), lognormal(mean_out, 1, 1024)))
+    return [(torch.randint(0, vocab, (n_in,), generator=generator).tolist(), n_out) for n_in, n_out in lengths]
+
+
+def set_memory_cap(device: torch.device, cap_gib: float | None) -> None:
+    if device.type == "cuda" and cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_pipemax(args, workload, device, dtype, prefill_mode: str) -> Result:
+    config = model_config_from_hf(hf_config(args.model))
+    torch.manual_seed(0)
+    model = LlamaFamilyModel(config, device=device, dtype=dtype)
+    for param in model.parameters():  # random weights with a sane scale
+        torch.nn.init.normal_(param, std=0.02)
+    engine_config = EngineConfig(
+        model=f"random:{args.model}", dtype={torch.bfloat16: "bfloat16", torch.float32: "float32",
+                                             torch.float16: "float16"}[dtype],
+        device=str(device), max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
+        gpu_memory_gib=args.memory_cap_gib, prefill_mode=prefill_mode, chunk_tokens=args.chunk_tokens,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+    engine = LLMEngine(engine_config, model=model)
+    for prompt, output_len in workload:
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    generated = sum(len(done.output_token_ids) for done in engine.run())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    prompt_tokens = sum(len(p) for p, _ in workload)
+    note = f"{engine.num_steps} steps, {engine.scheduler.num_preemptions} preemptions, {engine.kv.gpu.num_chunks} chunks"
+    del engine, model
+    free_memory(device)
+    return Result(f"pipemax ({prefill_mode})", seconds, generated, generated + prompt_tokens, note)
+
+
+def run_transformers(args, workload, device, dtype) -> Result:
+    import transformers
+
+    config = hf_config(args.model)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # generate the full requested length
+    model.generation_config.pad_token_id = 0
+    order = sorted(range(len(workload)), key=lambda i: len(workload[i][0]))  # similar lengths share a batch
+    batch_size = min(args.peer_batch or len(workload), len(workload))
+    start = time.perf_counter()
+    generated = 0
+    while True:
+        try:
+            generated = 0
+            start = time.perf_counter()
+            for first in range(0, len(order), batch_size):
+                batch = [workload[i] for i in order[first:first + batch_size]]
+                width = max(len(p) for p, _ in batch)
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, (prompt, _) in enumerate(batch):  # left padding
+                    ids[row, width - len(prompt):] = torch.tensor(prompt)
+                    mask[row, width - len(prompt):] = 1
+                new_tokens = max(n for _, n in batch)
+                with torch.no_grad():
+                    model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False)
+                generated += sum(n for _, n in batch)  # tokens the requests asked for
+            break
+        except torch.OutOfMemoryError:
+            free_memory(device)
+            if batch_size <= 1:
+                raise
+            batch_size = max(1, batch_size * 3 // 4)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del model
+    free_memory(device)
+    prompt_tokens = sum(len(p) for p, _ in workload)
+    return Result("transformers generate", seconds, generated, generated + prompt_tokens, f"batches of {batch_size}")
+
+
+def roofline_seconds(args, workload, peaks, dtype) -> tuple[float, float]:
+    """(prefill, decode) seconds at the measured peaks, if every request decoded in one batch."""
+    config = model_config_from_hf(hf_config(args.model))
+    element = torch.tensor([], dtype=dtype).element_size()
+    weights = config.weight_bytes(dtype)
+    layer_params = (weights - 2 * config.vocab_size * config.hidden_size * element) / element
+    input_tokens = sum(len(p) for p, _ in workload)
+    attention_pairs = sum(len(p) * (len(p) + 1) / 2 for p, _ in workload)
+    prefill_flops = 2 * layer_params * input_tokens + 4 * attention_pairs * config.num_layers * config.q_size
+    kv_per_token = 2 * config.num_layers * config.kv_size * element
+    steps = max(n for _, n in workload)
+    kv_reads = sum(sum(len(p) + t for t in range(n)) for p, n in workload) * kv_per_token
+    decode_bytes = steps * weights + kv_reads
+    return prefill_flops / (peaks["matmul_tflops"] * 1e12), decode_bytes / (peaks["hbm_gbps"] * 1e9)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3-8b", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--workload", default="fixed", choices=["fixed", *WORKLOADS])
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--input-len", type=int, default=512, help="fixed workload: prompt tokens")
+    parser.add_argument("--output-len", type=int, default=256, help="fixed workload: generated tokens")
+    parser.add_argument("--memory-cap-gib", type=float, help="emulate a smaller card (GiB), for both systems")
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--max-batched-tokens", type=int, default=4096)
+    parser.add_argument("--chunk-tokens", type=int, default=16)
+    parser.add_argument("--kv-cache-gib", type=float)
+    parser.add_argument("--prefill-mode", default="mixed", choices=["mixed", "separate", "both"])
+    parser.add_argument("--peer-batch", type=int, help="first batch size to try for transformers")
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not the speed")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.num_prompts, args.input_len, args.output_len = "tiny", 6, 20, 8
+        args.kv_cache_gib = args.kv_cache_gib or 0.01
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    set_memory_cap(device, args.memory_cap_gib)
+    vocab = MODEL_SHAPES[args.model]["vocab_size"]
+    workload = make_workload(args.workload, args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
+    peaks = measure_peaks(device, dtype, small=args.smoke)
+
+    results = []
+    modes = ["mixed", "separate"] if args.prefill_mode == "both" else [args.prefill_mode]
+    for mode in modes:
+        results.append(run_pipemax(args, workload, device, dtype, mode))
+    peer = None if args.skip_peer else run_transformers(args, workload, device, dtype)
+    if peer:
+        results.append(peer)
+    prefill_s, decode_s = roofline_seconds(args, workload, peaks, dtype)
+    roofline = prefill_s + decode_s
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [
+        f"device: {name}; model {args.model} ({dtype}); workload {args.workload}: {len(workload)} prompts, "
+        f"{sum(len(p) for p, _ in workload)} input / {sum(n for _, n in workload)} output tokens; "
+        f"memory cap {args.memory_cap_gib or '-'} GiB",
+        f"peaks: HBM {peaks['hbm_gbps']:.0f} GB/s, matmul {peaks['matmul_tflops']:.1f} TFLOP/s; roofline "
+        f"{roofline:.2f} s (prefill {prefill_s:.2f} s + decode {decode_s:.2f} s)",
+        f"{'system':<24} {'seconds':>9} {'gen tok/s':>11} {'total tok/s':>12} {'vs peer':>8} {'roofline':>9}  note",
+    ]
+    for result in results:
+        ratio = f"{result.generated_per_s / peer.generated_per_s:.2f}x" if peer else "-"
+        lines.append(f"{result.system:<24} {result.seconds:>9.2f} {result.generated_per_s:>11.1f} "
+                     f"{result.total_per_s:>12.1f} {ratio:>8} {roofline / result.seconds:>9.0%}  {result.note}")
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "args": vars(args) | {"json": None},
+                                         "roofline_seconds": roofline, "peaks": peaks,
+                                         "results": [asdict(r) for r in results]}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
