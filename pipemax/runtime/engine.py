@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,7 +76,6 @@ class FinishedRequest:
     logprobs: list[float] | None
     stop_text_end: int | None = None  # where a matched stop string starts in the output text
     num_preemptions: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -119,7 +118,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_pool, self.kv, backend)
         if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
-        self.batch_generator = torch.Generator().manual_seed(config.seed)
+        # Unseeded random rows draw on the device, so sampling costs no host round trip.
+        self.batch_generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self._ids = itertools.count()
         self.num_steps = 0
 
@@ -237,7 +237,3 @@ class LLMEngine:
         positions = [text.find(stop) for stop in seq.params.stop if stop in text]
         seq.stop_text_end = min(positions)
         return seq.stop_text_end
-
-
-def with_overrides(config: EngineConfig, **overrides) -> EngineConfig:
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -61,27 +61,36 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            batch_generator: torch.Generator) -> tuple[list[int], list[float] | None]:
-    """logits [n, vocab] float32 -> chosen token per row, and their logprobs if any row asks."""
+    """logits [n, vocab] float32 -> chosen token per row, and their logprobs if any row asks.
+
+    Random rows are filtered (temperature, top-k, top-p) in one batched pass and drawn with the
+    exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i. A seeded row
+    draws its E from its own generator, so its choice does not depend on the rest of the batch;
+    the others share `batch_generator` (on the logits' device).
+    """
     logits = logits.float()
     chosen = logits.argmax(dim=-1)
-    for row, (p, generator) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
-        # One row at a time on the CPU: a seeded request's draw must not depend on its batch.
-        row_logits = logits[row].cpu() / p.temperature
-        if p.top_k:
-            kth = torch.topk(row_logits, min(p.top_k, row_logits.shape[0])).values[-1]
-            row_logits = row_logits.masked_fill(row_logits < kth, float("-inf"))
-        probs = row_logits.softmax(dim=-1)
-        if p.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-            outside = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        chosen[row] = torch.multinomial(probs, 1, generator=generator or batch_generator).item()
+    random_rows = [row for row, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        device, vocab = logits.device, logits.shape[1]
+        rows = torch.tensor(random_rows, device=device)
+        temperature = torch.tensor([params[r].temperature for r in random_rows], device=device)
+        top_k = torch.tensor([params[r].top_k or vocab for r in random_rows], device=device)
+        top_p = torch.tensor([params[r].top_p for r in random_rows], device=device)
+        sorted_logits, order = (logits[rows] / temperature[:, None]).sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=device)
+        sorted_logits.masked_fill_(ranks[None, :] >= top_k[:, None], float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        sorted_probs.masked_fill_(sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None], 0.0)
+        probs = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+        noise = torch.empty_like(probs).exponential_(generator=batch_generator)
+        for index, row in enumerate(random_rows):
+            if generators[row] is not None:
+                noise[index] = torch.empty(vocab).exponential_(generator=generators[row]).to(device)
+        chosen[rows] = (probs / noise).argmax(dim=-1)
     tokens = chosen.tolist()
     if not any(p.logprobs for p in params):
         return tokens, None
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None].to(logits.device)).squeeze(1)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
     return tokens, logprobs.tolist()
