@@ -29,22 +29,24 @@ from ._common import bit_view, check_index_tensor, check_kv_pool, device_guard, 
 COPY_BLOCK = 4096  # elements per program: 8 KiB of bf16, enough in flight per SM for PCIe reads
 
 
+# Sizes are runtime values (Triton still specialises them on divisibility by 16, which is what
+# vectorised loads need), so a new model shape does not cost a compilation per size.
 @triton.jit
 def _copy_chunks_kernel(
     src_pool_ptr,  # [src_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim] as integers
     dst_pool_ptr,  # [dst_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim] as integers
     src_chunk_ids_ptr,  # [num_copies]
     dst_chunk_ids_ptr,  # [num_copies]
-    CHUNK_ELEMENTS: tl.constexpr,
+    chunk_elements,
     BLOCK: tl.constexpr,
 ):
     copy = tl.program_id(0)
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < CHUNK_ELEMENTS
+    mask = offsets < chunk_elements
     src_chunk = tl.load(src_chunk_ids_ptr + copy).to(tl.int64)
     dst_chunk = tl.load(dst_chunk_ids_ptr + copy).to(tl.int64)
-    values = tl.load(src_pool_ptr + src_chunk * CHUNK_ELEMENTS + offsets, mask=mask)
-    tl.store(dst_pool_ptr + dst_chunk * CHUNK_ELEMENTS + offsets, values, mask=mask)
+    values = tl.load(src_pool_ptr + src_chunk * chunk_elements + offsets, mask=mask)
+    tl.store(dst_pool_ptr + dst_chunk * chunk_elements + offsets, values, mask=mask)
 
 
 @triton.jit(do_not_specialize=["layer_start"])
@@ -55,22 +57,22 @@ def _copy_rows_kernel(
     dst_chunk_ids_ptr,  # [num_rows]
     token_rows_ptr,  # [num_rows] row within the chunk
     layer_start,
-    CHUNK_ELEMENTS: tl.constexpr,
-    ROW_ELEMENTS: tl.constexpr,  # num_kv_heads * head_dim: one token's K (or V) at one layer
-    CHUNK_TOKENS: tl.constexpr,
+    chunk_elements,
+    row_elements,  # num_kv_heads * head_dim: one token's K (or V) at one layer
+    chunk_tokens,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     layer_and_kv = tl.program_id(1)  # (layer - layer_start) * 2 + (0 for K, 1 for V)
     offsets = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < ROW_ELEMENTS
+    mask = offsets < row_elements
     token_row = tl.load(token_rows_ptr + row)
-    # [layers, 2, chunk_tokens] flattened: (layer * 2 + kv) * CHUNK_TOKENS + token_row rows.
-    within_chunk = ((layer_start * 2 + layer_and_kv) * CHUNK_TOKENS + token_row) * ROW_ELEMENTS + offsets
+    # [layers, 2, chunk_tokens] flattened: (layer * 2 + kv) * chunk_tokens + token_row rows.
+    within_chunk = ((layer_start * 2 + layer_and_kv) * chunk_tokens + token_row) * row_elements + offsets
     src_chunk = tl.load(src_chunk_ids_ptr + row).to(tl.int64)
     dst_chunk = tl.load(dst_chunk_ids_ptr + row).to(tl.int64)
-    values = tl.load(src_pool_ptr + src_chunk * CHUNK_ELEMENTS + within_chunk, mask=mask)
-    tl.store(dst_pool_ptr + dst_chunk * CHUNK_ELEMENTS + within_chunk, values, mask=mask)
+    values = tl.load(src_pool_ptr + src_chunk * chunk_elements + within_chunk, mask=mask)
+    tl.store(dst_pool_ptr + dst_chunk * chunk_elements + within_chunk, values, mask=mask)
 
 
 def _kernel_device(src_pool: torch.Tensor, dst_pool: torch.Tensor) -> torch.device:
@@ -114,8 +116,7 @@ def copy_chunks(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids) -> None:
     block = min(COPY_BLOCK, next_power_of_2(chunk_elements))
     with device_guard(src_chunk_ids):
         _copy_chunks_kernel[(num_copies, triton.cdiv(chunk_elements, block))](
-            bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids,
-            CHUNK_ELEMENTS=chunk_elements, BLOCK=block,
+            bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids, chunk_elements, BLOCK=block,
         )
 
 
@@ -134,8 +135,7 @@ def copy_rows(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids, token_rows, laye
     with device_guard(src_chunk_ids):
         _copy_rows_kernel[(num_rows, num_layers * 2, triton.cdiv(row_elements, block))](
             bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids, token_rows, layer_start,
-            CHUNK_ELEMENTS=src_pool[0].numel(), ROW_ELEMENTS=row_elements, CHUNK_TOKENS=src_pool.shape[3],
-            BLOCK=block,
+            src_pool[0].numel(), row_elements, src_pool.shape[3], BLOCK=block,
         )
 
 
