@@ -93,7 +93,7 @@ def make_workload(kind: str, num_prompts: int, input_len: int, output_len: int, 
 def set_memory_cap(device: torch.device, cap_gib: float | None) -> None:
     if device.type == "cuda" and cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device.index)
 
 
 def free_memory(device: torch.device) -> None:
@@ -116,6 +116,11 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str) -> Result:
         kv_cache_gib=args.kv_cache_gib,
     )
     engine = LLMEngine(engine_config, model=model)
+    # Warm-up outside the timed region: the first prefill and sampling steps compile kernels.
+    warmup_prompt = workload[0][0][: args.max_batched_tokens // 2] or [0]
+    engine.add_request(warmup_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    for _ in engine.run():
+        pass
     for prompt, output_len in workload:
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
     if device.type == "cuda":
@@ -127,6 +132,8 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str) -> Result:
     seconds = time.perf_counter() - start
     prompt_tokens = sum(len(p) for p, _ in workload)
     note = f"{engine.num_steps} steps, {engine.scheduler.num_preemptions} preemptions, {engine.kv.gpu.num_chunks} chunks"
+    if device.type == "cuda":
+        note += f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     del engine, model
     free_memory(device)
     return Result(f"pipemax ({prefill_mode})", seconds, generated, generated + prompt_tokens, note)
@@ -214,7 +221,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.model, args.num_prompts, args.input_len, args.output_len = "tiny", 6, 20, 8
         args.kv_cache_gib = args.kv_cache_gib or 0.01
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    use_cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     set_memory_cap(device, args.memory_cap_gib)
     vocab = MODEL_SHAPES[args.model]["vocab_size"]

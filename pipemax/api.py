@@ -120,10 +120,13 @@ class LLM:
                on_finish: Callable[[int, FinishedRequest, str], None]) -> None:
         """Run (token ids, params) requests; call on_finish(index, result, text) as each finishes."""
         index_of = {}
-        for index, (token_ids, params) in enumerate(requests):
-            index_of[self.engine.add_request(token_ids, params)] = index
-        for result in self.engine.run():
-            on_finish(index_of[result.seq_id], result, self.decode(result.output_token_ids, result.stop_text_end))
+        try:
+            for index, (token_ids, params) in enumerate(requests):
+                index_of[self.engine.add_request(token_ids, params)] = index
+            for result in self.engine.run():
+                on_finish(index_of[result.seq_id], result, self.decode(result.output_token_ids, result.stop_text_end))
+        finally:
+            self.engine.abort_all()  # after an interruption, nothing leaks into the next call
 
     def _run(self, token_ids: list[list[int]], texts: list[str | None], sampling_params, use_tqdm: bool):
         if sampling_params is None:

@@ -252,13 +252,13 @@ def run_batch_job(llm, input_path: Path, output_path: Path, model_name: str, use
                 if not line.strip():
                     continue
                 item = parse_line(line, line_number, llm)
-                if item.custom_id in writer.done:
-                    summary.skipped += 1
-                    continue
-                if item.custom_id in seen:
+                if item.custom_id in seen:  # rename first, so a resumed run recognises it as done
                     item.error = f"duplicate custom_id {item.custom_id!r} (line {line_number})"
                     item.custom_id = f"{item.custom_id}#line-{line_number}"
                 seen.add(item.custom_id)
+                if item.custom_id in writer.done:
+                    summary.skipped += 1
+                    continue
                 if item.error is not None:
                     writer.write(error_record(item.custom_id, item.error))
                     summary.failed += 1

@@ -176,3 +176,44 @@ def test_stop_strings_cut_the_text_and_chat_uses_the_template(model_folder):
 def test_cli_rejects_missing_input_file(tmp_path, capsys):
     assert main(["serve-offline", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_duplicate_custom_id_error_is_not_rewritten_on_resume(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("r1", "first"), completion("r1", "second")])
+    out = tmp_path / "out.jsonl"
+    serve(model_folder, requests, out)
+    # As if killed before r1 finished: only the duplicate's error record was written.
+    records = read_results(out)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records if r["custom_id"] != "r1"))
+    serve(model_folder, requests, out)
+    assert sorted(r["custom_id"] for r in read_results(out)) == ["r1", "r1#line-2"]
+
+
+def test_multibyte_stop_string_is_found(model_folder):
+    llm = LLM(model=str(model_folder), max_model_len=256)
+    emoji = llm.tokenizer.encode("a😀b", add_special_tokens=False)
+    assert len(emoji) > 3  # the emoji alone spans several byte-level tokens
+    seq_text = "ok a😀b"
+    ids = llm.tokenizer.encode(seq_text, add_special_tokens=False)
+    from pipemax.runtime.sequence import Sequence
+
+    seq = Sequence(0, [1], SamplingParams(stop=["😀"]))
+    for token in ids:
+        seq.token_ids.append(token)
+        found = llm.engine._stop_string_end(seq)
+        if found is not None:
+            break
+    assert found == seq_text.index("😀")
+
+
+def test_an_interrupted_generate_leaves_nothing_behind(model_folder):
+    llm = LLM(model=str(model_folder), max_model_len=256)
+
+    def explode(index, result, text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        llm.stream([([5, 6, 7], SamplingParams(max_tokens=3)), ([8, 9], SamplingParams(max_tokens=50))], explode)
+    assert not llm.engine.has_unfinished() and llm.engine.kv.gpu.num_free == llm.engine.kv.gpu.num_chunks
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)) == 1

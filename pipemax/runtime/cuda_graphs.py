@@ -57,6 +57,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        with torch.cuda.device(self.input_ids.device):
+            self._capture()
+
+    def _capture(self) -> None:
         pool = None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -77,6 +81,10 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, input_ids, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
         """Hidden states [batch, hidden] of a decode step, through the bucket's graph."""
+        with torch.cuda.device(self.input_ids.device):
+            return self._run(input_ids, positions, slot_mapping, chunk_tables, seq_lens)
+
+    def _run(self, input_ids, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
         batch = input_ids.shape[0]
         bucket = self.bucket_for(batch)
         self.input_ids[:batch].copy_(input_ids)

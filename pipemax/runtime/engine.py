@@ -130,14 +130,18 @@ class LLMEngine:
             return int(config.kv_cache_gib * 2**30)
         if self.device.type != "cuda":
             return 2**30
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(config.gpu_memory_gib * 2**30) if config.gpu_memory_gib else int(0.9 * total)
+        if config.gpu_memory_gib:
+            budget = int(config.gpu_memory_gib * 2**30)
+        else:  # 90% of what is free now (other processes, the weights already loaded count)
+            free_now, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(0.9 * (free_now + torch.cuda.memory_allocated(self.device)))
         weights = self.model_config.weight_bytes(self.dtype)
         # Activations of the largest step: hidden states, q/k/v, the MLP's intermediate, fp32 logits.
         mc, element = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
         per_token = (4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size + 3 * mc.intermediate_size) * element
         activations = config.max_num_batched_tokens * per_token + config.max_num_seqs * mc.vocab_size * 4 * 2
-        free = budget - weights - activations - 512 * 2**20  # CUDA context, allocator slack
+        # cuBLAS workspaces, the CUDA-graph pool, allocator fragmentation.
+        free = budget - weights - activations - 1536 * 2**20
         if free <= 0:
             raise ValueError(f"gpu_memory_gib={budget / 2**30:.1f} leaves no room for a KV cache after "
                              f"{weights / 2**30:.1f} GiB of weights")
@@ -184,6 +188,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def abort_all(self) -> None:
+        """Drop every unfinished request and free its KV (after an interrupted run)."""
+        self.scheduler.abort_all()
+
     def step(self) -> list[FinishedRequest]:
         plan = self.scheduler.schedule()
         logits = self.runner.execute(plan)
@@ -227,10 +235,11 @@ class LLMEngine:
         """Character offset in the output text where the first stop string starts, if one has appeared."""
         if self.tokenizer is None:
             return None
-        longest = max(len(stop) for stop in seq.params.stop)
-        # A stop string that completes with the newest token lies within its last `longest` + 1
-        # tokens (every token decodes to at least one character, or to a part of one).
-        tail = self.tokenizer.decode(seq.output_token_ids[-(longest + 1):], skip_special_tokens=True)
+        longest = max(len(stop.encode()) for stop in seq.params.stop)
+        # A stop string that completes with the newest token lies within its last `longest` tokens
+        # plus a few: byte-level tokens carry at least one byte, and a few spare tokens cover
+        # special tokens that decode to nothing and a split character at the window's start.
+        tail = self.tokenizer.decode(seq.output_token_ids[-(longest + 4):], skip_special_tokens=True)
         if not any(stop in tail for stop in seq.params.stop):
             return None
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

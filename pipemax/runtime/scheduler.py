@@ -76,6 +76,13 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort_all(self) -> None:
+        for seq in list(self.running):
+            self.finish(seq)
+        for seq in self.waiting:
+            seq.status = SequenceStatus.FINISHED
+        self.waiting.clear()
+
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
