@@ -84,3 +84,29 @@ def bit_view(tensor: torch.Tensor) -> torch.Tensor:
     """The same memory as integers of the same width, so copies move bits and nothing else."""
     integer_dtype = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
     return tensor.view(integer_dtype)
+
+
+def check_attention_inputs(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, chunk_tables: torch.Tensor,
+                           rows: str) -> tuple[int, int, int, int]:
+    """Checks shared by the attention launchers; returns (chunk_tokens, num_kv_heads, head_dim, num_heads).
+
+    q is [rows, num_heads, head_dim] (rows: "batch" for decode, "tokens" for prefill)."""
+    check_kv_pool(kv_pool)
+    check_layer(layer, kv_pool)
+    _, _, _, chunk_tokens, num_kv_heads, head_dim = kv_pool.shape
+    if q.dim() != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [{rows}, num_heads, {head_dim}], got {tuple(q.shape)}")
+    num_heads = q.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.dtype != kv_pool.dtype or q.device != kv_pool.device:
+        raise TypeError(f"q ({q.dtype}, {q.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in head_dim")
+    check_index_tensor(chunk_tables, "chunk_tables", 2, q.device)
+    return chunk_tokens, num_kv_heads, head_dim, num_heads
+
+
+def check_block(name: str, block: int) -> None:
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {block}")

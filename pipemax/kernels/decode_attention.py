@@ -26,10 +26,10 @@ import triton.language as tl
 
 from ._common import (
     attention_tiles,
+    check_attention_inputs,
+    check_block,
     check_index_tensor,
     device_guard,
-    check_kv_pool,
-    check_layer,
     dot_precision,
     needs_upcast,
     next_power_of_2,
@@ -183,26 +183,14 @@ def decode_attention(
 ) -> torch.Tensor:
     """Launch decode attention; see the module docstring. max_seq_len (a bound on seq_lens)
     avoids a device sync; block_n defaults to a tile that fits the GPU's shared memory."""
-    check_kv_pool(kv_pool)
-    check_layer(layer, kv_pool)
-    _, _, _, chunk_tokens, num_kv_heads, head_dim = kv_pool.shape
-    if q.dim() != 3 or q.shape[2] != head_dim:
-        raise ValueError(f"q must be [batch, num_heads, {head_dim}], got {tuple(q.shape)}")
-    batch, num_heads, _ = q.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if q.dtype != kv_pool.dtype or q.device != kv_pool.device:
-        raise TypeError(f"q ({q.dtype}, {q.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
-    if q.stride(2) != 1:
-        raise ValueError("q must be contiguous in head_dim")
-    check_index_tensor(chunk_tables, "chunk_tables", 2, q.device)
+    chunk_tokens, num_kv_heads, head_dim, num_heads = check_attention_inputs(q, kv_pool, layer, chunk_tables, "batch")
+    batch = q.shape[0]
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
     if chunk_tables.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(f"chunk_tables and seq_lens need {batch} rows, q's batch")
     tiles = attention_tiles(head_dim, q.dtype)
     block_n = block_n or tiles["block_n"]
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    check_block("block_n", block_n)
 
     out = torch.empty_like(q)
     if batch == 0:

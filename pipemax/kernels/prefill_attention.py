@@ -27,10 +27,10 @@ import triton.language as tl
 
 from ._common import (
     attention_tiles,
+    check_attention_inputs,
+    check_block,
     check_index_tensor,
     device_guard,
-    check_kv_pool,
-    check_layer,
     dot_precision,
     needs_upcast,
     next_power_of_2,
@@ -133,19 +133,7 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Launch prefill attention; see the module docstring. max_q_len (the longest q_len; a smaller
     value leaves rows unwritten) avoids a device sync; tiles default to ones that fit the GPU."""
-    check_kv_pool(kv_pool)
-    check_layer(layer, kv_pool)
-    _, _, _, chunk_tokens, num_kv_heads, head_dim = kv_pool.shape
-    if q.dim() != 3 or q.shape[2] != head_dim:
-        raise ValueError(f"q must be [tokens, num_heads, {head_dim}], got {tuple(q.shape)}")
-    num_heads = q.shape[1]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if q.dtype != kv_pool.dtype or q.device != kv_pool.device:
-        raise TypeError(f"q ({q.dtype}, {q.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
-    if q.stride(2) != 1:
-        raise ValueError("q must be contiguous in head_dim")
-    check_index_tensor(chunk_tables, "chunk_tables", 2, q.device)
+    chunk_tokens, num_kv_heads, head_dim, num_heads = check_attention_inputs(q, kv_pool, layer, chunk_tables, "tokens")
     check_index_tensor(cu_seqlens_q, "cu_seqlens_q", 1, q.device)
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
     batch = seq_lens.shape[0]
@@ -153,9 +141,8 @@ def prefill_attention(
         raise ValueError(f"cu_seqlens_q needs {batch + 1} entries and chunk_tables {batch} rows")
     tiles = attention_tiles(head_dim, q.dtype)
     block_m, block_n = block_m or tiles["block_m"], block_n or tiles["block_n"]
-    for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+    check_block("block_m", block_m)
+    check_block("block_n", block_n)
 
     out = torch.empty_like(q)
     if batch == 0 or q.shape[0] == 0:
