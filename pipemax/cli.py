@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe_environment()))
         return 0
     if args.command == "serve-offline":
+        from pipemax.models import WeightLoadError
+
         try:
             return serve_offline(args)
-        except (ValueError, FileNotFoundError) as error:  # bad configuration: say so, no traceback
+        except (ValueError, FileNotFoundError, WeightLoadError) as error:  # bad configuration: no traceback
             print(f"pipemax: {error}", file=sys.stderr)
             return 2
     parser.print_help(sys.stderr)

@@ -173,9 +173,15 @@ def test_stop_strings_cut_the_text_and_chat_uses_the_template(model_folder):
     assert "<|im_start|>assistant" in llm.tokenizer.decode(out.prompt_token_ids)
 
 
-def test_cli_rejects_missing_input_file(tmp_path, capsys):
+def test_cli_rejects_missing_input_file_and_model(tmp_path, capsys):
     assert main(["serve-offline", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi")])
+    assert main(["serve-offline", "--model", str(tmp_path / "no-model"), "-i", str(requests),
+                 "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert "no safetensors or single GGUF file found" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_duplicate_custom_id_error_is_not_rewritten_on_resume(model_folder, tmp_path):
