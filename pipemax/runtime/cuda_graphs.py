@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from pipemax.kernels._common import device_guard
 from pipemax.models import AttentionMetadata, ChunkedAttention, LlamaFamilyModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -57,7 +58,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        with torch.cuda.device(self.input_ids.device):
+        with device_guard(self.input_ids):
             self._capture()
 
     def _capture(self) -> None:
@@ -81,7 +82,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, input_ids, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
         """Hidden states [batch, hidden] of a decode step, through the bucket's graph."""
-        with torch.cuda.device(self.input_ids.device):
+        with device_guard(self.input_ids):
             return self._run(input_ids, positions, slot_mapping, chunk_tables, seq_lens)
 
     def _run(self, input_ids, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
