@@ -27,6 +27,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per position: [(token id, logprob)]
 
 
 @dataclass
@@ -147,7 +148,8 @@ class LLM:
         def on_finish(index: int, result: FinishedRequest, text: str) -> None:
             outputs[index] = RequestOutput(
                 request_id=str(index), prompt=texts[index], prompt_token_ids=result.prompt_token_ids,
-                outputs=[CompletionOutput(0, text, result.output_token_ids, result.finish_reason, result.logprobs)],
+                outputs=[CompletionOutput(0, text, result.output_token_ids, result.finish_reason, result.logprobs,
+                                          result.top_logprobs)],
             )
             if progress is not None:
                 progress.update(1)

@@ -28,7 +28,8 @@ from pipemax.runtime.sampling import SamplingParams, SamplingParamsError
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 # Body fields we read; anything else is reported rather than silently ignored.
 SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                   "stop_token_ids", "ignore_eos", "n", "logprobs", "top_logprobs"}
+                   "stop_token_ids", "ignore_eos", "n", "logprobs", "top_logprobs", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "min_tokens"}
 KNOWN_FIELDS = SAMPLING_FIELDS | {"model", "prompt", "messages", "stream", "user", "add_generation_prompt"}
 
 
@@ -140,7 +141,10 @@ def _sampling_params(url: str, body: dict, prompt_len: int, max_model_len: int) 
         raise BadRequest(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the maximum context "
                          f"of {max_model_len} tokens")
     logprobs = body.get("logprobs")
-    wants_logprobs = bool(logprobs) if url == CHAT else logprobs is not None
+    if url == CHAT:  # chat: logprobs is a flag, top_logprobs the number of alternatives
+        wants_logprobs, top = bool(logprobs), body.get("top_logprobs") or 0
+    else:  # completions: logprobs is the number of alternatives (0: the chosen token only)
+        wants_logprobs, top = logprobs is not None, logprobs or 0
     values = dict(
         max_tokens=max_tokens,
         temperature=body.get("temperature", 1.0),
@@ -151,6 +155,11 @@ def _sampling_params(url: str, body: dict, prompt_len: int, max_model_len: int) 
         stop_token_ids=body.get("stop_token_ids") or [],
         ignore_eos=bool(body.get("ignore_eos", False)),
         logprobs=wants_logprobs,
+        top_logprobs=top,
+        presence_penalty=body.get("presence_penalty") or 0.0,
+        frequency_penalty=body.get("frequency_penalty") or 0.0,
+        repetition_penalty=body.get("repetition_penalty", 1.0),
+        min_tokens=body.get("min_tokens", 0),
     )
     return SamplingParams(**values)
 
@@ -162,19 +171,20 @@ def error_record(custom_id: str, message: str) -> dict:
             "error": message}
 
 
-def success_record(item: BatchItem, text: str, output_ids: list[int], finish_reason: str,
-                   logprobs: list[float] | None, model_name: str, tokenizer) -> dict:
+def success_record(item: BatchItem, text: str, result, model_name: str, tokenizer) -> dict:
+    """result: the engine's FinishedRequest."""
+    output_ids, finish_reason = result.output_token_ids, result.finish_reason
     usage = {"prompt_tokens": len(item.token_ids), "completion_tokens": len(output_ids),
              "total_tokens": len(item.token_ids) + len(output_ids)}
     created = int(time.time())
     model = item.model or model_name
     if item.url == CHAT:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": _chat_logprobs(output_ids, logprobs, tokenizer), "finish_reason": finish_reason}
+                  "logprobs": _chat_logprobs(result, tokenizer), "finish_reason": finish_reason}
         body = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": created, "model": model,
                 "choices": [choice], "usage": usage}
     else:
-        choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(output_ids, logprobs, tokenizer),
+        choice = {"index": 0, "text": text, "logprobs": _completion_logprobs(result, tokenizer),
                   "finish_reason": finish_reason}
         body = {"id": new_id("cmpl"), "object": "text_completion", "created": created, "model": model,
                 "choices": [choice], "usage": usage}
@@ -182,29 +192,35 @@ def success_record(item: BatchItem, text: str, output_ids: list[int], finish_rea
             "response": {"status_code": 200, "request_id": new_id("pipemax-batch"), "body": body}, "error": None}
 
 
-def _token_strings(output_ids, tokenizer) -> list[str]:
-    if tokenizer is None:
-        return [str(t) for t in output_ids]
-    return [tokenizer.decode([t]) for t in output_ids]
+def _token_string(token_id: int, tokenizer) -> str:
+    return str(token_id) if tokenizer is None else tokenizer.decode([token_id])
 
 
-def _completion_logprobs(output_ids, logprobs, tokenizer):
-    if logprobs is None:
+def _completion_logprobs(result, tokenizer):
+    if result.logprobs is None:
         return None
-    tokens = _token_strings(output_ids, tokenizer)
+    tokens = [_token_string(t, tokenizer) for t in result.output_token_ids]
     offsets, position = [], 0
     for token in tokens:
         offsets.append(position)
         position += len(token)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    top = None
+    if result.top_logprobs is not None:
+        top = [{_token_string(t, tokenizer): value for t, value in alternatives} for alternatives in result.top_logprobs]
+    return {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def _chat_logprobs(output_ids, logprobs, tokenizer):
-    if logprobs is None:
+def _chat_logprobs(result, tokenizer):
+    if result.logprobs is None:
         return None
-    tokens = _token_strings(output_ids, tokenizer)
-    return {"content": [{"token": token, "logprob": value, "bytes": list(token.encode()), "top_logprobs": []}
-                        for token, value in zip(tokens, logprobs)]}
+
+    def entry(token_id, value):
+        token = _token_string(token_id, tokenizer)
+        return {"token": token, "logprob": value, "bytes": list(token.encode())}
+
+    tops = result.top_logprobs or [[] for _ in result.output_token_ids]
+    return {"content": [entry(t, value) | {"top_logprobs": [entry(a, v) for a, v in alternatives]}
+                        for t, value, alternatives in zip(result.output_token_ids, result.logprobs, tops)]}
 
 
 class ResultWriter:
@@ -273,8 +289,7 @@ def run_batch_job(llm, input_path: Path, output_path: Path, model_name: str, use
 
         def on_finish(index, result, text):
             item = items[index]
-            writer.write(success_record(item, text, result.output_token_ids, result.finish_reason, result.logprobs,
-                                        model_name, llm.tokenizer))
+            writer.write(success_record(item, text, result, model_name, llm.tokenizer))
             summary.succeeded += 1
             summary.input_tokens += len(item.token_ids)
             summary.output_tokens += len(result.output_token_ids)

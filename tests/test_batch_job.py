@@ -64,8 +64,8 @@ def test_good_and_bad_lines(model_folder, tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
     write_lines(requests, [
         completion("ok-text", "Hello there"),
-        chat("ok-chat", "What is 2+2?", logprobs=True),
-        completion("ok-ids", [5, 6, 7, 8], seed=3, temperature=0.8, top_k=20),
+        chat("ok-chat", "What is 2+2?", logprobs=True, top_logprobs=2, presence_penalty=0, frequency_penalty=0.1),
+        completion("ok-ids", [5, 6, 7, 8], seed=3, temperature=0.8, top_k=20, logprobs=3, repetition_penalty=1.1),
         {"prompt": "plain line", "max_tokens": 3},
         "{this is not json",
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
@@ -92,6 +92,11 @@ def test_good_and_bad_lines(model_folder, tmp_path, capsys):
     assert results["ok-chat"]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
     assert len(results["ok-chat"]["response"]["body"]["choices"][0]["logprobs"]["content"]) == \
         results["ok-chat"]["response"]["body"]["usage"]["completion_tokens"]
+    assert all(len(c["top_logprobs"]) == 2
+               for c in results["ok-chat"]["response"]["body"]["choices"][0]["logprobs"]["content"])
+    completion_logprobs = results["ok-ids"]["response"]["body"]["choices"][0]["logprobs"]
+    assert len(completion_logprobs["tokens"]) == len(completion_logprobs["top_logprobs"]) > 0
+    assert all(len(top) <= 3 for top in completion_logprobs["top_logprobs"])
     assert results["ok-text"]["response"]["body"]["object"] == "text_completion"
     assert results["ok-ids"]["response"]["body"]["usage"]["prompt_tokens"] == 4
 

@@ -22,7 +22,7 @@ from pipemax.models.loader import find_weights
 from .kv_manager import KVManager
 from .kv_pool import KVPool, KVPoolSpec
 from .model_runner import ModelRunner
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, apply_penalties, make_generator, sample
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -74,6 +74,7 @@ class FinishedRequest:
     output_token_ids: list[int]
     finish_reason: str
     logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
     stop_text_end: int | None = None  # where a matched stop string starts in the output text
     num_preemptions: int = 0
 
@@ -198,19 +199,25 @@ class LLMEngine:
         sampling = [entry for entry in plan.scheduled if entry.samples]
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens = entry.end
-        tokens, logprobs = sample(logits, [e.seq.params for e in sampling], [e.seq.generator for e in sampling],
-                                  self.batch_generator)
+        params = [e.seq.params for e in sampling]
+        processed = apply_penalties(logits, params, [(e.seq.prompt_token_ids, e.seq.output_token_ids) for e in sampling],
+                                    self.eos_token_ids)
+        tokens, logprobs, top_logprobs = sample(logits, params, [e.seq.generator for e in sampling],
+                                                self.batch_generator, processed)
         finished = []
         for index, entry in enumerate(sampling):
             seq = entry.seq
             seq.token_ids.append(tokens[index])
             if seq.params.logprobs:
                 seq.output_logprobs.append(logprobs[index])
+            if seq.params.top_logprobs:
+                seq.output_top_logprobs.append(top_logprobs[index])
             if self._check_stop(seq):
                 self.scheduler.finish(seq)
                 finished.append(FinishedRequest(
                     seq.seq_id, seq.prompt_token_ids, seq.output_token_ids, seq.finish_reason,
-                    seq.output_logprobs if seq.params.logprobs else None, seq.stop_text_end, seq.num_preemptions,
+                    seq.output_logprobs if seq.params.logprobs else None,
+                    seq.output_top_logprobs if seq.params.top_logprobs else None, seq.stop_text_end, seq.num_preemptions,
                 ))
         self.num_steps += 1
         return finished

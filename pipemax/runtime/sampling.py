@@ -3,6 +3,13 @@
 Seeded requests draw from their own torch.Generator, one draw per generated token, so a request
 with a seed produces the same tokens whatever else shares its batch. Logprobs are those of the
 model's distribution (log-softmax of the raw logits) for the chosen token.
+
+Penalties, applied to the logits before the choice (greedy included):
+  repetition_penalty  tokens in prompt or output: positive logits divided by it, negative multiplied
+                      (as transformers and vLLM)
+  presence_penalty    subtracted once from every token already in the output (OpenAI)
+  frequency_penalty   subtracted once per occurrence in the output (OpenAI)
+  min_tokens          EOS and stop_token_ids are blocked until that many tokens were generated
 """
 
 from __future__ import annotations
@@ -10,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 
 
 class SamplingParamsError(ValueError):
@@ -27,6 +37,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     logprobs: bool = False  # return the logprob of each chosen token
+    top_logprobs: int = 0  # and that many most likely alternatives at each position (with logprobs)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -43,14 +58,56 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a string or a list of non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
+            (isinstance(self.presence_penalty, (int, float)) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
+            (isinstance(self.frequency_penalty, (int, float)) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
+            (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty!r}"),
+            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SamplingParamsError(message)
+        if self.top_logprobs:
+            self.logprobs = True
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.min_tokens)
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], token_histories: list[tuple[list[int], list[int]]],
+                    blocked_token_ids: set[int]) -> torch.Tensor:
+    """Logits with each row's penalties applied (a copy when any row has one).
+
+    token_histories: (prompt ids, output ids) per row; blocked_token_ids: EOS ids, which with each
+    row's stop_token_ids stay blocked until min_tokens are out."""
+    rows = [row for row, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    device, vocab = logits.device, logits.shape[1]
+    for row in rows:
+        p, (prompt, output) = params[row], token_histories[row]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), device=device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and output:
+            counts = torch.bincount(torch.tensor(output, device=device), minlength=vocab).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if len(output) < p.min_tokens:
+            blocked = [t for t in blocked_token_ids | set(p.stop_token_ids) if t < vocab]
+            logits[row, blocked] = float("-inf")
+    return logits
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -60,15 +117,21 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           batch_generator: torch.Generator) -> tuple[list[int], list[float] | None]:
-    """logits [n, vocab] float32 -> chosen token per row, and their logprobs if any row asks.
+           batch_generator: torch.Generator, processed_logits: torch.Tensor | None = None,
+           ) -> tuple[list[int], list[float] | None, list[list[tuple[int, float]]] | None]:
+    """logits [n, vocab] float32 -> (chosen token per row, their logprobs if any row asks, and the
+    top alternatives [(token, logprob)] per row if any row asks).
 
     Random rows are filtered (temperature, top-k, top-p) in one batched pass and drawn with the
     exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i. A seeded row
     draws its E from its own generator, so its choice does not depend on the rest of the batch;
-    the others share `batch_generator` (on the logits' device).
+    the others share `batch_generator` (on the logits' device). The choice is made on
+    processed_logits (penalties applied) when given; logprobs always come from the raw logits.
     """
     logits = logits.float()
+    raw_logits = logits
+    if processed_logits is not None:
+        logits = processed_logits.float()
     chosen = logits.argmax(dim=-1)
     random_rows = [row for row, p in enumerate(params) if not p.greedy]
     if random_rows:
@@ -91,6 +154,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         chosen[rows] = (probs / noise).argmax(dim=-1)
     tokens = chosen.tolist()
     if not any(p.logprobs for p in params):
-        return tokens, None
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
-    return tokens, logprobs.tolist()
+        return tokens, None, None
+    all_logprobs = torch.log_softmax(raw_logits, dim=-1)
+    logprobs = all_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    most = max(p.top_logprobs for p in params)
+    if not most:
+        return tokens, logprobs, None
+    values, ids = all_logprobs.topk(most, dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    top = [list(zip(ids[row][: p.top_logprobs], values[row][: p.top_logprobs])) for row, p in enumerate(params)]
+    return tokens, logprobs, top

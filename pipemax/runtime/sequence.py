@@ -24,6 +24,7 @@ class Sequence:
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" or "length"

@@ -133,3 +133,26 @@ def test_generation_stops_at_max_model_len(tiny):
     llm = LLM(model=str(folder), max_model_len=34)
     out = llm.generate([prompts[3]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
     assert out.finish_reason == "length" and len(prompts[3]) + len(out.token_ids) == 34
+
+
+def test_repetition_penalty_matches_transformers(tiny):
+    folder, hf, prompts = tiny
+    llm = LLM(model=str(folder))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, repetition_penalty=1.8)
+    ours = llm.generate(prompts[:3], params, use_tqdm=False)
+    for prompt, out in zip(prompts[:3], ours):
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                   repetition_penalty=1.8, eos_token_id=None, pad_token_id=0)
+        assert out.token_ids == expected[0, len(prompt):].tolist()
+
+
+def test_min_tokens_holds_back_eos(tiny):
+    folder, _, prompts = tiny
+    llm = LLM(model=str(folder))
+    free = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                        use_tqdm=False)[0]
+    llm.engine.eos_token_ids = {free.token_ids[0]}
+    held = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=4),
+                        use_tqdm=False)[0]
+    assert len(held.token_ids) >= 4 and free.token_ids[0] not in held.token_ids[:4]

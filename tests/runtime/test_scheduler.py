@@ -5,7 +5,7 @@ import torch
 
 from pipemax.runtime.cuda_graphs import bucket_sizes
 from pipemax.runtime.kv_manager import KVManager
-from pipemax.runtime.sampling import SamplingParams, SamplingParamsError, sample
+from pipemax.runtime.sampling import SamplingParams, SamplingParamsError, apply_penalties, sample
 from pipemax.runtime.scheduler import Scheduler
 from pipemax.runtime.sequence import Sequence, SequenceStatus
 
@@ -99,8 +99,24 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
                             (SamplingParams(temperature=1.0, top_p=0.8), {0, 1})]:
         seen = {sample(logits, [params], [None], generator)[0][0] for _ in range(200)}
         assert seen <= allowed and len(seen) == len(allowed), (params, seen)
-    greedy, logprobs = sample(logits, [SamplingParams(temperature=0, logprobs=True)], [None], generator)
-    assert greedy == [0] and logprobs[0] == pytest.approx(torch.log_softmax(logits[0], 0)[0].item())
+    greedy, logprobs, top = sample(logits, [SamplingParams(temperature=0, top_logprobs=3)], [None], generator)
+    expected = torch.log_softmax(logits[0], 0)
+    assert greedy == [0] and logprobs[0] == pytest.approx(expected[0].item())
+    assert [t for t, _ in top[0]] == [0, 1, 2] and top[0][2][1] == pytest.approx(expected[2].item())
+
+
+def test_penalties_follow_their_definitions():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
+    history = [([0, 1], [3, 3, 2])]  # prompt, output
+    out = apply_penalties(logits, [SamplingParams(repetition_penalty=2.0)], history, set())
+    assert out.tolist() == [[1.0, -2.0, 0.25, 1.5, 1.0]]
+    out = apply_penalties(logits, [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)], history, set())
+    assert out.tolist() == [[2.0, -1.0, 0.5 - 0.75, 3.0 - 1.0, 1.0]]
+    blocked = apply_penalties(logits, [SamplingParams(min_tokens=4, stop_token_ids=[4])], history, {3})
+    assert blocked[0, 3] == float("-inf") and blocked[0, 4] == float("-inf") and blocked[0, 0] == 2.0
+    after = apply_penalties(logits, [SamplingParams(min_tokens=3, stop_token_ids=[4])], history, {3})
+    assert torch.equal(after, logits)
+    assert apply_penalties(logits, [SamplingParams()], history, {3}) is logits
 
 
 def test_bucket_sizes_cover_every_batch():
