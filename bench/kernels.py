@@ -122,8 +122,10 @@ class Bench:
     def chunk_copies(self, peaks, num_copies: int, chunk_tokens: int, layers: int):
         pin = self.device.type == "cuda"
         shape = (layers, 2, chunk_tokens, NUM_KV_HEADS, HEAD_DIM)
-        gpu = torch.zeros(2 * num_copies, *shape, device=self.device, dtype=self.dtype)
-        host = torch.zeros(2 * num_copies, *shape, dtype=self.dtype, pin_memory=pin)
+        # Random data, never zeros: zeros can hide unwritten outputs and run faster than real data.
+        gpu = torch.randn(2 * num_copies, *shape, device=self.device, dtype=self.dtype)
+        host = torch.randn(2 * num_copies, *shape, dtype=self.dtype).pin_memory() if pin else \
+            torch.randn(2 * num_copies, *shape, dtype=self.dtype)
         src_ids = torch.randperm(2 * num_copies)[:num_copies].to(torch.int32)
         dst_ids = torch.randperm(2 * num_copies)[:num_copies].to(torch.int32)
         src_list, dst_list = src_ids.tolist(), dst_ids.tolist()
@@ -147,7 +149,8 @@ class Bench:
         pin = self.device.type == "cuda"
         shape = (layers, 2, chunk_tokens, NUM_KV_HEADS, HEAD_DIM)
         gpu = torch.randn(sequences, *shape, device=self.device, dtype=self.dtype)
-        host = torch.zeros(2 * sequences, *shape, dtype=self.dtype, pin_memory=pin)
+        host = torch.randn(2 * sequences, *shape, dtype=self.dtype).pin_memory() if pin else \
+            torch.randn(2 * sequences, *shape, dtype=self.dtype)
         gpu_ids = torch.arange(sequences, dtype=torch.int32)
         host_ids = torch.randperm(2 * sequences)[:sequences].to(torch.int32)
         rows = torch.randint(0, chunk_tokens, (sequences,), dtype=torch.int32)

@@ -110,3 +110,9 @@ def check_attention_inputs(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, c
 def check_block(name: str, block: int) -> None:
     if block < 16 or block & (block - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+
+
+def copy_warps(block: int) -> int:
+    """Warps for a copy of `block` elements per program: at least 8 elements per thread, so that
+    each access is 16 bytes wide for 16-bit data (PCIe writes of 2 bytes each would crawl)."""
+    return max(1, min(8, block // (8 * 32)))

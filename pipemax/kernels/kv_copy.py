@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bit_view, check_index_tensor, check_kv_pool, device_guard, next_power_of_2
+from ._common import bit_view, check_index_tensor, check_kv_pool, copy_warps, device_guard, next_power_of_2
 
 COPY_BLOCK = 4096  # elements per program: 8 KiB of bf16, enough in flight per SM for PCIe reads
 
@@ -117,6 +117,7 @@ def copy_chunks(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids) -> None:
     with device_guard(src_chunk_ids):
         _copy_chunks_kernel[(num_copies, triton.cdiv(chunk_elements, block))](
             bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids, chunk_elements, BLOCK=block,
+            num_warps=copy_warps(block),
         )
 
 
@@ -135,7 +136,7 @@ def copy_rows(src_pool, dst_pool, src_chunk_ids, dst_chunk_ids, token_rows, laye
     with device_guard(src_chunk_ids):
         _copy_rows_kernel[(num_rows, num_layers * 2, triton.cdiv(row_elements, block))](
             bit_view(src_pool), bit_view(dst_pool), src_chunk_ids, dst_chunk_ids, token_rows, layer_start,
-            src_pool[0].numel(), row_elements, src_pool.shape[3], BLOCK=block,
+            src_pool[0].numel(), row_elements, src_pool.shape[3], BLOCK=block, num_warps=copy_warps(block),
         )
 
 

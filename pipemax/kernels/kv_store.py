@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import bit_view, check_index_tensor, device_guard, check_kv_pool, check_layer, next_power_of_2
+from ._common import bit_view, check_index_tensor, copy_warps, device_guard, check_kv_pool, check_layer, next_power_of_2
 
 
-@triton.jit(do_not_specialize=["layer", "stride_k_token", "stride_v_token"])
+@triton.jit(do_not_specialize=["layer"])
 def _store_kv_kernel(
     k_ptr,  # [num_tokens, num_kv_heads, head_dim]
     v_ptr,  # [num_tokens, num_kv_heads, head_dim]
@@ -80,7 +80,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_pool: torch.Tensor, layer: int
             bit_view(k), bit_view(v), bit_view(kv_pool), slot_mapping, layer,
             k.stride(0), v.stride(0),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3),
-            ROW_ELEMENTS=row_elements, CHUNK_TOKENS=kv_pool.shape[3], BLOCK=block,
+            ROW_ELEMENTS=row_elements, CHUNK_TOKENS=kv_pool.shape[3], BLOCK=block, num_warps=copy_warps(block),
         )
 
 
