@@ -200,8 +200,10 @@ class LLMEngine:
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens = entry.end
         params = [e.seq.params for e in sampling]
-        processed = apply_penalties(logits, params, [(e.seq.prompt_token_ids, e.seq.output_token_ids) for e in sampling],
-                                    self.eos_token_ids)
+        processed = None
+        if any(p.has_penalties for p in params):
+            histories = [(e.seq.prompt_token_ids, e.seq.output_token_ids) for e in sampling]
+            processed = apply_penalties(logits, params, histories, self.eos_token_ids)
         tokens, logprobs, top_logprobs = sample(logits, params, [e.seq.generator for e in sampling],
                                                 self.batch_generator, processed)
         finished = []
@@ -234,7 +236,7 @@ class LLMEngine:
             seq.finish_reason = "stop"
         elif params.stop and self._stop_string_end(seq) is not None:
             seq.finish_reason = "stop"
-        elif len(seq.output_token_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
@@ -246,7 +248,8 @@ class LLMEngine:
         # A stop string that completes with the newest token lies within its last `longest` tokens
         # plus a few: byte-level tokens carry at least one byte, and a few spare tokens cover
         # special tokens that decode to nothing and a split character at the window's start.
-        tail = self.tokenizer.decode(seq.output_token_ids[-(longest + 4):], skip_special_tokens=True)
+        window_start = max(seq.num_prompt_tokens, len(seq.token_ids) - (longest + 4))
+        tail = self.tokenizer.decode(seq.token_ids[window_start:], skip_special_tokens=True)
         if not any(stop in tail for stop in seq.params.stop):
             return None
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

@@ -41,7 +41,11 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:]  # a copy: not for the per-step hot path
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -49,4 +53,4 @@ class Sequence:
 
     @property
     def is_decoding(self) -> bool:
-        return self.num_uncomputed_tokens == 1 and len(self.token_ids) > self.num_prompt_tokens
+        return self.num_uncomputed_tokens == 1 and self.num_output_tokens > 0
