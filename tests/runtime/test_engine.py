@@ -21,11 +21,17 @@ def tiny(tmp_path_factory):
     return folder, hf, prompts
 
 
-def hf_greedy(hf, prompt, max_tokens):
+def hf_greedy(hf, prompt, max_tokens, **options):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
+                          eos_token_id=None, pad_token_id=0, **options)
     return out[0, len(prompt):].tolist()
+
+
+def greedy(llm, prompt, **options):
+    """One greedy request of MAX_TOKENS (EOS ignored unless options say otherwise)."""
+    params = SamplingParams(**{"temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True, **options})
+    return llm.generate([prompt], params, use_tqdm=False)[0]
 
 
 def assert_greedy_within_margin(hf, prompt, output, margin=1e-3):
@@ -110,14 +116,11 @@ def test_stop_tokens_max_tokens_and_logprobs(tiny):
 def test_eos_stops_unless_ignored(tiny):
     folder, _, prompts = tiny
     llm = LLM(model=str(folder))
-    free = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                        use_tqdm=False)[0]
+    free = greedy(llm, prompts[0])
     llm.engine.eos_token_ids = {free.token_ids[2]}
-    stopped = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+    stopped = greedy(llm, prompts[0], ignore_eos=False)
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 3
-    again = llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                         use_tqdm=False)[0]
-    assert again.token_ids == free.token_ids
+    assert greedy(llm, prompts[0]).token_ids == free.token_ids
 
 
 def test_prompt_too_long_fails_before_any_work(tiny):
@@ -139,20 +142,15 @@ def test_repetition_penalty_matches_transformers(tiny):
     folder, hf, prompts = tiny
     llm = LLM(model=str(folder))
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, repetition_penalty=1.8)
-    ours = llm.generate(prompts[:3], params, use_tqdm=False)
+    ours = llm.generate(prompts[:3], params, use_tqdm=False)  # one batch: penalties are per row
     for prompt, out in zip(prompts[:3], ours):
-        with torch.no_grad():
-            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                   repetition_penalty=1.8, eos_token_id=None, pad_token_id=0)
-        assert out.token_ids == expected[0, len(prompt):].tolist()
+        assert out.token_ids == hf_greedy(hf, prompt, MAX_TOKENS, repetition_penalty=1.8)
 
 
 def test_min_tokens_holds_back_eos(tiny):
     folder, _, prompts = tiny
     llm = LLM(model=str(folder))
-    free = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                        use_tqdm=False)[0]
+    free = greedy(llm, prompts[1])
     llm.engine.eos_token_ids = {free.token_ids[0]}
-    held = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=4),
-                        use_tqdm=False)[0]
+    held = greedy(llm, prompts[1], ignore_eos=False, min_tokens=4)
     assert len(held.token_ids) >= 4 and free.token_ids[0] not in held.token_ids[:4]
