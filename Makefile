@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Where an NVIDIA GPU answers, pip's default torch (a CUDA build). Elsewhere the CPU build pinned
-# in ENV.md: an unpinned torch would pull a multi-GB CUDA build onto a CPU-only machine. The CPU
-# torch does not bring triton, whose interpreter runs the kernels there: pin the tested one.
+# Where an NVIDIA GPU answers, pip's default torch (a CUDA build). Elsewhere torch==2.13.0, the CPU
+# build: an unpinned torch would pull a multi-GB CUDA build onto a CPU-only machine. The CPU torch
+# does not bring triton, whose interpreter runs the kernels there: pin the tested one.
 HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ifeq ($(HAS_NVIDIA_GPU),yes)
 TORCH_SPEC := torch

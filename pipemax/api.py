@@ -3,6 +3,7 @@
     llm = LLM(model="path/to/hf-folder")         # or LLM() for the bundled default model
     outputs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
     outputs[0].outputs[0].text                    # as in vLLM; also outputs[0].text
+    llm.generate({"prompt_token_ids": [1, 2, 3]})  # one prompt of any form, or a list mixing them
     llm.chat([[{"role": "user", "content": "Hi"}]])
 """
 
@@ -17,7 +18,9 @@ from pipemax.models.loader import find_weights
 from pipemax.runtime.engine import EngineConfig, FinishedRequest, LLMEngine
 from pipemax.runtime.sampling import SamplingParams
 
-Prompt = str | list[int]
+# The prompt forms of vLLM's LLM.generate: text, token ids, TextPrompt and TokensPrompt dicts.
+Prompt = str | list[int] | dict
+PROMPT_FORMS = 'a string, a list of token ids, {"prompt": "text"} or {"prompt_token_ids": [ids]}'
 
 
 @dataclass
@@ -67,6 +70,99 @@ def load_tokenizer(model_path: Path):
         return None
 
 
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a token
+
+
+def _token_ids(value) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"token ids must be a list of ints, got {type(value).__name__}")
+    bad = next((position for position, token in enumerate(value) if not _is_token_id(token)), None)
+    if bad is not None:
+        raise TypeError(f"token ids must be ints, got {type(value[bad]).__name__} {value[bad]!r} at position {bad}")
+    return list(value)
+
+
+def parse_prompt(prompt) -> tuple[str | None, list[int] | None]:
+    """(text, token ids) of one prompt in any accepted form; token ids win when a dict has both,
+    as in vLLM. Raises TypeError or ValueError naming the accepted forms."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, (list, tuple)):
+        return None, _token_ids(prompt)
+    if not isinstance(prompt, dict):
+        raise TypeError(f"a prompt is {PROMPT_FORMS}; got {type(prompt).__name__}")
+    unknown = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids"}))
+    if unknown or not prompt:
+        found = f"keys {unknown}" if unknown else "an empty dict"
+        raise ValueError(f'a prompt dict is {{"prompt": "text"}} or {{"prompt_token_ids": [ids]}}, got {found}')
+    text = prompt.get("prompt")
+    if "prompt" in prompt and not isinstance(text, str):
+        raise TypeError(f'"prompt" must be a string, got {type(text).__name__}')
+    token_ids = _token_ids(prompt["prompt_token_ids"]) if "prompt_token_ids" in prompt else None
+    return text, token_ids
+
+
+def parse_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:
+    """parse_prompt over one prompt or a list of them (an empty list is no prompts). A list
+    starting with an int is one prompt of token ids, as in vLLM."""
+    single = isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], int))
+    if single:
+        return [parse_prompt(prompts)]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be one prompt or a list of them, where a prompt is {PROMPT_FORMS}; "
+                        f"got {type(prompts).__name__}")
+    parsed = []
+    for index, prompt in enumerate(prompts):
+        try:
+            parsed.append(parse_prompt(prompt))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"prompt {index}: {error}") from None
+    return parsed
+
+
+def _content_text(content, where: str) -> str:
+    """A message's content as the one string chat templates expect."""
+    if content is None:  # OpenAI allows null content (assistant messages); templates want a string
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: 'content' must be a string, a list of text parts or null, "
+                         f"got {type(content).__name__}")
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ValueError(f"{where}: content part {index} must be an object with a 'type', "
+                             f'such as {{"type": "text", "text": "..."}}')
+        if part["type"] != "text":
+            raise ValueError(f"{where}: only text content parts are supported, got {part['type']!r}")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}: content part {index} has no string 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)  # vLLM joins text parts with a newline too: the same prompt either way
+
+
+def normalize_messages(messages) -> list[dict]:
+    """OpenAI chat messages as chat templates take them: each content a string (text parts joined,
+    null as ""); other keys pass through. Raises ValueError saying what is wrong and where."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        found = "an empty list" if isinstance(messages, (list, tuple)) else type(messages).__name__
+        raise ValueError(f'messages must be a non-empty list of {{"role": ..., "content": ...}} objects, got {found}')
+    normalized = []
+    for index, message in enumerate(messages):
+        where = f"message {index}"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}: 'role' must be a string, got {type(message.get('role')).__name__}")
+        if "content" not in message:
+            raise ValueError(f"{where} has no 'content'")
+        normalized.append({**message, "content": _content_text(message["content"], where)})
+    return normalized
+
+
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", gpu_memory_gib: float | None = None,
                  **engine_options):
@@ -77,17 +173,18 @@ class LLM:
 
     # ---- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model folder has no tokenizer: pass token ids instead of text")
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:  # vLLM's TokensPrompt
-            return list(prompt["prompt_token_ids"])
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        """The token ids of one prompt in any form of PROMPT_FORMS."""
+        text, token_ids = parse_prompt(prompt)
+        return token_ids if token_ids is not None else self._encode_text(text)
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer: pass token ids instead of text")
+        return self.tokenizer.encode(text)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation of OpenAI messages; ValueError for malformed messages."""
+        messages = normalize_messages(messages)
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
@@ -104,26 +201,39 @@ class LLM:
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        token_ids = [self.encode(prompt) for prompt in prompts]
-        texts = [prompt if isinstance(prompt, str) else None for prompt in prompts]
-        return self._run(token_ids, texts, sampling_params, use_tqdm)
+        parsed = parse_prompts(prompts)  # every prompt is checked before any is tokenized
+        token_ids = [ids if ids is not None else self._encode_text(text) for text, ids in parsed]
+        return self._run(token_ids, [text for text, _ in parsed], sampling_params, use_tqdm)
 
     def chat(self, conversations: list[dict] | Sequence[list[dict]], sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
-        token_ids = [self.apply_chat_template(list(c), add_generation_prompt) for c in conversations]
+        if not isinstance(conversations, (list, tuple)) or (conversations and isinstance(conversations[0], dict)):
+            conversations = [conversations]  # one conversation (or something normalize_messages rejects)
+        token_ids = []
+        for index, conversation in enumerate(conversations):
+            try:
+                token_ids.append(self.apply_chat_template(conversation, add_generation_prompt))
+            except ValueError as error:
+                where = f"conversation {index}: " if len(conversations) > 1 else ""
+                raise ValueError(f"{where}{error}") from None
         return self._run(token_ids, [None] * len(token_ids), sampling_params, use_tqdm)
 
     def stream(self, requests: Iterable[tuple[list[int], SamplingParams]],
-               on_finish: Callable[[int, FinishedRequest, str], None]) -> None:
-        """Run (token ids, params) requests; call on_finish(index, result, text) as each finishes."""
+               on_finish: Callable[[int, FinishedRequest, str], None],
+               on_reject: Callable[[int, Exception], None] | None = None) -> None:
+        """Run (token ids, params) requests; call on_finish(index, result, text) as each finishes.
+
+        With on_reject, a request the engine refuses is reported as on_reject(index, error) and
+        the others run; without it, the error propagates before anything runs."""
         index_of = {}
         try:
             for index, (token_ids, params) in enumerate(requests):
-                index_of[self.engine.add_request(token_ids, params)] = index
+                try:
+                    index_of[self.engine.add_request(token_ids, params)] = index
+                except (ValueError, TypeError, OverflowError) as error:
+                    if on_reject is None:
+                        raise
+                    on_reject(index, error)
             for result in self.engine.run():
                 on_finish(index_of[result.seq_id], result, self.decode(result.output_token_ids, result.stop_text_end))
         finally:
@@ -136,8 +246,11 @@ class LLM:
             sampling_params = [sampling_params] * len(token_ids)
         if len(sampling_params) != len(token_ids):
             raise ValueError(f"{len(sampling_params)} sampling params for {len(token_ids)} prompts")
-        for ids in token_ids:
-            self.engine.check_prompt(ids)  # fail before any work starts
+        for index, ids in enumerate(token_ids):
+            try:
+                self.engine.check_prompt(ids)  # fail before any work starts
+            except ValueError as error:
+                raise ValueError(f"prompt {index}: {error}") from None
         outputs: list[RequestOutput | None] = [None] * len(token_ids)
         progress = None
         if use_tqdm:

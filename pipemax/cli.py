@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,23 @@ def describe_environment() -> list[str]:
     return lines
 
 
+# EngineConfig fields -> the flags that set them, so errors name what the user typed.
+FLAG_OF_OPTION = {
+    "dtype": "--dtype", "device": "--device", "max_num_seqs": "--max-batch",
+    "max_num_batched_tokens": "--max-batched-tokens", "gpu_memory_gib": "--gpu-memory-gib",
+    "kv_cache_gib": "--kv-cache-gib", "chunk_tokens": "--chunk-tokens", "max_model_len": "--max-model-len",
+    "attention_backend": "--attention-backend", "prefill_mode": "--prefill-mode", "seed": "--seed",
+}
+
+
+class JobError(Exception):
+    """A job-level user error: printed as one line, exit status 2, nothing lost."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the results so far stay, the job can be resumed."""
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", help="local HF model folder (safetensors) or .gguf file; default: the bundled "
@@ -47,7 +65,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default: what --gpu-memory-gib "
                                                            "leaves; 1 GiB on CPU)")
     group.add_argument("--chunk-tokens", type=int, default=16, help="tokens per KV chunk, a power of two 8..256")
-    group.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt + output (default: the model's)")
+    group.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt + output (default and "
+                                                         "maximum: the model's)")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
                        help="auto: Triton kernels on CUDA, torch references on CPU")
     group.add_argument("--prefill-mode", default="mixed", choices=["mixed", "separate"],
@@ -69,36 +88,126 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("env", help="print versions and the devices PipeMax sees")
-    serve = commands.add_parser("serve-offline", help="run a batch file (OpenAI batch JSONL) through a model")
+    serve = commands.add_parser(
+        "serve-offline", help="run a batch file (OpenAI batch JSONL) through a model",
+        epilog="exit status: 0 all requests succeeded; 3 the job finished but some requests failed (see their "
+               "error records); 2 job error (flags, paths, model, another job on the output), nothing lost; "
+               "130 interrupted (Ctrl-C), 143 terminated (SIGTERM): rerun the same command to resume")
     serve.add_argument("-i", "--input-file", required=True, type=Path, help="requests, one JSON object per line")
     serve.add_argument("-o", "--output-file", required=True, type=Path,
-                       help="results, appended as requests finish; rerun to resume")
-    serve.add_argument("--served-model-name", help="model name written into results (default: the folder name)")
+                       help="results, appended as requests finish; rerun to resume (failed requests run again)")
+    serve.add_argument("--overwrite", action="store_true",
+                       help="discard an existing output file (needed when it is not a PipeMax results file)")
+    serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the model name(s) requests may ask for and results carry (default: the model's "
+                            "folder name); a request naming another model gets an error record")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(serve)
     return parser
 
 
-def serve_offline(args: argparse.Namespace) -> int:
-    from pipemax.api import LLM
-    from pipemax.batch_job import run_batch_job
+def preflight(args: argparse.Namespace) -> None:
+    """Every check that needs no weights: flags, device, model files. Fails in seconds, not after loading."""
+    from pipemax.models.loader import WeightLoadError, check_model_path
+    from pipemax.runtime.engine import ConfigError, EngineConfig
 
-    if not args.input_file.is_file():
-        print(f"pipemax: input file {args.input_file} not found", file=sys.stderr)
-        return 2
-    llm = LLM(model=args.model, **engine_options(args))
-    model_name = args.served_model_name or Path(llm.engine.config.model).name
-    summary = run_batch_job(llm, args.input_file, args.output_file, model_name, use_tqdm=not args.no_progress)
+    try:
+        EngineConfig(model=str(args.model or ""), **engine_options(args))
+    except ConfigError as error:
+        raise JobError(f"{FLAG_OF_OPTION.get(error.option, error.option)} {error.problem}") from None
+    if args.model is not None:
+        try:
+            check_model_path(Path(args.model))
+        except WeightLoadError as error:
+            raise JobError(f"--model: {error}") from None
+
+
+def served_names(args: argparse.Namespace) -> list[str]:
+    from pipemax.models.default_model import DEFAULT_MODEL_NAME
+
+    if args.served_model_name:
+        return list(args.served_model_name)
+    if args.model is None:
+        return [DEFAULT_MODEL_NAME]
+    path = Path(args.model)
+    return [path.stem if path.suffix == ".gguf" else path.resolve().name]
+
+
+def serve_offline(args: argparse.Namespace) -> int:
+    from pipemax.batch_job import BatchSummary, run_batch_job
+    from pipemax.results_file import OutputFileError, ResultsFile
+
+    preflight(args)
+    try:
+        results, dropped_errors = ResultsFile.open(args.input_file, args.output_file, args.overwrite)
+    except OutputFileError as error:
+        raise JobError(str(error)) from None
+    summary = BatchSummary(retried=dropped_errors)
+    try:
+        llm = load_llm(args)
+        run_batch_job(llm, args.input_file, results, served_names(args), use_tqdm=not args.no_progress,
+                      summary=summary)
+    except KeyboardInterrupt as interruption:
+        print(f"interrupted: {results.num_records} results written to {results.path}; run the same command again "
+              "to resume", file=sys.stderr)
+        return 143 if isinstance(interruption, Terminated) else 130
+    except OutputFileError as error:  # the disk filled up, say: what was written stays
+        raise JobError(str(error)) from None
+    finally:
+        results.close()
     for line in summary.lines():
         print(line)
-    print(f"results: {args.output_file.resolve()}")
-    return 0
+    print(f"results: {results.path}")
+    return summary.exit_code
+
+
+def load_llm(args: argparse.Namespace):
+    from pipemax.api import LLM
+
+    try:
+        return LLM(model=args.model, **engine_options(args))
+    except ValueError as error:  # e.g. a memory budget that leaves no room for the KV cache
+        raise JobError(_name_flags(str(error))) from None
+
+
+def _name_flags(message: str) -> str:
+    for option, flag in FLAG_OF_OPTION.items():
+        message = message.replace(f"{option}=", f"{flag} ").replace(option, flag)
+    return message
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests and tqdm swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def show_pipemax_logs() -> None:
+    """PipeMax's own INFO and warnings on stderr, once. Not logging.basicConfig: a root handler
+    prints every transformers warning a second time wherever transformers propagates its logs
+    (it does when the CI variable is set)."""
+    log = logging.getLogger("pipemax")
+    if not any(isinstance(handler, _CurrentStderr) for handler in log.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    show_pipemax_logs()
     if args.version:
         from pipemax import __version__
 
@@ -108,15 +217,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe_environment()))
         return 0
     if args.command == "serve-offline":
-        from pipemax.models import WeightLoadError
-
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            return serve_offline(args)
-        except (ValueError, FileNotFoundError, WeightLoadError) as error:  # bad configuration: no traceback
-            print(f"pipemax: {error}", file=sys.stderr)
-            return 2
+            return _serve_with_one_line_errors(args)
+        except KeyboardInterrupt as interruption:  # before the output was opened: nothing to resume
+            print("interrupted before any request ran", file=sys.stderr)
+            return 143 if isinstance(interruption, Terminated) else 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     parser.print_help(sys.stderr)
     return 2
+
+
+def _serve_with_one_line_errors(args: argparse.Namespace) -> int:
+    from pipemax.models import UnsupportedModelError, WeightLoadError
+
+    try:
+        return serve_offline(args)
+    except (JobError, WeightLoadError, UnsupportedModelError, FileNotFoundError) as error:
+        print(f"pipemax: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -31,3 +32,21 @@ DEVICES = [
 @pytest.fixture(params=DEVICES, scope="session")
 def device(request):
     return torch.device(request.param)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (API, batch job, CLI tests)."""
+    from pipemax.models.default_model import default_model_path
+    from tests.tiny_models import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    save_tiny_model("llama3", folder, vocab_size=49152, eos_token_id=2, bos_token_id=1)
+    source = default_model_path()
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder

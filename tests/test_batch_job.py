@@ -3,7 +3,6 @@ resume after a kill, stop strings and chat through a real tokenizer on a tiny ra
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,23 +13,8 @@ import pytest
 
 from pipemax import LLM, SamplingParams
 from pipemax.cli import main
-from pipemax.models.default_model import default_model_path
-from tests.tiny_models import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's real tokenizer and chat template."""
-    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
-    save_tiny_model("llama3", folder, vocab_size=49152, eos_token_id=2, bos_token_id=1)
-    source = default_model_path()
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
-    return folder
 
 
 def completion(custom_id, prompt, **body):
@@ -57,7 +41,7 @@ def read_results(path):
 
 def serve(model_folder, input_path, output_path, *extra):
     return main(["serve-offline", "--model", str(model_folder), "-i", str(input_path), "-o", str(output_path),
-                 "--no-progress", "--max-model-len", "256", *extra])
+                 "--no-progress", "--max-model-len", "256", "--served-model-name", "tiny", "tiny-alias", *extra])
 
 
 def test_good_and_bad_lines(model_folder, tmp_path, capsys):
@@ -75,9 +59,10 @@ def test_good_and_bad_lines(model_folder, tmp_path, capsys):
         completion("ok-text", "a duplicate custom_id"),
         "",
     ])
-    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 0
+    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 3  # some requests failed
     summary = capsys.readouterr().out
     assert "4 succeeded, 6 failed, 0 already done" in summary and "tokens/s" in summary
+    assert "failed: line 5 (line-5): line 5 is not valid JSON" in summary
 
     results = {r["custom_id"]: r for r in read_results(tmp_path / "out.jsonl")}
     assert len(results) == 10
@@ -100,21 +85,26 @@ def test_good_and_bad_lines(model_folder, tmp_path, capsys):
     assert results["ok-text"]["response"]["body"]["object"] == "text_completion"
     assert results["ok-ids"]["response"]["body"]["usage"]["prompt_tokens"] == 4
 
-    errors = {cid: r["error"] for cid, r in results.items() if r["error"]}
+    errors = {cid: r["error"]["message"] for cid, r in results.items() if r["error"]}
     assert "not valid JSON" in errors["line-5"]
     assert "unsupported url '/v1/embeddings'" in errors["bad-url"]
     assert "maximum context" in errors["too-long"]
-    assert "temperature must be >= 0" in errors["bad-temperature"]
+    assert "temperature must be a number >= 0" in errors["bad-temperature"]
     assert "only n=1" in errors["bad-n"]
     assert "duplicate custom_id 'ok-text'" in errors["ok-text#line-10"]
+    assert results["too-long"]["error"]["code"] == "context_length_exceeded"
+    assert results["bad-temperature"]["error"]["param"] == "temperature"
+    assert results["bad-url"]["error"]["line"] == 6
     for cid in errors:
-        assert results[cid]["response"]["status_code"] == 400
+        assert results[cid]["response"]["status_code"] == 400 and results[cid]["response"]["body"] is None
 
-    # Rerun: everything is already there, nothing is written twice.
-    before = (tmp_path / "out.jsonl").read_text()
-    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 0
-    assert "0 succeeded, 0 failed, 10 already done" in capsys.readouterr().out
-    assert (tmp_path / "out.jsonl").read_text() == before
+    # Rerun: the successes are kept as they are; the failed requests run (and fail) again, once each.
+    before = [line for line in (tmp_path / "out.jsonl").read_text().splitlines() if '"error": null' in line]
+    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 3
+    assert "0 succeeded, 6 failed, 4 already done (6 had failed before and ran again)" in capsys.readouterr().out
+    after = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert after[:4] == before and len(after) == 10
+    assert sorted(json.loads(line)["custom_id"] for line in after) == sorted(results)
 
 
 def test_resume_drops_a_line_cut_short(model_folder, tmp_path):
@@ -136,7 +126,7 @@ def test_killed_job_resumes_with_every_result_exactly_once(model_folder, tmp_pat
     write_lines(requests, [completion(f"req-{i}", f"story {i}:", max_tokens=20, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "pipemax.cli", "serve-offline", "--model", str(model_folder), "-i", str(requests),
-               "-o", str(out), "--no-progress", "--max-batch", "2", "--max-model-len", "256"]
+               "-o", str(out), "--no-progress", "--max-batch", "2", "--max-model-len", "256", "--served-model-name", "tiny"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -152,6 +142,7 @@ def test_killed_job_resumes_with_every_result_exactly_once(model_folder, tmp_pat
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "out.jsonl.lock").exists()  # the killed job's lock did not block the rerun
     ids = [r["custom_id"] for r in read_results(out)]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(count))  # all, each exactly once
     assert "already done" in result.stdout
@@ -178,14 +169,15 @@ def test_stop_strings_cut_the_text_and_chat_uses_the_template(model_folder):
     assert "<|im_start|>assistant" in llm.tokenizer.decode(out.prompt_token_ids)
 
 
-def test_cli_rejects_missing_input_file_and_model(tmp_path, capsys):
-    assert main(["serve-offline", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl")]) == 2
+def test_cli_rejects_missing_input_file_and_model(model_folder, tmp_path, capsys):
+    assert main(["serve-offline", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+                 "--model", str(model_folder)]) == 2
     assert "not found" in capsys.readouterr().err
     requests = tmp_path / "requests.jsonl"
     write_lines(requests, [completion("a", "hi")])
     assert main(["serve-offline", "--model", str(tmp_path / "no-model"), "-i", str(requests),
                  "-o", str(tmp_path / "out.jsonl")]) == 2
-    assert "no safetensors or single GGUF file found" in capsys.readouterr().err
+    assert "does not exist (PipeMax loads local model folders" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
 
 

@@ -42,13 +42,23 @@ class WeightLoadError(RuntimeError):
     pass
 
 
+MODEL_FORMS = "PipeMax loads local model folders (config.json + safetensors) and .gguf files only"
+
+
 def find_weights(model_path: Path) -> tuple[str, Path | list[Path]]:
     """('safetensors', [files]) or ('gguf', file) for a folder or a file path."""
-    if model_path.is_file() and model_path.suffix == ".gguf":
-        return "gguf", model_path
+    if not model_path.exists():
+        raise WeightLoadError(f"model path {model_path} does not exist ({MODEL_FORMS})")
+    if model_path.is_file():
+        if model_path.suffix == ".gguf":
+            return "gguf", model_path
+        raise WeightLoadError(f"model path {model_path} is a file but not a .gguf file ({MODEL_FORMS})")
     index = model_path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
+            raise WeightLoadError(f"{index} is not a valid safetensors index ({error}): re-download the model") from None
         return "safetensors", [model_path / shard for shard in shards]
     files = sorted(model_path.glob("*.safetensors"))
     if files:
@@ -56,17 +66,46 @@ def find_weights(model_path: Path) -> tuple[str, Path | list[Path]]:
     ggufs = sorted(model_path.glob("*.gguf"))
     if len(ggufs) == 1:
         return "gguf", ggufs[0]
-    raise WeightLoadError(f"no safetensors or single GGUF file found in {model_path}")
+    raise WeightLoadError(f"no safetensors or single GGUF file found in {model_path} ({MODEL_FORMS})")
+
+
+def check_model_path(model_path: Path) -> None:
+    """Everything about the model's files that can be checked without reading the weights: the
+    path, config.json, and each safetensors file's header. WeightLoadError names the file at fault."""
+    kind, source = find_weights(model_path)
+    if kind == "gguf":
+        return
+    config = model_path / "config.json"
+    if not config.is_file():
+        raise WeightLoadError(f"{model_path} has no config.json ({MODEL_FORMS})")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise WeightLoadError(f"{config} is not valid JSON ({error}): re-download the model") from None
+    from safetensors import safe_open
+
+    for file in source:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # SafetensorError, OSError: a missing, truncated or corrupt file
+            raise WeightLoadError(f"{file} is not a readable safetensors file ({error}): re-download or "
+                                  "re-convert the model") from None
 
 
 def iter_safetensors(files: list[Path], wanted) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if wanted(name):
-                    yield name, handle.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    if wanted(name):
+                        yield name, handle.get_tensor(name)
+        except WeightLoadError:
+            raise
+        except Exception as error:  # the header was fine but the data is not (truncated, bad offsets)
+            raise WeightLoadError(f"{file} could not be read ({error}): re-download or re-convert the model") from None
 
 
 def iter_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:

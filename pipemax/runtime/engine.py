@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,26 @@ from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, load_model
 from pipemax.models.loader import find_weights
 
 from .kv_manager import KVManager
-from .kv_pool import KVPool, KVPoolSpec
+from .kv_pool import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, KVPool, KVPoolSpec
 from .model_runner import ModelRunner
-from .sampling import SamplingParams, apply_penalties, make_generator, sample
+from .sampling import SEED_RANGE, SamplingParams, apply_penalties, make_generator, sample
 from .scheduler import Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger("pipemax")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """An engine option with a value PipeMax cannot use; `option` is the EngineConfig field."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -47,19 +60,54 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton backend only)
 
     def __post_init__(self):
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+        """Check every option before anything loads; ConfigError names the option at fault."""
+        choices = {"dtype": ("auto", *DTYPES), "attention_backend": ("auto", "triton", "torch"),
+                   "prefill_mode": ("mixed", "separate")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        tokens = self.chunk_tokens
+        if not _is_int(tokens) or tokens & (tokens - 1) or not MIN_CHUNK_TOKENS <= tokens <= MAX_CHUNK_TOKENS:
+            raise ConfigError("chunk_tokens", f"must be a power of two from {MIN_CHUNK_TOKENS} to {MAX_CHUNK_TOKENS}, "
+                                              f"got {tokens!r}")
+        if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 2):
+            raise ConfigError("max_model_len", f"must be an integer >= 2 (prompt + output tokens), got "
+                                               f"{self.max_model_len!r}; leave it out for the model's own limit")
         for name in ("gpu_memory_gib", "kv_cache_gib"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ConfigError(name, f"must be a positive number of GiB, got {value!r}")
+        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError("seed", f"must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        self.resolved_device()  # a device that does not exist fails here, before any weights load
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ConfigError("device", f"{self.device!r} is not a device PipeMax runs on: use auto, cpu, cuda or "
+                                        "cuda:N")
+        if device.type == "cuda":
+            if torch.version.cuda is None:
+                raise ConfigError("device", f"{self.device!r} is not available: this PyTorch build "
+                                            f"({torch.__version__}) has no CUDA support; use cpu, or install a "
+                                            "CUDA build of torch")
+            if not torch.cuda.is_available():
+                raise ConfigError("device", f"{self.device!r} is not available: no CUDA GPU is visible (driver, "
+                                            "CUDA_VISIBLE_DEVICES); use cpu")
+            count = torch.cuda.device_count()
+            if device.index is not None and device.index >= count:
+                raise ConfigError("device", f"{self.device!r} does not exist: this machine has {count} CUDA "
+                                            f"device(s), cuda:0 to cuda:{count - 1}")
+        return device
 
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
@@ -103,7 +151,12 @@ class LLMEngine:
                           config.chunk_tokens, self.dtype)
         kv_bytes = self._kv_budget_bytes()
         num_chunks = spec.chunks_in(kv_bytes)
-        max_len = min(config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
+        max_len = self.model_config.max_model_len
+        if config.max_model_len is not None and config.max_model_len > max_len:
+            log.warning("max_model_len %d is above this model's limit of %d tokens: using %d",
+                        config.max_model_len, max_len, max_len)
+        elif config.max_model_len is not None:
+            max_len = config.max_model_len
         if num_chunks * config.chunk_tokens < max_len:
             if num_chunks < 1:
                 raise ValueError(f"KV budget of {kv_bytes / 2**30:.2f} GiB holds no chunk of {spec.chunk_bytes / 2**20:.2f} MiB")

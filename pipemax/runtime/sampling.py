@@ -14,6 +14,7 @@ Penalties, applied to the logits before the choice (greedy included):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,20 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit
 
 
 class SamplingParamsError(ValueError):
-    pass
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the field at fault
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -46,32 +60,44 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) and self.stop is not None:
+            raise SamplingParamsError(f"stop must be a string or a list of strings, got {self.stop!r}", "stop")
+        if not isinstance(self.stop_token_ids, (list, tuple)) and self.stop_token_ids is not None:
+            raise SamplingParamsError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}",
+                                      "stop_token_ids")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            (isinstance(self.temperature, (int, float)) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}"),
-            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 or a positive integer, got {self.top_k!r}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a string or a list of non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
-            (isinstance(self.presence_penalty, (int, float)) and -2 <= self.presence_penalty <= 2,
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1,
+             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
+            ("temperature", _is_number(self.temperature) and self.temperature >= 0,
+             f"temperature must be a number >= 0, got {self.temperature!r}"),
+            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0,
+             f"top_k must be -1, 0 or a positive integer, got {self.top_k!r}"),
+            ("seed", self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop must be a string or a list of non-empty strings"),
+            ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be non-negative integers"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), f"ignore_eos must be true or false, got {self.ignore_eos!r}"),
+            ("logprobs", isinstance(self.logprobs, bool), f"logprobs must be true or false, got {self.logprobs!r}"),
+            ("presence_penalty", _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}"),
-            (isinstance(self.frequency_penalty, (int, float)) and -2 <= self.frequency_penalty <= 2,
+            ("frequency_penalty", _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"),
-            (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
              f"repetition_penalty must be > 0, got {self.repetition_penalty!r}"),
-            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            ("top_logprobs", _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
              f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"),
-            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}"),
         ]
-        for ok, message in checks:
+        for name, ok, message in checks:
             if not ok:
-                raise SamplingParamsError(message)
+                raise SamplingParamsError(message, name)
         if self.top_logprobs:
             self.logprobs = True
 
@@ -138,7 +164,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         device, vocab = logits.device, logits.shape[1]
         rows = torch.tensor(random_rows, device=device)
         temperature = torch.tensor([params[r].temperature for r in random_rows], device=device)
-        top_k = torch.tensor([params[r].top_k or vocab for r in random_rows], device=device)
+        top_k = torch.tensor([min(params[r].top_k or vocab, vocab) for r in random_rows], device=device)
         top_p = torch.tensor([params[r].top_p for r in random_rows], device=device)
         sorted_logits, order = (logits[rows] / temperature[:, None]).sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)

@@ -1,0 +1,208 @@
+"""`pipemax serve-offline` under ordinary mistakes, interruption and a second job: one line that
+names the fix, before any weights load; exit codes as documented; nothing lost."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipemax import LLM
+from pipemax.cli import main
+from pipemax.runtime import engine as engine_module
+from tests.test_batch_job import ROOT, completion, read_results, write_lines
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Any attempt to load weights fails the test: the errors below must come before that."""
+    def load_model(*args, **kwargs):
+        raise AssertionError("weights were loaded before the user error was reported")
+
+    monkeypatch.setattr(engine_module, "load_model", load_model)
+
+
+def one_line_error(capsys, words):
+    err = capsys.readouterr().err
+    assert err.startswith("pipemax: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert words in err, err
+    return err
+
+
+def test_user_errors_are_one_line_before_weights_load(model_folder, tmp_path, capsys, no_weight_loading):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi")])
+    out = tmp_path / "out.jsonl"
+
+    def serve(*flags, model=model_folder, output=out, inputs=requests):
+        args = ["serve-offline", "-i", str(inputs), "-o", str(output), "--no-progress", *flags]
+        return main(args + (["--model", str(model)] if model else []))
+
+    assert serve("--device", "tpu") == 2
+    one_line_error(capsys, "--device 'tpu' is not a device PipeMax runs on: use auto, cpu, cuda or cuda:N")
+    if torch.version.cuda is None:
+        assert serve("--device", "cuda") == 2
+        one_line_error(capsys, "this PyTorch build (" + torch.__version__ + ") has no CUDA support; use cpu")
+    assert serve("--max-model-len", "-3") == 2
+    one_line_error(capsys, "--max-model-len must be an integer >= 2")
+
+    assert serve(model=tmp_path / "nowhere") == 2
+    one_line_error(capsys, "does not exist (PipeMax loads local model folders (config.json + safetensors) and "
+                           ".gguf files only)")
+    assert serve(model=requests) == 2
+    one_line_error(capsys, "is a file but not a .gguf file")
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_folder, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a download cut short
+    assert serve(model=broken) == 2
+    one_line_error(capsys, "model.safetensors is not a readable safetensors file")
+    weights.write_bytes(b"\x00" * 64)
+    assert serve(model=broken) == 2
+    one_line_error(capsys, "re-download or re-convert the model")
+    shutil.copy(model_folder / "model.safetensors", weights)
+    (broken / "config.json").write_text("{not json")
+    assert serve(model=broken) == 2
+    one_line_error(capsys, "config.json is not valid JSON")
+
+    assert serve(output=tmp_path) == 2
+    one_line_error(capsys, "is a folder: name a file")
+    assert serve(output=requests) == 2
+    one_line_error(capsys, "is the input file")
+    assert serve(inputs=tmp_path) == 2
+    one_line_error(capsys, "is a folder: name a .jsonl file of requests")
+    assert serve(output=Path("/proc/results.jsonl")) == 2
+    one_line_error(capsys, "folder you can write to")
+    out.write_text("my notes\n")
+    assert serve() == 2
+    one_line_error(capsys, "exists and is not a PipeMax results file (line 1 is not a result record); choose another "
+                           "output file, or pass --overwrite to replace it")
+    assert out.read_text() == "my notes\n"
+    assert requests.read_text().count("\n") == 1
+
+
+def test_max_model_len_above_the_model_is_capped_with_a_warning(model_folder, caplog):
+    llm = LLM(model=str(model_folder), max_model_len=10**6)
+    assert llm.engine.max_model_len == llm.engine.model_config.max_model_len < 10**6
+    assert f"max_model_len 1000000 is above this model's limit of {llm.engine.max_model_len}" in caplog.text
+    assert LLM(model=str(model_folder), max_model_len=40).engine.max_model_len == 40
+
+
+def test_exit_code_zero_when_everything_succeeded(model_folder, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi"), completion("b", [3, 4])])
+    assert main(["serve-offline", "--model", str(model_folder), "-i", str(requests), "-o", str(tmp_path / "o.jsonl"),
+                 "--no-progress", "--served-model-name", "tiny"]) == 0
+    assert "2 succeeded, 0 failed" in capsys.readouterr().out
+
+
+def job_command(model_folder, requests, out, *extra):
+    return [sys.executable, "-m", "pipemax.cli", "serve-offline", "--model", str(model_folder), "-i", str(requests),
+            "-o", str(out), "--no-progress", "--max-batch", "1", "--max-model-len", "256", "--served-model-name",
+            "tiny", *extra]
+
+
+def start_and_wait_for_results(command, out, count):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= count:
+            return proc, env
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the job ended or stalled before {count} results: {proc.communicate()[1][-2000:]}")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_job_says_how_to_resume_and_keeps_every_result(model_folder, tmp_path, signum, code):
+    requests = tmp_path / "requests.jsonl"
+    count = 12
+    write_lines(requests, [completion(f"q{i}", f"tale {i}:", max_tokens=25, ignore_eos=True) for i in range(count)])
+    out = tmp_path / "out.jsonl"
+    command = job_command(model_folder, requests, out)
+    proc, env = start_and_wait_for_results(command, out, 2)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr
+    written = read_results(out)  # every line whole
+    assert 2 <= len(written) < count
+    assert f"interrupted: {len(written)} results written to {out}; run the same command again to resume" in stderr
+    assert not (tmp_path / "out.jsonl.lock").exists()
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{count - len(written)} succeeded, 0 failed, {len(written)} already done" in rerun.stdout
+    assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))
+
+
+def test_a_second_job_on_the_same_output_refuses_at_once(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    count = 64  # one at a time, 64 tokens each: long enough to outlast the second job's start
+    write_lines(requests, [completion(f"q{i}", f"list {i}:", max_tokens=64, ignore_eos=True) for i in range(count)])
+    out = tmp_path / "out.jsonl"
+    first, env = start_and_wait_for_results(job_command(model_folder, requests, out), out, 1)
+    started = time.time()
+    second = subprocess.run(job_command(model_folder, requests, out), env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"pipemax: another job (pid {first.pid}) is writing {out}: wait for it to finish" in second.stderr
+    assert time.time() - started < 60  # refused before loading the model, not after running
+    assert first.poll() is None, "the first job ended before the second started: the test proved nothing"
+    assert first.wait(timeout=300) == 0
+    assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))
+
+
+def test_fix_a_failed_line_and_rerun(model_folder, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("fine", "hello"), completion("typo", "hello", temperature="0.5")])
+    out = tmp_path / "out.jsonl"
+    args = ["serve-offline", "--model", str(model_folder), "-i", str(requests), "-o", str(out), "--no-progress",
+            "--served-model-name", "tiny"]
+    assert main(args) == 3
+    assert "failed: line 2 (typo): temperature must be a number, got '0.5'" in capsys.readouterr().out
+    fine_line = next(line for line in out.read_text().splitlines() if '"custom_id": "fine"' in line)
+    write_lines(requests, [completion("fine", "hello"), completion("typo", "hello", temperature=0.5)])
+    assert main(args) == 0
+    assert "1 succeeded, 0 failed, 1 already done (1 had failed before and ran again)" in capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    assert lines[0] == fine_line and len(lines) == 2  # the success untouched, the error record gone
+    assert json.loads(lines[1])["custom_id"] == "typo" and json.loads(lines[1])["error"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_cuda_device_that_does_not_exist_is_one_line(model_folder, tmp_path, capsys, no_weight_loading):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi")])
+    count = torch.cuda.device_count()
+    assert main(["serve-offline", "--model", str(model_folder), "-i", str(requests), "-o", str(tmp_path / "o.jsonl"),
+                 "--device", f"cuda:{count}"]) == 2
+    one_line_error(capsys, f"--device 'cuda:{count}' does not exist: this machine has {count} CUDA device(s)")
+
+
+def test_warnings_print_once_even_where_transformers_propagates(model_folder, tmp_path):
+    """transformers propagates its logs to the root logger when CI is set: a root handler would
+    print each of its warnings twice. Our own warnings go through one handler."""
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi", max_tokens=2)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "true"}
+    result = subprocess.run(job_command(model_folder, requests, tmp_path / "o.jsonl")[:-6] + [
+        "--max-model-len", "1000000", "--served-model-name", "tiny"], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("is above this model's limit") == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), result.stderr
+    import logging
+    main(["--version"])
+    main(["--version"])
+    assert len(logging.getLogger("pipemax").handlers) == 1
+    assert not any(type(handler) is logging.StreamHandler for handler in logging.getLogger().handlers)
