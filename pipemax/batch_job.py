@@ -70,9 +70,10 @@ def new_id(prefix: str) -> str:
 
 
 # ---- output records ------------------------------------------------------------------------------
-def error_record(item: BatchItem, status_code: int = 400) -> dict:
+def error_record(item: BatchItem) -> dict:
     """The OpenAI batch shape: response.status_code 400 (500: our fault), error {code, message, param, line}."""
     error = item.error
+    status_code = 500 if error.code == "internal_error" else 400
     return {"id": new_id("pipemax"), "custom_id": item.custom_id,
             "response": {"status_code": status_code, "request_id": new_id("pipemax-batch"), "body": None},
             "error": {"code": error.code, "message": str(error), "param": error.param, "line": item.line_number}}
@@ -118,8 +119,10 @@ def _completion_logprobs(result, tokenizer):
         position += len(token)
     top = None
     if result.top_logprobs is not None:
-        top = [{_token_string(t, tokenizer): value for t, value in alternatives} for alternatives in result.top_logprobs]
-    return {"tokens": tokens, "token_logprobs": result.logprobs, "top_logprobs": top, "text_offset": offsets}
+        top = [{_token_string(t, tokenizer): _json_logprob(value) for t, value in alternatives}
+               for alternatives in result.top_logprobs]
+    return {"tokens": tokens, "token_logprobs": [_json_logprob(v) for v in result.logprobs], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def _chat_logprobs(result, tokenizer):
@@ -128,7 +131,7 @@ def _chat_logprobs(result, tokenizer):
 
     def entry(token_id, value):
         token = _token_string(token_id, tokenizer)
-        return {"token": token, "logprob": value, "bytes": list(token.encode())}
+        return {"token": token, "logprob": _json_logprob(value), "bytes": list(token.encode(errors="replace"))}
 
     tops = result.top_logprobs or [[] for _ in result.output_token_ids]
     return {"content": [entry(t, value) | {"top_logprobs": [entry(a, v) for a, v in alternatives]}
@@ -178,12 +181,12 @@ def run_batch_job(llm, input_path: Path, results: ResultsFile, served_model_name
     def on_finish(index: int, result, text: str) -> None:
         item = items[index]
         try:
-            record = success_record(item, text, result, served_model_names[0], llm.tokenizer)
+            line = results.serialize(success_record(item, text, result, served_model_names[0], llm.tokenizer))
         except Exception as error:  # one result we cannot write up must not stop the others
             item.error = BadRequest(f"internal error while writing the result: {error!r}", "internal_error")
             on_reject(index, None)
             return
-        results.write(record)
+        results.write_line(line, item.custom_id, succeeded=True)
         summary.succeeded += 1
         summary.input_tokens += len(item.token_ids)
         summary.output_tokens += len(result.output_token_ids)
@@ -194,8 +197,7 @@ def run_batch_job(llm, input_path: Path, results: ResultsFile, served_model_name
         item = items[index]
         if error is not None:
             item.error = BadRequest(str(error), "invalid_request")
-        status = 500 if item.error.code == "internal_error" else 400
-        results.write(error_record(item, status))
+        results.write(error_record(item))
         summary.add_failure(item)
         if progress is not None:
             progress.update(1)

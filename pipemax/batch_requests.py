@@ -122,6 +122,8 @@ def build_item(line_number: int, record: dict | None, custom_id: str, error: Bad
         item.error = BadRequest(str(problem), "invalid_request", getattr(problem, "param", None))
     except RecursionError:
         item.error = BadRequest("the request nests too deeply", "invalid_request")
+    except Exception as problem:  # a fault of ours (or of the tokenizer) with this one request: it alone fails
+        item.error = BadRequest(f"internal error while reading this request: {problem!r}", "internal_error")
     return item
 
 
@@ -136,7 +138,7 @@ def _fill(item: BatchItem, record: dict, context: ServingContext) -> None:
         if url not in (COMPLETIONS, CHAT):
             raise BadRequest(f"unsupported url {_show(url)}: supported are {COMPLETIONS} and {CHAT}", "unsupported_url",
                              "url")
-        if record.get("method", "POST") != "POST":
+        if record.get("method") not in (None, "POST"):
             raise BadRequest(f"unsupported method {_show(record.get('method'))}: only POST", "invalid_request",
                              "method")
         extra = sorted(set(record) - set(ENVELOPE_FIELDS))

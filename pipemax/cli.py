@@ -163,17 +163,12 @@ def serve_offline(args: argparse.Namespace) -> int:
 
 def load_llm(args: argparse.Namespace):
     from pipemax.api import LLM
+    from pipemax.runtime.engine import ConfigError
 
     try:
         return LLM(model=args.model, **engine_options(args))
-    except ValueError as error:  # e.g. a memory budget that leaves no room for the KV cache
-        raise JobError(_name_flags(str(error))) from None
-
-
-def _name_flags(message: str) -> str:
-    for option, flag in FLAG_OF_OPTION.items():
-        message = message.replace(f"{option}=", f"{flag} ").replace(option, flag)
-    return message
+    except ConfigError as error:  # e.g. a memory budget that leaves no room for the KV cache
+        raise JobError(f"{FLAG_OF_OPTION.get(error.option, error.option)} {error.problem}") from None
 
 
 class _CurrentStderr(logging.StreamHandler):

@@ -2,8 +2,8 @@
 
 Guarantees, in the order `ResultsFile.open` establishes them:
   * the output is never the input file (also through links or a second hard link);
-  * one job at a time: an exclusive lock on `<output>.lock`, taken without waiting; a second job
-    on the same output refuses at once and names the first job's pid;
+  * one job at a time: an exclusive lock on a hidden `.<output name>.pipemax-lock` beside it,
+    taken without waiting; a second job on the same output refuses at once, naming the first's pid;
   * an existing file is ours (every line a result record) or it is left untouched, unless the
     user asked to overwrite it;
   * on resume only successful records count as done. Error records leave the file, so their
@@ -30,8 +30,10 @@ class OutputFileError(Exception):
 
 
 def is_result_record(record) -> bool:
-    return (isinstance(record, dict) and isinstance(record.get("custom_id"), str)
-            and isinstance(record.get("response"), dict) and "error" in record)
+    """One of our records: a results file of another tool (OpenAI's, vLLM's) is not ours to rewrite."""
+    return (isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"].startswith("pipemax-")
+            and isinstance(record.get("custom_id"), str) and isinstance(record.get("response"), dict)
+            and "error" in record)
 
 
 def is_success(record: dict) -> bool:
@@ -93,18 +95,27 @@ def atomic_write(path: Path, chunks: list[bytes]) -> None:
         os.close(folder)
 
 
+def _rewrite(path: Path, chunks: list[bytes]) -> None:
+    try:
+        atomic_write(path, chunks)
+    except OSError as error:
+        raise OutputFileError(f"cannot rewrite {path} ({error.strerror}); it is unchanged: fix that and run the "
+                              "same command again") from None
+
+
 class JobLock:
-    """An exclusive, non-blocking flock on `<output>.lock`, released (and the file removed) on close.
+    """An exclusive, non-blocking flock on `.<output name>.pipemax-lock`, released (and the file
+    removed) on close. A name of our own, opened without following links: no user file is touched.
 
     The kernel drops the lock when the process dies, SIGKILL included, so a stale lock file never
     blocks a later job. After locking we check that the path still names the file we locked: a job
     that finished may have removed it between our open and our lock."""
 
     def __init__(self, output: Path):
-        self.path = output.with_name(output.name + ".lock")
+        self.path = output.with_name(f".{output.name}.pipemax-lock")
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as error:
                 raise OutputFileError(f"cannot create {self.path} in {output.parent} ({error.strerror}): "
                                       "choose an output file in a folder you can write to") from None
@@ -190,7 +201,7 @@ class ResultsFile:
         try:
             existing = ExistingResults([], set(), 0, False)
             if path.exists() and overwrite:
-                atomic_write(path, [])
+                _rewrite(path, [])
             elif path.exists():
                 try:
                     existing = read_existing(path)
@@ -200,14 +211,26 @@ class ResultsFile:
                 except OSError as error:
                     raise OutputFileError(f"cannot read the existing output {output} ({error.strerror})") from None
                 if existing.dropped_errors or existing.torn:
-                    atomic_write(path, existing.keep)
+                    _rewrite(path, existing.keep)
             return cls(path, lock, existing.done, len(existing.keep)), existing.dropped_errors
         except BaseException:
             lock.release()
             raise
 
+    @staticmethod
+    def serialize(record: dict) -> bytes:
+        """One JSON line. ValueError for NaN or infinity, which JSON cannot hold."""
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        try:
+            return text.encode() + b"\n"
+        except UnicodeEncodeError:  # a lone surrogate from the input (valid JSON, not UTF-8): escape it
+            return json.dumps(record, allow_nan=False).encode() + b"\n"
+
     def write(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False, allow_nan=False).encode() + b"\n"
+        self.write_line(self.serialize(record), record["custom_id"], is_success(record))
+
+    def write_line(self, line: bytes, custom_id: str, succeeded: bool) -> None:
+        """Append one serialized record and fsync it; OutputFileError if the disk refuses."""
         try:
             view = memoryview(line)
             while view:  # unbuffered: a failed write leaves nothing behind to flush at close
@@ -219,8 +242,8 @@ class ResultsFile:
                                   "resume") from None
         self.num_records += 1
         self.written += 1
-        if is_success(record):
-            self.done.add(record["custom_id"])
+        if succeeded:
+            self.done.add(custom_id)
 
     def close(self) -> None:
         if not self.file.closed:

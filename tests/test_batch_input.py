@@ -6,7 +6,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipemax.batch_job import error_record
 from pipemax.batch_requests import KNOWN_FIELDS, ServingContext, parse_line
+from pipemax.results_file import ResultsFile
 from pipemax.cli import main
 from tests.test_batch_job import chat, completion, read_results, serve
 
@@ -24,6 +26,7 @@ def test_every_bad_line_gets_one_error_record_and_the_good_lines_run(model_folde
             {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]}},
         completion("good-negative-seed", "abc", seed=-(2**63), temperature=0.9),
         completion("good-largest-seed", "abc", seed=2**64 - 1, temperature=0.9, top_k=10**40),
+        envelope("good-null-method", {"prompt": "abc", "max_tokens": 2}) | {"method": None},
         {"prompt": "a plain line", "max_tokens": 2},
         {"messages": [{"role": "user", "content": "a plain chat line"}], "max_tokens": 2},
     ]
@@ -60,6 +63,9 @@ def test_every_bad_line_gets_one_error_record_and_the_good_lines_run(model_folde
         "extra-field": (envelope("extra-field", {"prompt": "x"}) | {"priority": 1}, "invalid_request", "priority"),
         "stream": (completion("stream", "x", stream=True), "invalid_request", "stream is not supported"),
         "put": (envelope("put", {"prompt": "x"}) | {"method": "PUT"}, "invalid_request", "only POST"),
+        "temp-huge": (completion("temp-huge", "x", temperature=10**400), "invalid_request",
+                      "temperature must be a number >= 0"),
+        "odd\ud800id": (completion("odd\ud800id", "x", top_p=0), "invalid_request", "top_p must be in (0, 1]"),
     }
     lines = [good[0], bad["seed-over"][0], good[1], *[entry[0] for key, entry in bad.items() if key != "seed-over"],
              *good[2:], "[1, 2, 3]", envelope(None, {"prompt": "x"}) | {"custom_id": 17},
@@ -78,8 +84,8 @@ def test_every_bad_line_gets_one_error_record_and_the_good_lines_run(model_folde
     for record in records:
         assert record["custom_id"] not in by_id, "one record per request"
         by_id[record["custom_id"]] = record
-    ok_ids = ["good-nulls", "good-parts", "good-negative-seed", "good-largest-seed"]
-    for custom_id in ok_ids + [f"line-{len(bad) + 2 + 3}", f"line-{len(bad) + 2 + 4}"]:
+    ok_ids = ["good-nulls", "good-parts", "good-negative-seed", "good-largest-seed", "good-null-method"]
+    for custom_id in ok_ids + [f"line-{len(bad) + 2 + 4}", f"line-{len(bad) + 2 + 5}"]:
         assert by_id[custom_id]["error"] is None, by_id[custom_id]["error"]
     assert by_id["good-parts"]["response"]["body"]["model"] == "tiny-alias"
     assert by_id["good-nulls"]["response"]["body"]["model"] == "tiny"  # no model: the first served name
@@ -115,10 +121,11 @@ class FakeLLM:
         return [1, 2, 3]
 
 
+any_text = st.text(st.characters(exclude_categories=()), max_size=5)  # lone surrogates included
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    | st.floats(allow_nan=True, allow_infinity=True) | any_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
     max_leaves=6,
 )
 bodies = st.dictionaries(st.sampled_from(sorted(KNOWN_FIELDS)), json_values, max_size=6)
@@ -126,7 +133,7 @@ bodies = st.dictionaries(st.sampled_from(sorted(KNOWN_FIELDS)), json_values, max
 
 @settings(max_examples=300, deadline=None)
 @given(body=bodies, url=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/x", None]),
-       custom_id=st.one_of(st.text(max_size=5), st.integers(), st.none()))
+       custom_id=st.one_of(any_text, st.integers(), st.none()))
 def test_no_request_body_can_raise_out_of_the_parser(body, url, custom_id):
     """Whatever a line holds, parsing gives an item that either runs or carries a one-line error."""
     line = json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}, allow_nan=True)
@@ -134,7 +141,9 @@ def test_no_request_body_can_raise_out_of_the_parser(body, url, custom_id):
     if item.error is None:
         assert item.params is not None and item.token_ids
     else:
-        assert item.error.code and "\n" not in str(item.error) and "Traceback" not in str(item.error)
+        assert item.error.code != "internal_error", item.error
+        assert "\n" not in str(item.error) and "Traceback" not in str(item.error)
+        ResultsFile.serialize(error_record(item))  # and its record can be written
     assert item.custom_id == (custom_id if isinstance(custom_id, str) and custom_id else "line-4")
 
 
@@ -159,3 +168,18 @@ def test_flags_are_named_in_errors(tmp_path, capsys):
         assert err.startswith("pipemax: ") and words in err and err.count("\n") == 1, err
         assert "max_num_seqs" not in err and "max_model_len" not in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_chat_template_that_refuses_the_messages_fails_that_line_only(model_folder):
+    from pipemax import LLM
+
+    llm = LLM(model=str(model_folder), max_model_len=64)
+    llm.tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('tool messages "
+                                   "are not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    context = ServingContext(llm, ["tiny"])
+    line = json.dumps({"custom_id": "t", "url": "/v1/chat/completions", "method": "POST",
+                       "body": {"messages": [{"role": "tool", "content": "x"}]}})
+    item = parse_line(line.encode(), 1, context)
+    assert item.error.code == "invalid_request" and "tool messages are not supported" in str(item.error)
+    line = json.dumps({"messages": [{"role": "user", "content": "fine"}]})
+    assert parse_line(line.encode(), 2, context).error is None

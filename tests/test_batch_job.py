@@ -142,7 +142,7 @@ def test_killed_job_resumes_with_every_result_exactly_once(model_folder, tmp_pat
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not (tmp_path / "out.jsonl.lock").exists()  # the killed job's lock did not block the rerun
+    assert not (tmp_path / ".out.jsonl.pipemax-lock").exists()  # the killed job's lock did not block the rerun
     ids = [r["custom_id"] for r in read_results(out)]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(count))  # all, each exactly once
     assert "already done" in result.stdout

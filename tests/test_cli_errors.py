@@ -71,6 +71,15 @@ def test_user_errors_are_one_line_before_weights_load(model_folder, tmp_path, ca
     assert serve(model=broken) == 2
     one_line_error(capsys, "config.json is not valid JSON")
 
+    garbage = tmp_path / "model.gguf"
+    garbage.write_bytes(b"<html>not found</html>")
+    assert serve(model=garbage) == 2
+    one_line_error(capsys, "is not a GGUF file")
+    from pipemax.models.default_model import bundled_gguf
+    garbage.write_bytes(bundled_gguf().read_bytes()[:4_000_000])  # a download cut short
+    assert serve(model=garbage) == 2
+    one_line_error(capsys, "is not a readable GGUF file")
+
     assert serve(output=tmp_path) == 2
     one_line_error(capsys, "is a folder: name a file")
     assert serve(output=requests) == 2
@@ -135,7 +144,7 @@ def test_interrupted_job_says_how_to_resume_and_keeps_every_result(model_folder,
     written = read_results(out)  # every line whole
     assert 2 <= len(written) < count
     assert f"interrupted: {len(written)} results written to {out}; run the same command again to resume" in stderr
-    assert not (tmp_path / "out.jsonl.lock").exists()
+    assert not (tmp_path / ".out.jsonl.pipemax-lock").exists()
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

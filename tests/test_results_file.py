@@ -39,7 +39,7 @@ def test_the_input_is_never_the_output(requests, tmp_path):
         with pytest.raises(OutputFileError, match="is the input file"):
             ResultsFile.open(requests, output)
     assert requests.read_bytes() == before
-    assert not list(tmp_path.glob("*.lock"))
+    assert not list(tmp_path.glob(".*pipemax-lock"))
 
 
 @pytest.mark.parametrize("content", [
@@ -48,6 +48,7 @@ def test_the_input_is_never_the_output(requests, tmp_path):
     lines_of(record("a")) + "a text line\n",
     lines_of(record("a")) + '{"custom_id": "x", "torn',  # a fragment we did not write
     '{"custom_id": "x"}\n',  # JSON, but no result record
+    lines_of(record("a") | {"id": "vllm-a"}),  # vllm run-batch's results: not ours to rewrite
 ])
 def test_a_file_that_is_not_ours_is_left_alone_unless_overwritten(requests, tmp_path, content):
     output = tmp_path / "out.jsonl"
@@ -71,7 +72,7 @@ def test_resume_keeps_successes_drops_errors_and_a_torn_line(requests, tmp_path)
     results.close()
     assert [json.loads(line)["custom_id"] for line in output.read_text().splitlines()] == ["a", "c", "b"]
     assert output.stat().st_mode & 0o777 == 0o640  # the rewrite kept the file's permissions
-    assert not list(tmp_path.glob(".out.jsonl.tmp-*")) and not (tmp_path / "out.jsonl.lock").exists()
+    assert not list(tmp_path.glob(".out.jsonl.tmp-*")) and not (tmp_path / ".out.jsonl.pipemax-lock").exists()
 
 
 def test_a_failed_rewrite_leaves_the_old_file_whole(requests, tmp_path, monkeypatch):
@@ -86,7 +87,7 @@ def test_a_failed_rewrite_leaves_the_old_file_whole(requests, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         ResultsFile.open(requests, output)
     assert output.read_text() == content
-    assert not list(tmp_path.glob(".out.jsonl.tmp-*")) and not (tmp_path / "out.jsonl.lock").exists()
+    assert not list(tmp_path.glob(".out.jsonl.tmp-*")) and not (tmp_path / ".out.jsonl.pipemax-lock").exists()
 
 
 def test_one_job_per_output(requests, tmp_path):
@@ -106,7 +107,7 @@ def test_a_lock_file_removed_under_a_waiting_opener_is_not_trusted(tmp_path, mon
 
     def flock_after_the_file_was_replaced(fd, flags):
         if not calls:
-            (tmp_path / "out.jsonl.lock").unlink()
+            (tmp_path / ".out.jsonl.pipemax-lock").unlink()
         calls.append(fd)
         return real_flock(fd, flags)
 
@@ -167,3 +168,30 @@ def test_an_output_folder_nobody_may_write_to(requests):
     """/proc refuses new files even to root: the same path as a read-only folder, on any machine."""
     with pytest.raises(OutputFileError, match="cannot create .* folder you can write to"):
         ResultsFile.open(requests, Path("/proc/results.jsonl"))
+
+
+def test_a_user_file_named_like_a_lock_is_never_touched(requests, tmp_path):
+    output = tmp_path / "poetry"
+    (tmp_path / "poetry.lock").write_text("[[package]]\n")
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    (tmp_path / ".poetry.pipemax-lock").symlink_to(target)  # a link where our lock goes: not followed
+    with pytest.raises(OutputFileError, match="cannot create"):
+        ResultsFile.open(requests, output)
+    (tmp_path / ".poetry.pipemax-lock").unlink()
+    results, _ = ResultsFile.open(requests, output)
+    results.close()
+    assert (tmp_path / "poetry.lock").read_text() == "[[package]]\n" and target.read_text() == "keep me"
+
+
+def test_records_with_lone_surrogates_round_trip(requests, tmp_path):
+    """JSON may hold a lone surrogate ("\\ud800"), which UTF-8 cannot: the record is escaped, not lost."""
+    output = tmp_path / "out.jsonl"
+    results, _ = ResultsFile.open(requests, output)
+    results.write(record("odd\ud800id"))
+    results.close()
+    again, _ = ResultsFile.open(requests, output)
+    again.close()
+    assert again.done == {"odd\ud800id"}
+    with pytest.raises(ValueError):
+        ResultsFile.serialize(record("x") | {"response": {"logprob": float("nan")}})

@@ -74,6 +74,7 @@ def check_model_path(model_path: Path) -> None:
     path, config.json, and each safetensors file's header. WeightLoadError names the file at fault."""
     kind, source = find_weights(model_path)
     if kind == "gguf":
+        check_gguf(source)
         return
     config = model_path / "config.json"
     if not config.is_file():
@@ -91,6 +92,25 @@ def check_model_path(model_path: Path) -> None:
         except Exception as error:  # SafetensorError, OSError: a missing, truncated or corrupt file
             raise WeightLoadError(f"{file} is not a readable safetensors file ({error}): re-download or "
                                   "re-convert the model") from None
+
+
+def check_gguf(file: Path) -> None:
+    """Parse the GGUF file's header and tensor table (no tensor data): a cut-short or foreign file fails here."""
+    try:
+        with open(file, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise WeightLoadError(f"cannot read {file} ({error.strerror})") from None
+    if magic != b"GGUF":
+        raise WeightLoadError(f"{file} is not a GGUF file (it does not start with 'GGUF'): re-download it")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise WeightLoadError("reading .gguf files needs the gguf package: pip install gguf accelerate") from None
+    try:
+        GGUFReader(str(file))
+    except Exception as error:  # ValueError, struct errors: a truncated or damaged file
+        raise WeightLoadError(f"{file} is not a readable GGUF file ({error}): re-download it") from None
 
 
 def iter_safetensors(files: list[Path], wanted) -> Iterator[tuple[str, torch.Tensor]]:

@@ -159,7 +159,8 @@ class LLMEngine:
             max_len = config.max_model_len
         if num_chunks * config.chunk_tokens < max_len:
             if num_chunks < 1:
-                raise ValueError(f"KV budget of {kv_bytes / 2**30:.2f} GiB holds no chunk of {spec.chunk_bytes / 2**20:.2f} MiB")
+                raise ConfigError("kv_cache_gib", f"leaves a KV budget of {kv_bytes / 2**30:.2f} GiB, less than one "
+                                                  f"chunk of {spec.chunk_bytes / 2**20:.2f} MiB: give the KV cache more")
             log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_chunks * config.chunk_tokens, max_len)
             max_len = num_chunks * config.chunk_tokens
         self.max_model_len = max_len
@@ -197,8 +198,8 @@ class LLMEngine:
         # cuBLAS workspaces, the CUDA-graph pool, allocator fragmentation.
         free = budget - weights - activations - 1536 * 2**20
         if free <= 0:
-            raise ValueError(f"gpu_memory_gib={budget / 2**30:.1f} leaves no room for a KV cache after "
-                             f"{weights / 2**30:.1f} GiB of weights")
+            raise ConfigError("gpu_memory_gib", f"of {budget / 2**30:.1f} leaves no room for a KV cache after "
+                                                f"{weights / 2**30:.1f} GiB of weights: give PipeMax more memory")
         return free
 
     def _eos_token_ids(self, path: Path) -> set[int]:
