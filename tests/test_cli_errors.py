@@ -186,14 +186,30 @@ def test_fix_a_failed_line_and_rerun(model_folder, tmp_path, capsys):
     assert json.loads(lines[1])["custom_id"] == "typo" and json.loads(lines[1])["error"] is None
 
 
+@pytest.fixture
+def tokenizerless_model(tmp_path):
+    """A tiny random Llama without a tokenizer (the GPU machine has no bundled one): token-id prompts."""
+    from tests.tiny_models import save_tiny_model
+
+    save_tiny_model("llama3", tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_a_cuda_device_that_does_not_exist_is_one_line(model_folder, tmp_path, capsys, no_weight_loading):
+def test_batch_job_on_cuda_and_a_cuda_device_that_does_not_exist(tokenizerless_model, tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
-    write_lines(requests, [completion("a", "hi")])
+    write_lines(requests, [completion("a", [5, 6, 7]), completion("b", [8, 9], seed=2**64 - 1, temperature=1.0),
+                           completion("c", [3], seed=2**64)])
+    args = ["serve-offline", "--model", str(tokenizerless_model), "-i", str(requests), "--no-progress",
+            "--served-model-name", "tiny", "--device", "cuda", "-o"]
+    assert main(args + [str(tmp_path / "o.jsonl")]) == 3
+    records = {r["custom_id"]: r for r in read_results(tmp_path / "o.jsonl")}
+    assert records["a"]["error"] is None and records["b"]["error"] is None
+    assert records["c"]["error"]["param"] == "seed"
+    capsys.readouterr()
     count = torch.cuda.device_count()
-    assert main(["serve-offline", "--model", str(model_folder), "-i", str(requests), "-o", str(tmp_path / "o.jsonl"),
-                 "--device", f"cuda:{count}"]) == 2
+    assert main(args[:-3] + ["--device", f"cuda:{count}", "-o", str(tmp_path / "o2.jsonl")]) == 2
     one_line_error(capsys, f"--device 'cuda:{count}' does not exist: this machine has {count} CUDA device(s)")
 
 
