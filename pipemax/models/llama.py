@@ -90,6 +90,25 @@ class LlamaFamilyModel(nn.Module):
                 self.lm_head.weight = self.embed_tokens.weight  # one tensor, as in the checkpoint
         self.rotary = RotaryEmbedding(config.hf_config, config.head_dim, config.max_model_len, device=device)
 
+    def stage(self, layer_start: int, layer_end: int) -> LlamaFamilyModel:
+        """Layers [layer_start, layer_end) of this model as a stage of its own, sharing the
+        parameters (no copy): how one process holds every stage of an in-process pipeline."""
+        if not self.layer_start <= layer_start < layer_end <= self.layer_end:
+            raise ValueError(f"stage [{layer_start}, {layer_end}) is outside this model's layers "
+                             f"[{self.layer_start}, {self.layer_end})")
+        view = LlamaFamilyModel.__new__(LlamaFamilyModel)
+        nn.Module.__init__(view)
+        view.config = self.config
+        view.layer_start, view.layer_end = layer_start, layer_end
+        view.is_first, view.is_last = layer_start == 0, layer_end == self.config.num_layers
+        if view.is_first:
+            view.embed_tokens = self.embed_tokens
+        view.layers = nn.ModuleList(self.layers[layer_start - self.layer_start:layer_end - self.layer_start])
+        if view.is_last:
+            view.norm, view.lm_head = self.norm, self.lm_head
+        view.rotary = self.rotary
+        return view
+
     @property
     def num_stage_layers(self) -> int:
         return self.layer_end - self.layer_start

@@ -35,7 +35,12 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.buckets = bucket_sizes(max_batch)
         max_chunks = -(-max_model_len // chunk_tokens)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        # The first stage reads token ids; later stages read the previous stage's hidden states.
+        if model.is_first:
+            self.inputs = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        else:
+            dtype = next(model.parameters()).dtype
+            self.inputs = torch.zeros(max_batch, model.config.hidden_size, dtype=dtype, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
         self.chunk_tables = torch.zeros(max_batch, max_chunks, dtype=torch.int32, device=device)
@@ -54,11 +59,11 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch: int) -> torch.Tensor:
-        return self.model(self.input_ids[:batch], self.positions[:batch], self.attention, self.metadata(batch))
+        return self.model(self.inputs[:batch], self.positions[:batch], self.attention, self.metadata(batch))
 
     @torch.inference_mode()
     def capture(self) -> None:
-        with device_guard(self.input_ids):
+        with device_guard(self.positions):
             self._capture()
 
     def _capture(self) -> None:
@@ -80,15 +85,15 @@ class DecodeGraphs:
         return next(size for size in self.buckets if size >= batch)
 
     @torch.inference_mode()
-    def run(self, input_ids, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
+    def run(self, inputs, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
         """Hidden states [batch, hidden] of a decode step, through the bucket's graph."""
-        with device_guard(self.input_ids):
-            return self._run(input_ids, positions, slot_mapping, chunk_tables, seq_lens)
+        with device_guard(self.positions):
+            return self._run(inputs, positions, slot_mapping, chunk_tables, seq_lens)
 
-    def _run(self, input_ids, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
-        batch = input_ids.shape[0]
+    def _run(self, inputs, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
+        batch = inputs.shape[0]
         bucket = self.bucket_for(batch)
-        self.input_ids[:batch].copy_(input_ids)
+        self.inputs[:batch].copy_(inputs)
         self.positions[:batch].copy_(positions)
         self.slot_mapping[:batch].copy_(slot_mapping)
         self.slot_mapping[batch:bucket].fill_(-1)

@@ -1,16 +1,20 @@
-"""The engine loop on one device: schedule -> run the model -> sample -> finish or continue.
+"""The engine loop: schedule a micro-batch -> run it through the pipeline -> read its tokens later.
 
-    plan = scheduler.schedule()          which sequences, how many tokens each
-    logits = runner.execute(plan)        build tensors, run the layers, logits of sampling rows
-    tokens = sample(logits, ...)         per-request parameters and seeds
-    _append_token(...)                   stop conditions; finished sequences free their KV
+    plan = scheduler.schedule(m)         which sequences of micro-batch m, how many tokens each
+    pending = pipeline.submit(...)       every stage applies the plan; the last one samples
+    ... plan and submit the other micro-batches while the device works ...
+    tokens = pending.result()            the oldest step's tokens: stop checks, finished requests
+
+The host never waits for a step before it has launched every micro-batch that can run, so with
+M >= 2 micro-batches it plans one while the device runs another (P = 1), and with P stages every
+stage has work (M >= P). Only this loop knows requests and text; stages see step plans.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,99 +24,17 @@ import torch
 from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, load_model_config
 from pipemax.models.loader import find_weights
 
+from .engine_config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-exported)
 from .kv_manager import KVManager
-from .kv_pool import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, KVPool, KVPoolSpec
-from .model_runner import ModelRunner
-from .sampling import SEED_RANGE, SamplingParams, apply_penalties, make_generator, sample
-from .scheduler import Scheduler
+from .kv_pool import KVPool, KVPoolSpec
+from .partition import PartitionError, partition_layers
+from .pipeline import InProcessPipeline
+from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
+from .stage import PendingTokens, StageExecutor
+from .step_plan import RecordingKVManager, SampledTokens, StagePlan
 
 log = logging.getLogger("pipemax")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ConfigError(ValueError):
-    """An engine option with a value PipeMax cannot use; `option` is the EngineConfig field."""
-
-    def __init__(self, option: str, problem: str):
-        super().__init__(f"{option} {problem}")
-        self.option, self.problem = option, problem
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str  # local HF folder (safetensors) or .gguf file
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto: cuda if available
-    chunk_tokens: int = 16  # tokens per KV chunk
-    max_num_seqs: int = 256  # sequences in one step (--max-batch)
-    max_num_batched_tokens: int = 2048  # tokens in one step (decode tokens + prefill pieces)
-    gpu_memory_gib: float | None = None  # device memory PipeMax may use, weights included (CUDA)
-    kv_cache_gib: float | None = None  # KV pool size; default: what gpu_memory_gib leaves (CPU: 1 GiB)
-    attention_backend: str = "auto"  # triton | torch; auto: triton on CUDA, torch on CPU
-    prefill_mode: str = "mixed"  # mixed | separate (see scheduler)
-    max_model_len: int | None = None  # tokens per sequence, prompt + output; default: the model's
-    seed: int = 0  # for requests without a seed of their own
-    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton backend only)
-
-    def __post_init__(self):
-        """Check every option before anything loads; ConfigError names the option at fault."""
-        choices = {"dtype": ("auto", *DTYPES), "attention_backend": ("auto", "triton", "torch"),
-                   "prefill_mode": ("mixed", "separate")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ConfigError(name, f"must be a positive integer, got {getattr(self, name)!r}")
-        tokens = self.chunk_tokens
-        if not _is_int(tokens) or tokens & (tokens - 1) or not MIN_CHUNK_TOKENS <= tokens <= MAX_CHUNK_TOKENS:
-            raise ConfigError("chunk_tokens", f"must be a power of two from {MIN_CHUNK_TOKENS} to {MAX_CHUNK_TOKENS}, "
-                                              f"got {tokens!r}")
-        if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 2):
-            raise ConfigError("max_model_len", f"must be an integer >= 2 (prompt + output tokens), got "
-                                               f"{self.max_model_len!r}; leave it out for the model's own limit")
-        for name in ("gpu_memory_gib", "kv_cache_gib"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise ConfigError(name, f"must be a positive number of GiB, got {value!r}")
-        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ConfigError("seed", f"must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
-        self.resolved_device()  # a device that does not exist fails here, before any weights load
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise ConfigError("device", f"{self.device!r} is not a device PipeMax runs on: use auto, cpu, cuda or "
-                                        "cuda:N")
-        if device.type == "cuda":
-            if torch.version.cuda is None:
-                raise ConfigError("device", f"{self.device!r} is not available: this PyTorch build "
-                                            f"({torch.__version__}) has no CUDA support; use cpu, or install a "
-                                            "CUDA build of torch")
-            if not torch.cuda.is_available():
-                raise ConfigError("device", f"{self.device!r} is not available: no CUDA GPU is visible (driver, "
-                                            "CUDA_VISIBLE_DEVICES); use cpu")
-            count = torch.cuda.device_count()
-            if device.index is not None and device.index >= count:
-                raise ConfigError("device", f"{self.device!r} does not exist: this machine has {count} CUDA "
-                                            f"device(s), cuda:0 to cuda:{count - 1}")
-        return device
-
-    def resolved_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -125,6 +47,13 @@ class FinishedRequest:
     top_logprobs: list[list[tuple[int, float]]] | None
     stop_text_end: int | None = None  # where a matched stop string starts in the output text
     num_preemptions: int = 0
+
+
+@dataclass
+class InFlight:
+    micro_batch: int
+    plan: StepPlan
+    pending: PendingTokens
 
 
 class LLMEngine:
@@ -141,16 +70,23 @@ class LLMEngine:
             self.model_config: ModelConfig = (
                 load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(path)
             )
-            model = load_model(path, device=self.device, dtype=self.dtype, config=self.model_config)
         else:
             self.model_config = model.config
+        try:
+            self.stage_ranges = partition_layers(self.model_config, config.pipeline_parallel,
+                                                 list(config.stage_layers) if config.stage_layers else None)
+        except PartitionError as error:
+            raise ConfigError("pipeline_parallel", f"does not fit this model: {error}") from None
+        if model is None:
+            model = load_model(path, device=self.device, dtype=self.dtype, config=self.model_config)
         self.model = model
-        self.eos_token_ids = self._eos_token_ids(path)
+        eos_token_ids = self._eos_token_ids(path)
 
-        spec = KVPoolSpec(self.model_config.num_layers, self.model_config.num_kv_heads, self.model_config.head_dim,
-                          config.chunk_tokens, self.dtype)
+        # One chunk count for every stage: the scheduler's decisions must fit each stage's pool.
+        specs = [KVPoolSpec(end - start, self.model_config.num_kv_heads, self.model_config.head_dim,
+                            config.chunk_tokens, self.dtype) for start, end in self.stage_ranges]
         kv_bytes = self._kv_budget_bytes()
-        num_chunks = spec.chunks_in(kv_bytes)
+        num_chunks = kv_bytes // sum(spec.chunk_bytes for spec in specs)
         max_len = self.model_config.max_model_len
         if config.max_model_len is not None and config.max_model_len > max_len:
             log.warning("max_model_len %d is above this model's limit of %d tokens: using %d",
@@ -160,23 +96,49 @@ class LLMEngine:
         if num_chunks * config.chunk_tokens < max_len:
             if num_chunks < 1:
                 raise ConfigError("kv_cache_gib", f"leaves a KV budget of {kv_bytes / 2**30:.2f} GiB, less than one "
-                                                  f"chunk of {spec.chunk_bytes / 2**20:.2f} MiB: give the KV cache more")
+                                                  f"chunk of {sum(s.chunk_bytes for s in specs) / 2**20:.2f} MiB: "
+                                                  "give the KV cache more")
             log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_chunks * config.chunk_tokens, max_len)
             max_len = num_chunks * config.chunk_tokens
         self.max_model_len = max_len
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
-        self.kv_pool = KVPool(spec, num_chunks, 0, self.device, backend)
-        self.kv = KVManager(num_chunks, 0, config.chunk_tokens)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode)
-        self.runner = ModelRunner(self.model, self.kv_pool, self.kv, backend)
+        self.stages = []
+        for index, ((start, end), spec) in enumerate(zip(self.stage_ranges, specs)):
+            stage_model = model if (start, end) == (model.layer_start, model.layer_end) else model.stage(start, end)
+            self.stages.append(StageExecutor(index, stage_model, KVPool(spec, num_chunks, 0, self.device, backend),
+                                             KVManager(num_chunks, 0, config.chunk_tokens), backend,
+                                             eos_token_ids, config.seed))
         if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
-            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
-        # Unseeded random rows draw on the device, so sampling costs no host round trip.
-        self.batch_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+            for stage in self.stages:
+                stage.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        self.pipeline = InProcessPipeline(self.stages)
+        # The scheduler's own KV manager decides; every stage replays its log.
+        self.kv = RecordingKVManager(num_chunks, 0, config.chunk_tokens)
+        self.num_micro_batches = config.num_micro_batches
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
+                                   self.num_micro_batches)
+        self._sequences: dict[int, Sequence] = {}
+        self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
+        self._released: list[int] = []  # finished since the last plan: the last stage drops their state
         self._ids = itertools.count()
         self.num_steps = 0
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.stages[-1].eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: set[int]) -> None:  # the last stage blocks them under min_tokens
+        self.stages[-1].eos_token_ids = set(ids)
+
+    @property
+    def runner(self):
+        """The model runner of a single-stage engine (tests swap its decode graphs)."""
+        if len(self.stages) != 1:
+            raise AttributeError("a pipelined engine has one runner per stage: see engine.stages")
+        return self.stages[0].runner
 
     # ---- setup helpers -----------------------------------------------------------------------
     def _kv_budget_bytes(self) -> int:
@@ -195,8 +157,8 @@ class LLMEngine:
         mc, element = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
         per_token = (4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size + 3 * mc.intermediate_size) * element
         activations = config.max_num_batched_tokens * per_token + config.max_num_seqs * mc.vocab_size * 4 * 2
-        # cuBLAS workspaces, the CUDA-graph pool, allocator fragmentation.
-        free = budget - weights - activations - 1536 * 2**20
+        # cuBLAS workspaces, the CUDA-graph pools (one per stage), allocator fragmentation.
+        free = budget - weights - activations - (1024 + 512 * len(self.stage_ranges)) * 2**20
         if free <= 0:
             raise ConfigError("gpu_memory_gib", f"of {budget / 2**30:.1f} leaves no room for a KV cache after "
                                                 f"{weights / 2**30:.1f} GiB of weights: give PipeMax more memory")
@@ -234,54 +196,88 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def add_request(self, prompt_token_ids: list[int], params) -> int:
         self.check_prompt(prompt_token_ids)
         seq_id = next(self._ids)
-        self.scheduler.add(Sequence(seq_id, list(prompt_token_ids), params, generator=make_generator(params)))
+        seq = Sequence(seq_id, list(prompt_token_ids), params)
+        self._sequences[seq_id] = seq
+        self._new_seqs.append(seq)
+        self.scheduler.add(seq)
         return seq_id
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def abort_all(self) -> None:
-        """Drop every unfinished request and free its KV (after an interrupted run)."""
+        """Drop every unfinished request and free its KV on every stage (after an interrupted run)."""
+        for seq in self.scheduler.running:
+            self._released.append(seq.seq_id)
+        for seq in self.scheduler.waiting:
+            self._released.append(seq.seq_id)
         self.scheduler.abort_all()
+        self._sequences.clear()
+        self._new_seqs.clear()
+        self.pipeline.apply(self.kv.take_log(), self._released)
+        self._released = []
 
-    def step(self) -> list[FinishedRequest]:
-        plan = self.scheduler.schedule()
-        logits = self.runner.execute(plan)
-        sampling = [entry for entry in plan.scheduled if entry.samples]
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> Iterator[FinishedRequest]:
+        """Step until every added request has finished, yielding each as it finishes."""
+        in_flight: deque[InFlight] = deque()
+        while True:
+            busy = {step.micro_batch for step in in_flight}
+            for micro_batch in range(self.num_micro_batches):
+                if micro_batch not in busy:
+                    step = self._launch(micro_batch)
+                    if step is not None:
+                        in_flight.append(step)
+            if not in_flight:
+                return  # nothing runs and nothing can: every request has finished
+            step = in_flight.popleft()
+            yield from self._complete(step, step.pending.result())
+
+    def _launch(self, micro_batch: int) -> InFlight | None:
+        plan = self.scheduler.schedule(micro_batch)
+        if not plan.scheduled:
+            return None
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens = entry.end
-        params = [e.seq.params for e in sampling]
-        processed = None
-        if any(p.has_penalties for p in params):
-            histories = [(e.seq.prompt_token_ids, e.seq.output_token_ids) for e in sampling]
-            processed = apply_penalties(logits, params, histories, self.eos_token_ids)
-        tokens, logprobs, top_logprobs = sample(logits, params, [e.seq.generator for e in sampling],
-                                                self.batch_generator, processed)
+        pending = self.pipeline.submit(self._stage_plan(micro_batch, plan))
+        self.num_steps += 1
+        return InFlight(micro_batch, plan, pending)
+
+    def _stage_plan(self, micro_batch: int, plan: StepPlan) -> StagePlan:
+        entries = plan.scheduled
+        token_ids: list[int] = []
+        for entry in entries:
+            token_ids += entry.seq.token_ids[entry.start:entry.end]
+        new_seqs = [(seq.seq_id, seq.prompt_token_ids, seq.params) for seq in self._new_seqs]
+        released, self._new_seqs, self._released = self._released, [], []
+        return StagePlan(
+            micro_batch=micro_batch, kv_ops=self.kv.take_log(), seq_ids=[e.seq.seq_id for e in entries],
+            starts=[e.start for e in entries], counts=[e.num_tokens for e in entries], num_decode=len(plan.decode),
+            samples=[e.samples for e in entries], token_ids=token_ids, new_seqs=new_seqs, released=released,
+        )
+
+    def _complete(self, step: InFlight, sampled: SampledTokens) -> list[FinishedRequest]:
         finished = []
-        for index, entry in enumerate(sampling):
-            seq = entry.seq
-            seq.token_ids.append(tokens[index])
+        for index, seq_id in enumerate(sampled.seq_ids):
+            seq = self._sequences[seq_id]
+            seq.token_ids.append(sampled.tokens[index])
             if seq.params.logprobs:
-                seq.output_logprobs.append(logprobs[index])
+                seq.output_logprobs.append(sampled.logprobs[index])
             if seq.params.top_logprobs:
-                seq.output_top_logprobs.append(top_logprobs[index])
+                seq.output_top_logprobs.append(sampled.top_logprobs[index])
             if self._check_stop(seq):
                 self.scheduler.finish(seq)
+                del self._sequences[seq_id]
+                self._released.append(seq_id)
                 finished.append(FinishedRequest(
                     seq.seq_id, seq.prompt_token_ids, seq.output_token_ids, seq.finish_reason,
                     seq.output_logprobs if seq.params.logprobs else None,
                     seq.output_top_logprobs if seq.params.top_logprobs else None, seq.stop_text_end, seq.num_preemptions,
                 ))
-        self.num_steps += 1
         return finished
-
-    def run(self) -> Iterator[FinishedRequest]:
-        """Step until every added request has finished, yielding each as it finishes."""
-        while self.has_unfinished():
-            yield from self.step()
 
     def _check_stop(self, seq: Sequence) -> bool:
         params = seq.params

@@ -1,6 +1,11 @@
-"""Runs one step plan through the model: builds the batch tensors and attention metadata from the
-plan and the KV manager's chunk tables, runs the layers, returns the logits of the sequences that
-sample. Owns the tensors of one device; decisions stay with the scheduler."""
+"""Runs one step plan through one stage's layers: builds the batch tensors and attention metadata
+from the plan and the stage's KV manager, runs the layers, and on the last stage returns the
+logits of the sequences that sample. Owns the tensors of one device; decisions stay with the
+scheduler.
+
+Host-to-device copies go through pinned staging buffers (torch's caching host allocator) with
+non_blocking=True: a copy from pageable memory would wait for the device to drain first.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,12 @@ from pipemax.models import AttentionMetadata, ChunkedAttention, LlamaFamilyModel
 from .cuda_graphs import DecodeGraphs
 from .kv_manager import KVManager
 from .kv_pool import KVPool
-from .scheduler import ScheduledSequence, StepPlan
+from .step_plan import StagePlan
 
 
-def chunk_table_tensor(kv: KVManager, entries: list[ScheduledSequence]) -> torch.Tensor:
-    """[len(entries), max chunks] int32, rows padded with chunk 0 (never read past seq_len)."""
-    tables = [kv.chunk_table(entry.seq.seq_id) for entry in entries]
+def chunk_tables(kv: KVManager, seq_ids: list[int]) -> torch.Tensor:
+    """[len(seq_ids), max chunks] int32 on the host, rows padded with chunk 0 (never read past seq_len)."""
+    tables = [kv.chunk_table(seq_id) for seq_id in seq_ids]
     if not tables:
         return torch.zeros(0, 1, dtype=torch.int32)
     width = max(len(table) for table in tables)
@@ -39,50 +44,53 @@ class ModelRunner:
                                           self.kv_pool.spec.chunk_tokens, self.device)
         self.decode_graphs.capture()
 
-    def build_batch(self, plan: StepPlan):
-        """(input_ids, positions, metadata, rows whose logits are sampled)."""
-        token_ids: list[int] = []
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def build_batch(self, plan: StagePlan):
+        """(input_ids or None, positions, metadata, rows whose logits are sampled), on the device."""
         positions: list[int] = []
         slots: list[int] = []
-        for entry in plan.scheduled:
-            seq = entry.seq
-            token_ids += seq.token_ids[entry.start:entry.end]
-            positions += range(entry.start, entry.end)
-            slots += self.kv.slots(seq.seq_id, entry.start, entry.end)
-        num_decode = len(plan.decode)
-        q_lens = [entry.num_tokens for entry in plan.prefill]
+        for seq_id, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
+            positions += range(start, start + count)
+            slots += self.kv.slots(seq_id, start, start + count)
+        num_decode = plan.num_decode
+        prefill_counts = plan.counts[num_decode:]
         cu_seqlens = [0]
-        for q_len in q_lens:
+        for q_len in prefill_counts:
             cu_seqlens.append(cu_seqlens[-1] + q_len)
-        sample_rows = [row for row, entry in enumerate(plan.decode) if entry.samples]
-        sample_rows += [num_decode + cu_seqlens[i + 1] - 1 for i, entry in enumerate(plan.prefill) if entry.samples]
-
-        device = self.device
+        ends = [start + count for start, count in zip(plan.starts, plan.counts)]
 
         def as_tensor(values, dtype=torch.int32):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return self.to_device(torch.tensor(values, dtype=dtype))
 
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots, torch.int64),
             num_decode_tokens=num_decode,
-            decode_chunk_tables=chunk_table_tensor(self.kv, plan.decode).to(device),
-            decode_seq_lens=as_tensor([entry.end for entry in plan.decode]),
-            decode_max_seq_len=max((entry.end for entry in plan.decode), default=0),
-            prefill_chunk_tables=chunk_table_tensor(self.kv, plan.prefill).to(device),
+            decode_chunk_tables=self.to_device(chunk_tables(self.kv, plan.seq_ids[:num_decode])),
+            decode_seq_lens=as_tensor(ends[:num_decode]),
+            decode_max_seq_len=max(ends[:num_decode], default=0),
+            prefill_chunk_tables=self.to_device(chunk_tables(self.kv, plan.seq_ids[num_decode:])),
             prefill_cu_seqlens_q=as_tensor(cu_seqlens),
-            prefill_seq_lens=as_tensor([entry.end for entry in plan.prefill]),
-            prefill_max_q_len=max(q_lens, default=0),
+            prefill_seq_lens=as_tensor(ends[num_decode:]),
+            prefill_max_q_len=max(prefill_counts, default=0),
         )
-        return as_tensor(token_ids, torch.int64), as_tensor(positions, torch.int64), meta, sample_rows
+        input_ids = as_tensor(plan.token_ids, torch.int64) if self.model.is_first else None
+        return input_ids, as_tensor(positions, torch.int64), meta, as_tensor(plan.sample_rows(), torch.int64)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Logits [sampling sequences, vocab] float32, in plan order (decode first, then prefill)."""
+    def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [tokens, hidden] for the next stage, or on the last stage the logits
+        [sampling sequences, vocab] float32, in plan order (decode first, then prefill)."""
         input_ids, positions, meta, sample_rows = self.build_batch(plan)
-        if self.decode_graphs is not None and not plan.prefill:
-            hidden = self.decode_graphs.run(input_ids, positions, meta.slot_mapping, meta.decode_chunk_tables,
+        inputs = input_ids if self.model.is_first else hidden_in
+        if self.decode_graphs is not None and plan.num_decode == len(plan.seq_ids):
+            hidden = self.decode_graphs.run(inputs, positions, meta.slot_mapping, meta.decode_chunk_tables,
                                             meta.decode_seq_lens)
         else:
-            hidden = self.model(input_ids, positions, self.attention, meta)
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+            hidden = self.model(inputs, positions, self.attention, meta)
+        if not self.model.is_last:
+            return hidden
+        return self.model.compute_logits(hidden.index_select(0, sample_rows))

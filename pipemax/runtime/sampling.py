@@ -147,11 +147,21 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator().manual_seed(params.seed)
 
 
+SampledOnDevice = tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            batch_generator: torch.Generator, processed_logits: torch.Tensor | None = None,
            ) -> tuple[list[int], list[float] | None, list[list[tuple[int, float]]] | None]:
-    """logits [n, vocab] float32 -> (chosen token per row, their logprobs if any row asks, and the
-    top alternatives [(token, logprob)] per row if any row asks).
+    """sample_on_device, read back to the host (a synchronisation: the engine defers it)."""
+    return to_host(sample_on_device(logits, params, generators, batch_generator, processed_logits), params)
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                     batch_generator: torch.Generator, processed_logits: torch.Tensor | None = None,
+                     ) -> SampledOnDevice:
+    """logits [n, vocab] float32 -> (chosen token per row [n] int64, their logprobs [n] if any row
+    asks, and (values, ids) [n, k] of the top alternatives if any row asks), all on the device.
 
     Random rows are filtered (temperature, top-k, top-p) in one batched pass and drawn with the
     exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i. A seeded row
@@ -183,15 +193,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             if generators[row] is not None:
                 noise[index] = torch.empty(vocab).exponential_(generator=generators[row]).to(device)
         chosen[rows] = (probs / noise).argmax(dim=-1)
-    tokens = chosen.tolist()
     if not any(p.logprobs for p in params):
-        return tokens, None, None
+        return chosen, None, None
     all_logprobs = torch.log_softmax(raw_logits, dim=-1)
-    logprobs = all_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    logprobs = all_logprobs.gather(1, chosen[:, None]).squeeze(1)
     most = max(p.top_logprobs for p in params)
     if not most:
+        return chosen, logprobs, None
+    return chosen, logprobs, all_logprobs.topk(most, dim=-1)
+
+
+def to_host(sampled: SampledOnDevice, params: list[SamplingParams]):
+    """(tokens, logprobs, top alternatives per row) as Python lists."""
+    chosen, logprobs, top = sampled
+    tokens = chosen.tolist()
+    if logprobs is None:
+        return tokens, None, None
+    logprobs = logprobs.tolist()
+    if top is None:
         return tokens, logprobs, None
-    values, ids = all_logprobs.topk(most, dim=-1)
-    values, ids = values.tolist(), ids.tolist()
-    top = [list(zip(ids[row][: p.top_logprobs], values[row][: p.top_logprobs])) for row, p in enumerate(params)]
-    return tokens, logprobs, top
+    values, ids = top[0].tolist(), top[1].tolist()
+    return tokens, logprobs, [list(zip(ids[row][: p.top_logprobs], values[row][: p.top_logprobs]))
+                              for row, p in enumerate(params)]

@@ -30,6 +30,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" or "length"
     stop_text_end: int | None = None  # output text is cut here when a stop string matched
     num_preemptions: int = 0
+    micro_batch: int = 0  # the group it runs in (set when the scheduler admits it)
 
     def __post_init__(self):
         if not self.token_ids:

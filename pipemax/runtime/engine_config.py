@@ -1,0 +1,113 @@
+"""Engine options, checked before anything loads: `EngineConfig` and the `ConfigError` that names
+the option at fault (the CLI maps options to its flags)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .kv_pool import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS
+from .sampling import SEED_RANGE
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PIPELINE_TRANSPORTS = ("inprocess",)
+
+
+class ConfigError(ValueError):
+    """An engine option with a value PipeMax cannot use; `option` is the EngineConfig field."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local HF folder (safetensors) or .gguf file
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    chunk_tokens: int = 16  # tokens per KV chunk
+    max_num_seqs: int = 256  # sequences in one step (--max-batch)
+    max_num_batched_tokens: int = 2048  # tokens in one step (decode tokens + prefill pieces)
+    gpu_memory_gib: float | None = None  # device memory PipeMax may use, weights included (CUDA)
+    kv_cache_gib: float | None = None  # KV pool size; default: what gpu_memory_gib leaves (CPU: 1 GiB)
+    attention_backend: str = "auto"  # triton | torch; auto: triton on CUDA, torch on CPU
+    prefill_mode: str = "mixed"  # mixed | separate (see scheduler)
+    max_model_len: int | None = None  # tokens per sequence, prompt + output; default: the model's
+    seed: int = 0  # for requests without a seed of their own
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton backend only)
+    pipeline_parallel: int = 1  # pipeline stages
+    micro_batches: int | None = None  # micro-batches in flight; default: 1 for one stage, else stages + 1
+    pipeline_transport: str = "inprocess"  # how stages talk: inprocess (all stages in this process)
+    stage_layers: tuple[int, ...] | None = None  # layers per stage; default: balanced by cost
+
+    def __post_init__(self):
+        """Check every option before anything loads; ConfigError names the option at fault."""
+        choices = {"dtype": ("auto", *DTYPES), "attention_backend": ("auto", "triton", "torch"),
+                   "prefill_mode": ("mixed", "separate"), "pipeline_transport": PIPELINE_TRANSPORTS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "pipeline_parallel"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        tokens = self.chunk_tokens
+        if not _is_int(tokens) or tokens & (tokens - 1) or not MIN_CHUNK_TOKENS <= tokens <= MAX_CHUNK_TOKENS:
+            raise ConfigError("chunk_tokens", f"must be a power of two from {MIN_CHUNK_TOKENS} to {MAX_CHUNK_TOKENS}, "
+                                              f"got {tokens!r}")
+        if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 2):
+            raise ConfigError("max_model_len", f"must be an integer >= 2 (prompt + output tokens), got "
+                                               f"{self.max_model_len!r}; leave it out for the model's own limit")
+        for name in ("gpu_memory_gib", "kv_cache_gib"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ConfigError(name, f"must be a positive number of GiB, got {value!r}")
+        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError("seed", f"must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        if self.micro_batches is not None and (not _is_int(self.micro_batches) or
+                                               not self.pipeline_parallel <= self.micro_batches <= 64):
+            raise ConfigError("micro_batches", f"must be an integer from the number of stages ({self.pipeline_parallel}) "
+                                               f"to 64, got {self.micro_batches!r}")
+        self.resolved_device()  # a device that does not exist fails here, before any weights load
+
+    @property
+    def num_micro_batches(self) -> int:
+        if self.micro_batches is not None:
+            return self.micro_batches
+        return 1 if self.pipeline_parallel == 1 else self.pipeline_parallel + 1
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ConfigError("device", f"{self.device!r} is not a device PipeMax runs on: use auto, cpu, cuda or "
+                                        "cuda:N")
+        if device.type == "cuda":
+            if torch.version.cuda is None:
+                raise ConfigError("device", f"{self.device!r} is not available: this PyTorch build "
+                                            f"({torch.__version__}) has no CUDA support; use cpu, or install a "
+                                            "CUDA build of torch")
+            if not torch.cuda.is_available():
+                raise ConfigError("device", f"{self.device!r} is not available: no CUDA GPU is visible (driver, "
+                                            "CUDA_VISIBLE_DEVICES); use cpu")
+            count = torch.cuda.device_count()
+            if device.index is not None and device.index >= count:
+                raise ConfigError("device", f"{self.device!r} does not exist: this machine has {count} CUDA "
+                                            f"device(s), cuda:0 to cuda:{count - 1}")
+        return device
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

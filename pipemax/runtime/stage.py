@@ -1,0 +1,125 @@
+"""One pipeline stage: its layers, its KV pool and KV manager, and (on the last stage) the sampler.
+
+A stage applies step plans; it decides nothing. For each plan it replays the scheduler's KV
+operations on its own KV manager (so its chunk tables match every other stage's), runs its
+layers on the plan's tokens, and hands on hidden states, or on the last stage samples the next
+tokens. Sampled ids come back as `PendingTokens`: the device-to-host copy is started at once
+into pinned memory and only waited for when the engine asks for the result, so the host can plan
+and launch another micro-batch meanwhile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipemax.models import LlamaFamilyModel
+
+from .kv_manager import KVManager
+from .kv_pool import KVPool
+from .model_runner import ModelRunner
+from .sampling import SamplingParams, apply_penalties, make_generator, sample_on_device, to_host
+from .step_plan import SampledTokens, StagePlan, apply_kv_ops
+
+
+@dataclass
+class SamplerState:
+    """What the last stage keeps of a sequence to sample it: parameters, seed, token history."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    generator: torch.Generator | None
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class PendingTokens:
+    """Sampled ids (and logprobs) of one step, on their way to the host."""
+
+    def __init__(self, seq_ids: list[int], sampled, params: list[SamplingParams], on_result):
+        self.seq_ids, self.params, self.on_result = seq_ids, params, on_result
+        chosen, logprobs, top = sampled
+        self.event = None
+        if chosen.device.type == "cuda":
+            # Into pinned memory without blocking the host; the event says when it has landed.
+            chosen, logprobs, top = (_to_pinned(chosen), _to_pinned(logprobs),
+                                     None if top is None else (_to_pinned(top[0]), _to_pinned(top[1])))
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.sampled = (chosen, logprobs, top)
+        self._result: SampledTokens | None = None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def result(self) -> SampledTokens:
+        if self._result is None:
+            if self.event is not None:
+                self.event.synchronize()
+            tokens, logprobs, top = to_host(self.sampled, self.params)
+            self._result = SampledTokens(self.seq_ids, tokens, logprobs, top)
+            self.on_result(self._result)
+        return self._result
+
+
+def _to_pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+class StageExecutor:
+    def __init__(self, index: int, model: LlamaFamilyModel, kv_pool: KVPool, kv: KVManager, attention_backend: str,
+                 eos_token_ids: set[int] | None = None, seed: int = 0):
+        self.index = index
+        self.model = model
+        self.kv_pool = kv_pool
+        self.kv = kv
+        self.device = kv_pool.device
+        self.runner = ModelRunner(model, kv_pool, kv, attention_backend)
+        self.is_first, self.is_last = model.is_first, model.is_last
+        # Last stage only: sampling state per sequence, and the shared generator of unseeded rows,
+        # on the device, so sampling costs no host round trip.
+        self.samplers: dict[int, SamplerState] = {}
+        self.eos_token_ids = eos_token_ids or set()
+        self.batch_generator = torch.Generator(device=self.device).manual_seed(seed) if self.is_last else None
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return self.model.layer_start, self.model.layer_end
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        self.runner.enable_cuda_graphs(max_batch, max_model_len)
+
+    def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None):
+        """Hidden states for the next stage, or on the last stage the step's PendingTokens."""
+        apply_kv_ops(self.kv, plan.kv_ops)
+        if self.is_last:
+            self.release(plan.released)
+            for seq_id, prompt_token_ids, params in plan.new_seqs:
+                self.samplers[seq_id] = SamplerState(params, prompt_token_ids, make_generator(params))
+        out = self.runner.execute(plan, hidden_in)
+        if not self.is_last:
+            return out
+        return self._sample(plan, out)
+
+    def release(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            self.samplers.pop(seq_id, None)
+
+    def _sample(self, plan: StagePlan, logits: torch.Tensor) -> PendingTokens:
+        seq_ids = [seq_id for seq_id, samples in zip(plan.seq_ids, plan.samples) if samples]
+        states = [self.samplers[seq_id] for seq_id in seq_ids]
+        params = [state.params for state in states]
+        processed = None
+        if any(p.has_penalties for p in params):
+            histories = [(state.prompt_token_ids, state.output_token_ids) for state in states]
+            processed = apply_penalties(logits, params, histories, self.eos_token_ids)
+        sampled = sample_on_device(logits, params, [state.generator for state in states], self.batch_generator,
+                                   processed)
+
+        def record(result: SampledTokens) -> None:  # the history that penalties read next step
+            for state, token in zip(states, result.tokens):
+                state.output_token_ids.append(token)
+
+        return PendingTokens(seq_ids, sampled, params, record)

@@ -1,0 +1,94 @@
+"""The step plan: what one micro-batch step asks of every pipeline stage.
+
+The scheduler (rank 0) decides; each stage only applies. A plan is a small record of plain ints
+and lists (and the SamplingParams of sequences the last stage meets for the first time), so it
+can travel with the activations from stage to stage.
+
+KV chunks: the scheduler's KV manager records every allocate / append / free it performs as
+`kv_ops`; each stage replays them, in plan order, on its own KV manager. Allocation is
+deterministic (lowest free id first), so every stage ends up with the same chunk tables without
+ever sending one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .kv_manager import KVManager
+from .sampling import SamplingParams
+
+KVOp = tuple[str, int, int]  # ("allocate" | "append" | "free", seq_id, tokens)
+
+
+@dataclass
+class StagePlan:
+    micro_batch: int
+    kv_ops: list[KVOp]  # replayed on every stage before the step runs
+    seq_ids: list[int]  # the scheduled sequences: decodes first, then prefill pieces
+    starts: list[int]  # first position computed for each
+    counts: list[int]  # tokens computed for each (1 for a decode)
+    num_decode: int
+    samples: list[bool]  # the step yields the sequence's next token
+    token_ids: list[int]  # the step's input tokens, packed in sequence order (read by the first stage)
+    new_seqs: list[tuple[int, list[int], SamplingParams]] = field(default_factory=list)  # sampler state to create
+    released: list[int] = field(default_factory=list)  # sampler state to drop (finished or aborted)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def sample_rows(self) -> list[int]:
+        """Rows of the step's hidden states whose logits are sampled: a sequence's last token."""
+        rows, end = [], 0
+        for count, samples in zip(self.counts, self.samples):
+            end += count
+            if samples:
+                rows.append(end - 1)
+        return rows
+
+
+@dataclass
+class SampledTokens:
+    """What the last stage sends back to rank 0 for one step, in sample_rows order."""
+    seq_ids: list[int]
+    tokens: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class RecordingKVManager(KVManager):
+    """The scheduler's KV manager: it also logs each successful change for the stages to replay."""
+
+    def __init__(self, num_gpu_chunks: int, num_host_chunks: int, chunk_tokens: int):
+        super().__init__(num_gpu_chunks, num_host_chunks, chunk_tokens)
+        self.log: list[KVOp] = []
+
+    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
+        chunks = super().allocate(seq_id, num_tokens)
+        self.log.append(("allocate", seq_id, num_tokens))
+        return chunks
+
+    def append(self, seq_id: int, count: int = 1) -> None:
+        super().append(seq_id, count)
+        self.log.append(("append", seq_id, count))
+
+    def free(self, seq_id: int) -> None:
+        super().free(seq_id)
+        self.log.append(("free", seq_id, 0))
+
+    def take_log(self) -> list[KVOp]:
+        log, self.log = self.log, []
+        return log
+
+
+def apply_kv_ops(kv: KVManager, ops: list[KVOp]) -> None:
+    """Replay the scheduler's KV decisions on a stage's own KV manager."""
+    for op, seq_id, tokens in ops:
+        if op == "allocate":
+            kv.allocate(seq_id, tokens)
+        elif op == "append":
+            kv.append(seq_id, tokens)
+        elif op == "free":
+            kv.free(seq_id)
+        else:
+            raise ValueError(f"unknown KV operation {op!r}")
