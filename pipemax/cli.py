@@ -39,6 +39,8 @@ FLAG_OF_OPTION = {
     "max_num_batched_tokens": "--max-batched-tokens", "gpu_memory_gib": "--gpu-memory-gib",
     "kv_cache_gib": "--kv-cache-gib", "chunk_tokens": "--chunk-tokens", "max_model_len": "--max-model-len",
     "attention_backend": "--attention-backend", "prefill_mode": "--prefill-mode", "seed": "--seed",
+    "pipeline_parallel": "--pipeline-parallel", "micro_batches": "--micro-batches",
+    "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers",
 }
 
 
@@ -72,6 +74,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-mode", default="mixed", choices=["mixed", "separate"],
                        help="prefill pieces share steps with decodes (mixed) or get steps of their own")
     group.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
+    group.add_argument("--pipeline-parallel", type=int, default=1, metavar="P",
+                       help="pipeline stages: the layers split into P contiguous ranges (default 1)")
+    group.add_argument("--micro-batches", type=int, metavar="M",
+                       help="micro-batches in flight, at least P (default: 1 for one stage, else P + 1)")
+    group.add_argument("--pipeline-transport", default="inprocess", choices=["inprocess"],
+                       help="inprocess: every stage in this process on one device, taking turns")
+    group.add_argument("--stage-layers", metavar="N,N,...",
+                       help="layers per stage, e.g. 10,11,11 (default: balanced by cost)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -80,6 +90,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_batched_tokens, gpu_memory_gib=args.gpu_memory_gib,
         kv_cache_gib=args.kv_cache_gib, chunk_tokens=args.chunk_tokens, max_model_len=args.max_model_len,
         attention_backend=args.attention_backend, prefill_mode=args.prefill_mode, seed=args.seed,
+        pipeline_parallel=args.pipeline_parallel, micro_batches=args.micro_batches,
+        pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers,
     )
 
 
@@ -112,7 +124,7 @@ def preflight(args: argparse.Namespace) -> None:
     from pipemax.runtime.engine import ConfigError, EngineConfig
 
     try:
-        EngineConfig(model=str(args.model or ""), **engine_options(args))
+        config = EngineConfig(model=str(args.model or ""), **engine_options(args))
     except ConfigError as error:
         raise JobError(f"{FLAG_OF_OPTION.get(error.option, error.option)} {error.problem}") from None
     if args.model is not None:
@@ -120,6 +132,25 @@ def preflight(args: argparse.Namespace) -> None:
             check_model_path(Path(args.model))
         except WeightLoadError as error:
             raise JobError(f"--model: {error}") from None
+    if config.pipeline_parallel > 1:
+        check_partition(args, config)
+
+
+def check_partition(args: argparse.Namespace, config) -> None:
+    """The stage split needs only the model's config.json: check it now, not after loading."""
+    from pipemax.models import load_model_config
+    from pipemax.models.default_model import default_model_path
+    from pipemax.models.loader import find_weights
+    from pipemax.runtime.partition import PartitionError, partition_layers
+
+    path = Path(args.model) if args.model is not None else default_model_path()
+    kind, source = find_weights(path)
+    model_config = load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(path)
+    try:
+        partition_layers(model_config, config.pipeline_parallel, list(config.stage_layers or []) or None)
+    except PartitionError as error:
+        flag = "--stage-layers" if config.stage_layers else "--pipeline-parallel"
+        raise JobError(f"{flag}: {error}") from None
 
 
 def served_names(args: argparse.Namespace) -> list[str]:

@@ -44,7 +44,8 @@ def serve(model_folder, input_path, output_path, *extra):
                  "--no-progress", "--max-model-len", "256", "--served-model-name", "tiny", "tiny-alias", *extra])
 
 
-def test_good_and_bad_lines(model_folder, tmp_path, capsys):
+@pytest.mark.parametrize("pipeline", [[], ["--pipeline-parallel", "2"]], ids=["one-stage", "two-stages"])
+def test_good_and_bad_lines(model_folder, tmp_path, capsys, pipeline):
     requests = tmp_path / "requests.jsonl"
     write_lines(requests, [
         completion("ok-text", "Hello there"),
@@ -59,7 +60,7 @@ def test_good_and_bad_lines(model_folder, tmp_path, capsys):
         completion("ok-text", "a duplicate custom_id"),
         "",
     ])
-    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 3  # some requests failed
+    assert serve(model_folder, requests, tmp_path / "out.jsonl", *pipeline) == 3  # some requests failed
     summary = capsys.readouterr().out
     assert "4 succeeded, 6 failed, 0 already done" in summary and "tokens/s" in summary
     assert "failed: line 5 (line-5): line 5 is not valid JSON" in summary
@@ -100,7 +101,7 @@ def test_good_and_bad_lines(model_folder, tmp_path, capsys):
 
     # Rerun: the successes are kept as they are; the failed requests run (and fail) again, once each.
     before = [line for line in (tmp_path / "out.jsonl").read_text().splitlines() if '"error": null' in line]
-    assert serve(model_folder, requests, tmp_path / "out.jsonl") == 3
+    assert serve(model_folder, requests, tmp_path / "out.jsonl", *pipeline) == 3
     assert "0 succeeded, 6 failed, 4 already done (6 had failed before and ran again)" in capsys.readouterr().out
     after = (tmp_path / "out.jsonl").read_text().splitlines()
     assert after[:4] == before and len(after) == 10
@@ -120,13 +121,16 @@ def test_resume_drops_a_line_cut_short(model_folder, tmp_path):
     assert sorted(ids) == ["r0", "r1", "r2"]
 
 
-def test_killed_job_resumes_with_every_result_exactly_once(model_folder, tmp_path):
+@pytest.mark.parametrize("pipeline", [[], ["--pipeline-parallel", "3", "--micro-batches", "4"]],
+                         ids=["one-stage", "three-stages"])
+def test_killed_job_resumes_with_every_result_exactly_once(model_folder, tmp_path, pipeline):
     requests = tmp_path / "requests.jsonl"
     count = 24
     write_lines(requests, [completion(f"req-{i}", f"story {i}:", max_tokens=20, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "pipemax.cli", "serve-offline", "--model", str(model_folder), "-i", str(requests),
-               "-o", str(out), "--no-progress", "--max-batch", "2", "--max-model-len", "256", "--served-model-name", "tiny"]
+               "-o", str(out), "--no-progress", "--max-batch", "2", "--max-model-len", "256", "--served-model-name", "tiny",
+               *pipeline]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240

@@ -52,6 +52,16 @@ def test_user_errors_are_one_line_before_weights_load(model_folder, tmp_path, ca
     assert serve("--max-model-len", "-3") == 2
     one_line_error(capsys, "--max-model-len must be an integer >= 2")
 
+    assert serve("--pipeline-parallel", "9") == 2
+    one_line_error(capsys, "--pipeline-parallel: 9 pipeline stages for a model of 3 layers: every stage needs at least "
+                           "one layer, so use at most 3")
+    assert serve("--pipeline-parallel", "2", "--stage-layers", "2,2") == 2
+    one_line_error(capsys, "--stage-layers: stage layers [2, 2] sum to 4, but the model has 3 layers")
+    assert serve("--pipeline-parallel", "3", "--micro-batches", "2") == 2
+    one_line_error(capsys, "--micro-batches must be an integer from the number of stages (3) to 64, got 2")
+    assert serve("--stage-layers", "a,b") == 2
+    one_line_error(capsys, "--stage-layers must be comma-separated layer counts such as 10,11,11, got 'a,b'")
+
     assert serve(model=tmp_path / "nowhere") == 2
     one_line_error(capsys, "does not exist (PipeMax loads local model folders (config.json + safetensors) and "
                            ".gguf files only)")

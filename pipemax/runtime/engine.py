@@ -76,7 +76,8 @@ class LLMEngine:
             self.stage_ranges = partition_layers(self.model_config, config.pipeline_parallel,
                                                  list(config.stage_layers) if config.stage_layers else None)
         except PartitionError as error:
-            raise ConfigError("pipeline_parallel", f"does not fit this model: {error}") from None
+            option = "stage_layers" if config.stage_layers else "pipeline_parallel"
+            raise ConfigError(option, f"does not fit this model: {error}") from None
         if model is None:
             model = load_model(path, device=self.device, dtype=self.dtype, config=self.model_config)
         self.model = model

@@ -71,6 +71,20 @@ class EngineConfig:
                 raise ConfigError(name, f"must be a positive number of GiB, got {value!r}")
         if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ConfigError("seed", f"must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+        if self.stage_layers is not None:
+            layers = self.stage_layers
+            if isinstance(layers, str):  # "10,11,11", as the flag gives it
+                try:
+                    layers = tuple(int(part) for part in layers.split(","))
+                except ValueError:
+                    raise ConfigError("stage_layers", f"must be comma-separated layer counts such as 10,11,11, got "
+                                                      f"{self.stage_layers!r}") from None
+            if not all(_is_int(count) for count in layers):
+                raise ConfigError("stage_layers", f"must be layer counts, got {self.stage_layers!r}")
+            object.__setattr__(self, "stage_layers", tuple(layers))  # frozen: normalise in place
+            if len(layers) != self.pipeline_parallel:
+                raise ConfigError("stage_layers", f"names {len(layers)} stages but the pipeline has "
+                                                  f"{self.pipeline_parallel} (set both)")
         if self.micro_batches is not None and (not _is_int(self.micro_batches) or
                                                not self.pipeline_parallel <= self.micro_batches <= 64):
             raise ConfigError("micro_batches", f"must be an integer from the number of stages ({self.pipeline_parallel}) "

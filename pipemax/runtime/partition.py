@@ -25,15 +25,6 @@ def layer_costs(config: ModelConfig) -> tuple[list[float], float]:
     return [float(per_layer)] * config.num_layers, float(head)
 
 
-def parse_stage_layers(text: str) -> list[int]:
-    """'10,11,11' -> [10, 11, 11] (the --stage-layers flag)."""
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise PartitionError(f"stage layers must be comma-separated integers such as 10,11,11, got {text!r}") from None
-    return counts
-
-
 def partition_layers(config: ModelConfig, num_stages: int, stage_layers: list[int] | None = None
                      ) -> list[tuple[int, int]]:
     """[(layer_start, layer_end)] per stage."""
