@@ -102,7 +102,8 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_pipemax(args, workload, device, dtype, prefill_mode: str) -> Result:
+def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 1, micro_batches: int | None = None
+                ) -> Result:
     config = model_config_from_hf(hf_config(args.model))
     torch.manual_seed(0)
     model = LlamaFamilyModel(config, device=device, dtype=dtype)
@@ -113,7 +114,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str) -> Result:
                                              torch.float16: "float16"}[dtype],
         device=str(device), max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
         gpu_memory_gib=args.memory_cap_gib, prefill_mode=prefill_mode, chunk_tokens=args.chunk_tokens,
-        kv_cache_gib=args.kv_cache_gib,
+        kv_cache_gib=args.kv_cache_gib, pipeline_parallel=stages, micro_batches=micro_batches,
     )
     engine = LLMEngine(engine_config, model=model)
     # Warm-up outside the timed region: the first prefill and sampling steps compile kernels.
@@ -131,12 +132,17 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str) -> Result:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     prompt_tokens = sum(len(p) for p, _ in workload)
-    note = f"{engine.num_steps} steps, {engine.scheduler.num_preemptions} preemptions, {engine.kv.gpu.num_chunks} chunks"
+    stats = engine.last_run_stats
+    note = (f"{stats['steps']} steps of {stats['mean_micro_batch_seqs']:.0f} seqs, {stats['preemptions']} preemptions, "
+            f"{engine.kv.gpu.num_chunks} chunks, device waited for host {stats['device_waited_for_host_fraction']:.0%}")
+    if stages > 1:
+        note += ", stage busy " + "/".join(f"{1 - b:.0%}" for b in stats["stage_bubble_fraction"])
     if device.type == "cuda":
         note += f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     del engine, model
     free_memory(device)
-    return Result(f"pipemax ({prefill_mode})", seconds, generated, generated + prompt_tokens, note)
+    name = f"pipemax ({prefill_mode}" + (f", P={stages}" if stages > 1 else "") + f", M={stats['micro_batches']})"
+    return Result(name, seconds, generated, generated + prompt_tokens, note)
 
 
 def run_transformers(args, workload, device, dtype) -> Result:
@@ -212,6 +218,10 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-tokens", type=int, default=16)
     parser.add_argument("--kv-cache-gib", type=float)
     parser.add_argument("--prefill-mode", default="mixed", choices=["mixed", "separate", "both"])
+    parser.add_argument("--pipeline-parallel", default="1",
+                        help="pipeline stages, in process on this device; a list such as 1,2,4 runs each")
+    parser.add_argument("--micro-batches", default="",
+                        help="micro-batches in flight; a list such as 1,2 runs each (default: the engine's)")
     parser.add_argument("--peer-batch", type=int, help="first batch size to try for transformers")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -231,8 +241,14 @@ def main(argv=None) -> int:
 
     results = []
     modes = ["mixed", "separate"] if args.prefill_mode == "both" else [args.prefill_mode]
+    stage_counts = [int(n) for n in args.pipeline_parallel.split(",")]
+    micro_batch_counts = [int(n) for n in args.micro_batches.split(",")] if args.micro_batches else [None]
     for mode in modes:
-        results.append(run_pipemax(args, workload, device, dtype, mode))
+        for stages in stage_counts:
+            for micro_batches in micro_batch_counts:
+                if micro_batches is not None and micro_batches < stages:
+                    continue
+                results.append(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches))
     peer = None if args.skip_peer else run_transformers(args, workload, device, dtype)
     if peer:
         results.append(peer)
@@ -246,11 +262,11 @@ def main(argv=None) -> int:
         f"memory cap {args.memory_cap_gib or '-'} GiB",
         f"peaks: HBM {peaks['hbm_gbps']:.0f} GB/s, matmul {peaks['matmul_tflops']:.1f} TFLOP/s; roofline "
         f"{roofline:.2f} s (prefill {prefill_s:.2f} s + decode {decode_s:.2f} s)",
-        f"{'system':<24} {'seconds':>9} {'gen tok/s':>11} {'total tok/s':>12} {'vs peer':>8} {'roofline':>9}  note",
+        f"{'system':<32} {'seconds':>9} {'gen tok/s':>11} {'total tok/s':>12} {'vs peer':>8} {'roofline':>9}  note",
     ]
     for result in results:
         ratio = f"{result.generated_per_s / peer.generated_per_s:.2f}x" if peer else "-"
-        lines.append(f"{result.system:<24} {result.seconds:>9.2f} {result.generated_per_s:>11.1f} "
+        lines.append(f"{result.system:<32} {result.seconds:>9.2f} {result.generated_per_s:>11.1f} "
                      f"{result.total_per_s:>12.1f} {ratio:>8} {roofline / result.seconds:>9.0%}  {result.note}")
     print("\n".join(lines))
     if args.json:

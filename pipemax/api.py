@@ -224,6 +224,13 @@ class LLM:
                 raise ValueError(f"{where}{error}") from None
         return self._run(token_ids, [None] * len(token_ids), sampling_params, use_tqdm)
 
+    @property
+    def last_run_stats(self) -> dict:
+        """Figures of the last completed run: stages, micro-batches, steps, mean micro-batch size,
+        preemptions, and per stage busy seconds and bubble fraction, the share of the run the
+        device waited for the host."""
+        return self.engine.last_run_stats
+
     def stream(self, requests: Iterable[tuple[list[int], SamplingParams]],
                on_finish: Callable[[int, FinishedRequest, str], None],
                on_reject: Callable[[int, Exception], None] | None = None) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipemax.batch_requests import CHAT, BadRequest, BatchItem, ServingContext, build_item, decode_line
 from pipemax.results_file import ResultsFile
+from pipemax.runtime.pipeline import describe_run
 
 # Exit status of `pipemax serve-offline` (documented in the README).
 EXIT_OK = 0  # every request succeeded (or was already done)
@@ -40,6 +41,7 @@ class BatchSummary:
     output_tokens: int = 0
     wall_seconds: float = 0.0
     first_failures: list[str] = field(default_factory=list)
+    pipeline: str = ""  # the engine's figures of the run (pipeline.describe_run)
 
     def add_failure(self, item: BatchItem) -> None:
         self.failed += 1
@@ -62,7 +64,7 @@ class BatchSummary:
             f"tokens: {self.input_tokens} input, {self.output_tokens} output",
             f"wall time: {self.wall_seconds:.1f} s; {rate:.1f} output tokens/s, {total_rate:.1f} total tokens/s",
         ]
-        return lines
+        return lines + ([self.pipeline] if self.pipeline else [])
 
 
 def new_id(prefix: str) -> str:
@@ -204,6 +206,8 @@ def run_batch_job(llm, input_path: Path, results: ResultsFile, served_model_name
 
     try:
         llm.stream(((item.token_ids, item.params) for item in items), on_finish, on_reject)
+        if items:
+            summary.pipeline = describe_run(llm.last_run_stats)
     finally:
         if progress is not None:
             progress.close()

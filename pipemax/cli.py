@@ -179,7 +179,7 @@ def serve_offline(args: argparse.Namespace) -> int:
         run_batch_job(llm, args.input_file, results, served_names(args), use_tqdm=not args.no_progress,
                       summary=summary)
     except KeyboardInterrupt as interruption:
-        print(f"interrupted: {results.num_records} results written to {results.path}; run the same command again "
+        print(f"interrupted: {results.count_records()} results written to {results.path}; run the same command again "
               "to resume", file=sys.stderr)
         return 143 if isinstance(interruption, Terminated) else 130
     except OutputFileError as error:  # the disk filled up, say: what was written stays

@@ -125,6 +125,7 @@ class LLMEngine:
         self._released: list[int] = []  # finished since the last plan: the last stage drops their state
         self._ids = itertools.count()
         self.num_steps = 0
+        self.last_run_stats: dict = {}
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -223,8 +224,11 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Iterator[FinishedRequest]:
-        """Step until every added request has finished, yielding each as it finishes."""
+        """Step until every added request has finished, yielding each as it finishes. Afterwards
+        `last_run_stats` holds the run's pipeline figures."""
         in_flight: deque[InFlight] = deque()
+        self.pipeline.start_run()
+        steps_before, sequences = self.num_steps, 0
         while True:
             busy = {step.micro_batch for step in in_flight}
             for micro_batch in range(self.num_micro_batches):
@@ -232,10 +236,16 @@ class LLMEngine:
                     step = self._launch(micro_batch)
                     if step is not None:
                         in_flight.append(step)
+                        sequences += len(step.plan.scheduled)
             if not in_flight:
-                return  # nothing runs and nothing can: every request has finished
+                break  # nothing runs and nothing can: every request has finished
             step = in_flight.popleft()
             yield from self._complete(step, step.pending.result())
+        steps = self.num_steps - steps_before
+        self.last_run_stats = {"stages": len(self.stages), "micro_batches": self.num_micro_batches,
+                               "stage_layers": [end - start for start, end in self.stage_ranges], "steps": steps,
+                               "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
+                               "preemptions": self.scheduler.num_preemptions, **self.pipeline.stats()}
 
     def _launch(self, micro_batch: int) -> InFlight | None:
         plan = self.scheduler.schedule(micro_batch)

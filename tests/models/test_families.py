@@ -16,6 +16,7 @@ from pipemax.runtime.kv_manager import KVManager
 from pipemax.runtime.kv_pool import KVPool, KVPoolSpec
 from pipemax.runtime.model_runner import ModelRunner
 from pipemax.runtime.scheduler import ScheduledSequence, StepPlan
+from pipemax.runtime.step_plan import StagePlan
 from pipemax.runtime.sampling import SamplingParams
 from pipemax.runtime.sequence import Sequence
 from tests.helpers import assert_close
@@ -41,7 +42,11 @@ def run_all_logits(runner, kv, entries):
             kv.allocate(entry.seq.seq_id, entry.num_tokens)
         else:
             kv.append(entry.seq.seq_id, entry.num_tokens)
-    input_ids, positions, meta, _ = runner.build_batch(plan)
+    entries = plan.scheduled
+    stage_plan = StagePlan(0, [], [e.seq.seq_id for e in entries], [e.start for e in entries],
+                           [e.num_tokens for e in entries], len(plan.decode), [False] * len(entries),
+                           [t for e in entries for t in e.seq.token_ids[e.start:e.end]])
+    input_ids, positions, meta, _ = runner.build_batch(stage_plan)
     with torch.inference_mode():
         hidden = runner.model(input_ids, positions, runner.attention, meta)
         return plan, runner.model.compute_logits(hidden)

@@ -161,3 +161,14 @@ def test_pipeline_options_are_checked_before_any_weights_load(tiny, monkeypatch)
         LLM(model=str(folder), pipeline_parallel=3, micro_batches=2)
     with pytest.raises(ConfigError, match="stage_layers names 2 stages but the pipeline has 3"):
         LLM(model=str(folder), pipeline_parallel=3, stage_layers="1,2")
+
+
+def test_last_run_stats_report_each_stage(tiny):
+    folder, _, prompts = tiny
+    _, llm = run(folder, prompts, pipeline_parallel=3, micro_batches=4)
+    stats = llm.last_run_stats
+    assert stats["stages"] == 3 and stats["micro_batches"] == 4 and stats["stage_layers"] == [1, 1, 1]
+    assert stats["steps"] > 0 and 1 <= stats["mean_micro_batch_seqs"] <= len(prompts)
+    assert len(stats["stage_busy_seconds"]) == 3 and all(b > 0 for b in stats["stage_busy_seconds"])
+    assert sum(stats["stage_busy_seconds"]) <= stats["device_seconds"] * 1.001
+    assert all(0 <= f <= 1 for f in stats["stage_bubble_fraction"] + [stats["device_waited_for_host_fraction"]])
