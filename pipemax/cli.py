@@ -77,7 +77,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline-parallel", type=int, default=1, metavar="P",
                        help="pipeline stages: the layers split into P contiguous ranges (default 1)")
     group.add_argument("--micro-batches", type=int, metavar="M",
-                       help="micro-batches in flight, at least P (default: 1 for one stage, else P + 1)")
+                       help="micro-batches in flight, at least P (default: P, the best measured in process)")
     group.add_argument("--pipeline-transport", default="inprocess", choices=["inprocess"],
                        help="inprocess: every stage in this process on one device, taking turns")
     group.add_argument("--stage-layers", metavar="N,N,...",

@@ -84,7 +84,12 @@ class ModelRunner:
     def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [tokens, hidden] for the next stage, or on the last stage the logits
         [sampling sequences, vocab] float32, in plan order (decode first, then prefill)."""
-        input_ids, positions, meta, sample_rows = self.build_batch(plan)
+        return self.forward(plan, self.build_batch(plan), hidden_in)
+
+    @torch.inference_mode()
+    def forward(self, plan: StagePlan, batch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """execute's device work, on a batch from build_batch."""
+        input_ids, positions, meta, sample_rows = batch
         inputs = input_ids if self.model.is_first else hidden_in
         if self.decode_graphs is not None and plan.num_decode == len(plan.seq_ids):
             hidden = self.decode_graphs.run(inputs, positions, meta.slot_mapping, meta.decode_chunk_tables,

@@ -70,10 +70,8 @@ class InProcessPipeline:
 
     def submit(self, plan: StagePlan) -> PendingTokens:
         hidden = None
-        for index, stage in enumerate(self.stages):
-            start = self.clock.now()
-            hidden = stage.execute(plan, hidden)
-            self.clock.marks.append((index, start, self.clock.now()))
+        for stage in self.stages:
+            hidden = stage.execute(plan, hidden, self.clock)
         return hidden
 
     def stats(self) -> dict:

@@ -91,17 +91,23 @@ class StageExecutor:
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.runner.enable_cuda_graphs(max_batch, max_model_len)
 
-    def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None):
-        """Hidden states for the next stage, or on the last stage the step's PendingTokens."""
+    def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None, clock=None):
+        """Hidden states for the next stage, or on the last stage the step's PendingTokens.
+        A clock (pipeline.StageClock) marks when the device work starts and ends: the host's
+        preparation of the batch before it is the device's wait for the host."""
         apply_kv_ops(self.kv, plan.kv_ops)
         if self.is_last:
             self.release(plan.released)
             for seq_id, prompt_token_ids, params in plan.new_seqs:
                 self.samplers[seq_id] = SamplerState(params, prompt_token_ids, make_generator(params))
-        out = self.runner.execute(plan, hidden_in)
-        if not self.is_last:
-            return out
-        return self._sample(plan, out)
+        batch = self.runner.build_batch(plan)
+        start = clock.now() if clock is not None else None
+        out = self.runner.forward(plan, batch, hidden_in)
+        if self.is_last:
+            out = self._sample(plan, out)
+        if clock is not None:
+            clock.marks.append((self.index, start, clock.now()))
+        return out
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:

@@ -38,7 +38,8 @@ def test_stages_and_micro_batches_do_not_change_greedy_ids(tiny):
     assert reference == [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts]
     variants = [
         dict(micro_batches=2),  # P = 1: the host plans one micro-batch while the other runs
-        dict(pipeline_parallel=2),  # M = P + 1 by default
+        dict(pipeline_parallel=2),  # M = P by default
+        dict(pipeline_parallel=2, micro_batches=3),
         dict(pipeline_parallel=2, micro_batches=2, stage_layers="1,2"),
         dict(pipeline_parallel=2, micro_batches=4, stage_layers=(2, 1), max_num_batched_tokens=9),  # chunked prefill
         dict(pipeline_parallel=3, micro_batches=3),
