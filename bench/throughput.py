@@ -115,6 +115,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
         device=str(device), max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
         gpu_memory_gib=args.memory_cap_gib, prefill_mode=prefill_mode, chunk_tokens=args.chunk_tokens,
         kv_cache_gib=args.kv_cache_gib, pipeline_parallel=stages, micro_batches=micro_batches,
+        pipeline_transport="inprocess",  # random weights live in this process: stages time-share this device
     )
     engine = LLMEngine(engine_config, model=model)
     # Warm-up outside the timed region: the first prefill and sampling steps compile kernels.

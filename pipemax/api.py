@@ -224,6 +224,16 @@ class LLM:
                 raise ValueError(f"{where}{error}") from None
         return self._run(token_ids, [None] * len(token_ids), sampling_params, use_tqdm)
 
+    def close(self) -> None:
+        """End the stage processes of a distributed pipeline (they also end with this process)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def last_run_stats(self) -> dict:
         """Figures of the last completed run: stages, micro-batches, steps, mean micro-batch size,

@@ -40,7 +40,7 @@ FLAG_OF_OPTION = {
     "kv_cache_gib": "--kv-cache-gib", "chunk_tokens": "--chunk-tokens", "max_model_len": "--max-model-len",
     "attention_backend": "--attention-backend", "prefill_mode": "--prefill-mode", "seed": "--seed",
     "pipeline_parallel": "--pipeline-parallel", "micro_batches": "--micro-batches",
-    "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers",
+    "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers", "stage_timeout": "--stage-timeout",
 }
 
 
@@ -78,8 +78,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="pipeline stages: the layers split into P contiguous ranges (default 1)")
     group.add_argument("--micro-batches", type=int, metavar="M",
                        help="micro-batches in flight, at least P (default: P, the best measured in process)")
-    group.add_argument("--pipeline-transport", default="inprocess", choices=["inprocess"],
-                       help="inprocess: every stage in this process on one device, taking turns")
+    group.add_argument("--pipeline-transport", default="distributed", choices=["distributed", "inprocess"],
+                       help="distributed: a process per stage, one GPU each (CPU processes without GPUs); "
+                            "inprocess: every stage in this process on one device, taking turns")
+    group.add_argument("--stage-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="a stage process silent this long ends the job (default 60)")
     group.add_argument("--stage-layers", metavar="N,N,...",
                        help="layers per stage, e.g. 10,11,11 (default: balanced by cost)")
 
@@ -91,7 +94,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         kv_cache_gib=args.kv_cache_gib, chunk_tokens=args.chunk_tokens, max_model_len=args.max_model_len,
         attention_backend=args.attention_backend, prefill_mode=args.prefill_mode, seed=args.seed,
         pipeline_parallel=args.pipeline_parallel, micro_batches=args.micro_batches,
-        pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers,
+        pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers, stage_timeout=args.stage_timeout,
     )
 
 
@@ -167,6 +170,7 @@ def served_names(args: argparse.Namespace) -> list[str]:
 def serve_offline(args: argparse.Namespace) -> int:
     from pipemax.batch_job import BatchSummary, run_batch_job
     from pipemax.results_file import OutputFileError, ResultsFile
+    from pipemax.runtime.distributed import StageFailure
 
     preflight(args)
     try:
@@ -174,6 +178,7 @@ def serve_offline(args: argparse.Namespace) -> int:
     except OutputFileError as error:
         raise JobError(str(error)) from None
     summary = BatchSummary(retried=dropped_errors)
+    llm = None
     try:
         llm = load_llm(args)
         run_batch_job(llm, args.input_file, results, served_names(args), use_tqdm=not args.no_progress,
@@ -184,7 +189,12 @@ def serve_offline(args: argparse.Namespace) -> int:
         return 143 if isinstance(interruption, Terminated) else 130
     except OutputFileError as error:  # the disk filled up, say: what was written stays
         raise JobError(str(error)) from None
+    except StageFailure as error:  # a stage process died or hung: what was written stays
+        raise JobError(f"{error}; {results.count_records()} results are safe in {results.path}: run the same "
+                       "command again to resume") from None
     finally:
+        if llm is not None:
+            llm.close()
         results.close()
     for line in summary.lines():
         print(line)

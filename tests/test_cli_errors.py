@@ -241,3 +241,83 @@ def test_warnings_print_once_even_where_transformers_propagates(model_folder, tm
     main(["--version"])
     assert len(logging.getLogger("pipemax").handlers) == 1
     assert not any(type(handler) is logging.StreamHandler for handler in logging.getLogger().handlers)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live (non-zombie) processes below pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stage_processes(pid: int) -> list[int]:
+    """The job's stage processes (spawned workers), not multiprocessing's resource tracker."""
+    found = []
+    for child in descendants(pid):
+        try:
+            command = (Path("/proc") / str(child) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_stage_process_ends_the_job_cleanly_and_a_rerun_resumes(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    count = 16
+    write_lines(requests, [completion(f"q{i}", f"verse {i}:", max_tokens=30, ignore_eos=True) for i in range(count)])
+    out = tmp_path / "out.jsonl"
+    command = job_command(model_folder, requests, out, "--pipeline-parallel", "2", "--stage-timeout", "30")
+    job, env = start_and_wait_for_results(command, out, 2)
+    stages = stage_processes(job.pid)
+    assert len(stages) == 1, "the job runs one stage process"
+    started = time.time()
+    for pid in stages:
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = job.communicate(timeout=60)
+    assert time.time() - started < 30 and job.returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "pipemax: stage 1 on cpu was killed by SIGKILL while waiting for sampled tokens" in stderr, stderr
+    assert "results are safe in" in stderr and "run the same command again to resume" in stderr
+    assert not any(alive(pid) for pid in stages)
+    written = read_results(out)  # whole lines only
+    assert 2 <= len(written) < count
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))
+
+
+def test_killing_the_job_takes_its_stage_processes_with_it(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion(f"q{i}", f"song {i}:", max_tokens=30, ignore_eos=True) for i in range(12)])
+    out = tmp_path / "out.jsonl"
+    job, _ = start_and_wait_for_results(job_command(model_folder, requests, out, "--pipeline-parallel", "3"), out, 1)
+    stages = stage_processes(job.pid)
+    assert len(stages) == 2
+    job.kill()
+    job.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(pid) for pid in stages):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in stages), "a stage process outlived the job"

@@ -28,6 +28,7 @@ from .engine_config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-e
 from .kv_manager import KVManager
 from .kv_pool import KVPool, KVPoolSpec
 from .partition import PartitionError, partition_layers
+from .distributed import DistributedPipeline, StageSpec, free_port, stage_devices
 from .pipeline import InProcessPipeline
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
@@ -78,16 +79,36 @@ class LLMEngine:
         except PartitionError as error:
             option = "stage_layers" if config.stage_layers else "pipeline_parallel"
             raise ConfigError(option, f"does not fit this model: {error}") from None
-        if model is None:
-            model = load_model(path, device=self.device, dtype=self.dtype, config=self.model_config)
+        self.distributed = config.pipeline_transport == "distributed" and len(self.stage_ranges) > 1
+        if self.distributed:
+            if model is not None:
+                raise ConfigError("pipeline_transport", "distributed: stage processes load their weights from the "
+                                                        "model path; a model built in memory runs inprocess only")
+            try:
+                self.stage_devices = stage_devices(self.device, len(self.stage_ranges))
+            except ValueError as error:
+                raise ConfigError("pipeline_parallel", f"{error}: use --pipeline-transport inprocess to run every "
+                                                       "stage on one device") from None
+        else:
+            self.stage_devices = [str(self.device)] * len(self.stage_ranges)
+        if model is None:  # the distributed rank 0 holds stage 0 only
+            end = self.stage_ranges[0][1] if self.distributed else None
+            model = load_model(path, 0, end, device=self.device, dtype=self.dtype, config=self.model_config)
         self.model = model
-        eos_token_ids = self._eos_token_ids(path)
+        self._eos_token_ids = self._eos_token_ids_of(path)
 
         # One chunk count for every stage: the scheduler's decisions must fit each stage's pool.
         specs = [KVPoolSpec(end - start, self.model_config.num_kv_heads, self.model_config.head_dim,
                             config.chunk_tokens, self.dtype) for start, end in self.stage_ranges]
-        kv_bytes = self._kv_budget_bytes()
-        num_chunks = kv_bytes // sum(spec.chunk_bytes for spec in specs)
+        if self.distributed:  # a pool per device: the tightest decides
+            budgets = [self._kv_budget_bytes(torch.device(device), [stage_range])
+                       for device, stage_range in zip(self.stage_devices, self.stage_ranges)]
+            num_chunks = min(budget // spec.chunk_bytes for budget, spec in zip(budgets, specs))
+            kv_bytes, chunk_bytes = min(budgets), max(spec.chunk_bytes for spec in specs)
+        else:  # every pool on this one device
+            kv_bytes = self._kv_budget_bytes(self.device, self.stage_ranges)
+            chunk_bytes = sum(spec.chunk_bytes for spec in specs)
+            num_chunks = kv_bytes // chunk_bytes
         max_len = self.model_config.max_model_len
         if config.max_model_len is not None and config.max_model_len > max_len:
             log.warning("max_model_len %d is above this model's limit of %d tokens: using %d",
@@ -97,24 +118,27 @@ class LLMEngine:
         if num_chunks * config.chunk_tokens < max_len:
             if num_chunks < 1:
                 raise ConfigError("kv_cache_gib", f"leaves a KV budget of {kv_bytes / 2**30:.2f} GiB, less than one "
-                                                  f"chunk of {sum(s.chunk_bytes for s in specs) / 2**20:.2f} MiB: "
-                                                  "give the KV cache more")
+                                                  f"chunk of {chunk_bytes / 2**20:.2f} MiB: give the KV cache more")
             log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_chunks * config.chunk_tokens, max_len)
             max_len = num_chunks * config.chunk_tokens
         self.max_model_len = max_len
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
+        local_ranges = self.stage_ranges[:1] if self.distributed else self.stage_ranges
         self.stages = []
-        for index, ((start, end), spec) in enumerate(zip(self.stage_ranges, specs)):
+        for index, ((start, end), spec) in enumerate(zip(local_ranges, specs)):
             stage_model = model if (start, end) == (model.layer_start, model.layer_end) else model.stage(start, end)
             self.stages.append(StageExecutor(index, stage_model, KVPool(spec, num_chunks, 0, self.device, backend),
                                              KVManager(num_chunks, 0, config.chunk_tokens), backend,
-                                             eos_token_ids, config.seed))
+                                             self._eos_token_ids, config.seed))
         if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
             for stage in self.stages:
                 stage.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
-        self.pipeline = InProcessPipeline(self.stages)
+        if self.distributed:
+            self.pipeline = self._spawn_stages(path, num_chunks, backend)
+        else:
+            self.pipeline = InProcessPipeline(self.stages)
         # The scheduler's own KV manager decides; every stage replays its log.
         self.kv = RecordingKVManager(num_chunks, 0, config.chunk_tokens)
         self.num_micro_batches = config.num_micro_batches
@@ -127,13 +151,29 @@ class LLMEngine:
         self.num_steps = 0
         self.last_run_stats: dict = {}
 
+    def _spawn_stages(self, path: Path, num_chunks: int, backend: str) -> DistributedPipeline:
+        config, world = self.config, len(self.stage_ranges)
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        specs = [StageSpec(rank, world, init_method, config.stage_timeout, str(path), self.stage_ranges[rank],
+                           self.stage_devices[rank], self.dtype, config.chunk_tokens, num_chunks, backend,
+                           config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
+                           config.seed)
+                 for rank in range(1, world)]
+        return DistributedPipeline(self.stages[0], specs, "nccl" if self.device.type == "cuda" else "gloo")
+
+    def close(self) -> None:
+        """End the stage processes of a distributed pipeline (nothing to do in process)."""
+        self.pipeline.close()
+
     @property
     def eos_token_ids(self) -> set[int]:
-        return self.stages[-1].eos_token_ids
+        return self._eos_token_ids
 
     @eos_token_ids.setter
     def eos_token_ids(self, ids: set[int]) -> None:  # the last stage blocks them under min_tokens
-        self.stages[-1].eos_token_ids = set(ids)
+        self._eos_token_ids = set(ids)
+        if self.stages[-1].is_last:
+            self.stages[-1].eos_token_ids = set(ids)
 
     @property
     def runner(self):
@@ -143,30 +183,34 @@ class LLMEngine:
         return self.stages[0].runner
 
     # ---- setup helpers -----------------------------------------------------------------------
-    def _kv_budget_bytes(self) -> int:
+    def _kv_budget_bytes(self, device: torch.device, stage_ranges: list[tuple[int, int]]) -> int:
+        """KV bytes for the pools on one device, which holds the stages in stage_ranges."""
         config = self.config
         if config.kv_cache_gib is not None:
             return int(config.kv_cache_gib * 2**30)
-        if self.device.type != "cuda":
+        if device.type != "cuda":
             return 2**30
         if config.gpu_memory_gib:
             budget = int(config.gpu_memory_gib * 2**30)
-        else:  # 90% of what is free now (other processes, the weights already loaded count)
-            free_now, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(0.9 * (free_now + torch.cuda.memory_allocated(self.device)))
-        weights = self.model_config.weight_bytes(self.dtype)
+        elif device == self.device:  # 90% of what is free now (other processes, the weights already loaded count)
+            free_now, _ = torch.cuda.mem_get_info(device)
+            budget = int(0.9 * (free_now + torch.cuda.memory_allocated(device)))
+        else:  # another stage's GPU: asking for its free memory would open a context there from this process
+            budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+        weights = sum(self.model_config.weight_bytes(self.dtype, start, end) for start, end in stage_ranges)
         # Activations of the largest step: hidden states, q/k/v, the MLP's intermediate, fp32 logits.
         mc, element = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
         per_token = (4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size + 3 * mc.intermediate_size) * element
         activations = config.max_num_batched_tokens * per_token + config.max_num_seqs * mc.vocab_size * 4 * 2
         # cuBLAS workspaces, the CUDA-graph pools (one per stage), allocator fragmentation.
-        free = budget - weights - activations - (1024 + 512 * len(self.stage_ranges)) * 2**20
+        free = budget - weights - activations - (1024 + 512 * len(stage_ranges)) * 2**20
         if free <= 0:
             raise ConfigError("gpu_memory_gib", f"of {budget / 2**30:.1f} leaves no room for a KV cache after "
-                                                f"{weights / 2**30:.1f} GiB of weights: give PipeMax more memory")
+                                                f"{weights / 2**30:.1f} GiB of weights on {device}: give PipeMax more "
+                                                "memory")
         return free
 
-    def _eos_token_ids(self, path: Path) -> set[int]:
+    def _eos_token_ids_of(self, path: Path) -> set[int]:
         ids: set[int] = set()
 
         def add(value):
@@ -211,16 +255,14 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def abort_all(self) -> None:
-        """Drop every unfinished request and free its KV on every stage (after an interrupted run)."""
-        for seq in self.scheduler.running:
-            self._released.append(seq.seq_id)
-        for seq in self.scheduler.waiting:
-            self._released.append(seq.seq_id)
+        """Drop every unfinished request and reset every stage (after an interrupted run, which may
+        have stopped mid-step with some stages ahead of others)."""
         self.scheduler.abort_all()
+        self.kv.reset()
         self._sequences.clear()
         self._new_seqs.clear()
-        self.pipeline.apply(self.kv.take_log(), self._released)
         self._released = []
+        self.pipeline.reset()
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Iterator[FinishedRequest]:
@@ -228,7 +270,7 @@ class LLMEngine:
         `last_run_stats` holds the run's pipeline figures."""
         in_flight: deque[InFlight] = deque()
         self.pipeline.start_run()
-        steps_before, sequences = self.num_steps, 0
+        steps_before, sequences, idle_rounds = self.num_steps, 0, 0
         while True:
             busy = {step.micro_batch for step in in_flight}
             for micro_batch in range(self.num_micro_batches):
@@ -238,11 +280,18 @@ class LLMEngine:
                         in_flight.append(step)
                         sequences += len(step.plan.scheduled)
             if not in_flight:
-                break  # nothing runs and nothing can: every request has finished
+                if not self.has_unfinished():
+                    break
+                # A group waits for another to shed a sequence at its turn: at most a round or two.
+                idle_rounds += 1
+                if idle_rounds > self.num_micro_batches + 1:
+                    raise RuntimeError("no sequence can make progress: give the KV cache more memory")
+                continue
+            idle_rounds = 0
             step = in_flight.popleft()
             yield from self._complete(step, step.pending.result())
         steps = self.num_steps - steps_before
-        self.last_run_stats = {"stages": len(self.stages), "micro_batches": self.num_micro_batches,
+        self.last_run_stats = {"stages": len(self.stage_ranges), "micro_batches": self.num_micro_batches,
                                "stage_layers": [end - start for start, end in self.stage_ranges], "steps": steps,
                                "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
                                "preemptions": self.scheduler.num_preemptions, **self.pipeline.stats()}

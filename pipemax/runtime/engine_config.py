@@ -12,7 +12,7 @@ from .kv_pool import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS
 from .sampling import SEED_RANGE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PIPELINE_TRANSPORTS = ("inprocess",)
+PIPELINE_TRANSPORTS = ("distributed", "inprocess")
 
 
 class ConfigError(ValueError):
@@ -44,7 +44,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton backend only)
     pipeline_parallel: int = 1  # pipeline stages
     micro_batches: int | None = None  # micro-batches in flight; default: as many as stages
-    pipeline_transport: str = "inprocess"  # how stages talk: inprocess (all stages in this process)
+    pipeline_transport: str = "distributed"  # a process per stage and device, or inprocess (all on one device)
+    stage_timeout: float = 60.0  # seconds without an answer from a stage process before the job ends
     stage_layers: tuple[int, ...] | None = None  # layers per stage; default: balanced by cost
 
     def __post_init__(self):
@@ -64,11 +65,12 @@ class EngineConfig:
         if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 2):
             raise ConfigError("max_model_len", f"must be an integer >= 2 (prompt + output tokens), got "
                                                f"{self.max_model_len!r}; leave it out for the model's own limit")
-        for name in ("gpu_memory_gib", "kv_cache_gib"):
+        for name in ("gpu_memory_gib", "kv_cache_gib", "stage_timeout"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
-                raise ConfigError(name, f"must be a positive number of GiB, got {value!r}")
+                unit = "seconds" if name == "stage_timeout" else "GiB"
+                raise ConfigError(name, f"must be a positive number of {unit}, got {value!r}")
         if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ConfigError("seed", f"must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if self.stage_layers is not None:

@@ -135,6 +135,12 @@ class KVManager:
         self.host = ChunkAllocator("host", num_host_chunks)
         self.sequences: dict[int, SequenceKV] = {}
 
+    def reset(self) -> None:
+        """Every chunk free, no sequence: the state of a new manager (after an aborted run)."""
+        self.gpu = ChunkAllocator("GPU", self.gpu.num_chunks)
+        self.host = ChunkAllocator("host", self.host.num_chunks)
+        self.sequences = {}
+
     # ---- queries -------------------------------------------------------------------------
     def chunks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.chunk_tokens)

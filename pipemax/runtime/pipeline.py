@@ -14,45 +14,63 @@ micro-batches lets the host plan one while the device runs the other.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
 from .stage import PendingTokens, StageExecutor
-from .step_plan import StagePlan, apply_kv_ops
+from .step_plan import StagePlan
 
 
 class StageClock:
-    """When each stage's work of each step ran on the device: CUDA events there (read once the
-    run is over, so timing adds no synchronisation), the host clock on the CPU."""
+    """When each stage's work of each step ran on the device: CUDA events there (read once they
+    have completed, so timing adds no synchronisation), the host clock on the CPU. Completed
+    marks fold into running sums, so a long job keeps a handful of events, not all of them."""
 
-    def __init__(self, device):
+    def __init__(self, device: torch.device, num_stages: int):
+        self.device = device
         self.cuda = device.type == "cuda"
-        self.marks: list[tuple[int, object, object]] = []  # (stage, start, end)
+        self.marks: deque = deque()  # (stage, start, end), not yet folded
+        self.busy = [0.0] * num_stages
+        self.first_start = None
+        self.last_end = None
 
     def now(self):
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def seconds(self, start, end) -> float:
+    def add(self, stage: int, start, end) -> None:
+        if self.first_start is None:
+            self.first_start = start
+        self.last_end = end
+        self.marks.append((stage, start, end))
+        if len(self.marks) > 64:
+            self._fold()
+
+    def _fold(self) -> None:
+        while self.marks and (not self.cuda or self.marks[0][2].query()):
+            stage, start, end = self.marks.popleft()
+            self.busy[stage] += self._seconds(start, end)
+
+    def _seconds(self, start, end) -> float:
         return start.elapsed_time(end) / 1000 if self.cuda else end - start
 
-    def stats(self, num_stages: int) -> dict:
+    def stats(self) -> dict:
         """Per stage busy seconds and bubble fraction, and the share of the run the device had no
         work queued (it waited for the host). Stages share one device here, so they add up."""
-        if not self.marks:
+        if self.first_start is None:
             return {}
         if self.cuda:
-            self.marks[-1][2].synchronize()
-        busy = [0.0] * num_stages
-        for stage, start, end in self.marks:
-            busy[stage] += self.seconds(start, end)
-        wall = self.seconds(self.marks[0][1], self.marks[-1][2])
+            self.last_end.synchronize()
+        self._fold()
+        busy = self.busy
+        wall = self._seconds(self.first_start, self.last_end)
         return {
             "device_seconds": wall,
-            "stage_busy_seconds": busy,
+            "stage_busy_seconds": list(busy),
             "stage_bubble_fraction": [max(0.0, 1 - b / wall) if wall else 0.0 for b in busy],
             "device_waited_for_host_fraction": max(0.0, 1 - sum(busy) / wall) if wall else 0.0,
         }
@@ -63,10 +81,10 @@ class InProcessPipeline:
 
     def __init__(self, stages: list[StageExecutor]):
         self.stages = stages
-        self.clock = StageClock(stages[0].device)
+        self.start_run()
 
     def start_run(self) -> None:
-        self.clock = StageClock(self.stages[0].device)
+        self.clock = StageClock(self.stages[0].device, len(self.stages))
 
     def submit(self, plan: StagePlan) -> PendingTokens:
         hidden = None
@@ -75,13 +93,12 @@ class InProcessPipeline:
         return hidden
 
     def stats(self) -> dict:
-        return self.clock.stats(len(self.stages))
+        return self.clock.stats()
 
-    def apply(self, kv_ops, released: list[int]) -> None:
-        """KV operations and sampler releases without a step (after an aborted run)."""
+    def reset(self) -> None:
+        """Every stage back to no sequences (after an aborted run, maybe mid-step)."""
         for stage in self.stages:
-            apply_kv_ops(stage.kv, kv_ops)
-            stage.release(released)
+            stage.reset()
 
     def close(self) -> None:
         pass
@@ -96,6 +113,8 @@ def describe_run(stats: dict) -> str:
             "sequences on average")
     if "stage_busy_seconds" in stats:
         busy = ", ".join(f"{1 - bubble:.0%}" for bubble in stats["stage_bubble_fraction"])
-        line += (f"; stage busy {busy} of {stats['device_seconds']:.2f} s; device waited for the host "
-                 f"{stats['device_waited_for_host_fraction']:.0%}")
+        timed = "stage busy" if len(stats["stage_busy_seconds"]) == stats["stages"] else "stage 0 busy"
+        line += f"; {timed} {busy} of {stats['device_seconds']:.2f} s"
+    if "device_waited_for_host_fraction" in stats:
+        line += f"; device waited for the host {stats['device_waited_for_host_fraction']:.0%}"
     return line

@@ -115,6 +115,15 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.min_tokens)
 
 
+def device_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without a synchronisation: a pageable copy would wait for the
+    device to drain (and so for another micro-batch in flight); a pinned one is queued."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], token_histories: list[tuple[list[int], list[int]]],
                     blocked_token_ids: set[int]) -> torch.Tensor:
     """Logits with each row's penalties applied (a copy when any row has one).
@@ -129,15 +138,15 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], token_hi
     for row in rows:
         p, (prompt, output) = params[row], token_histories[row]
         if p.repetition_penalty != 1:
-            seen = torch.tensor(sorted(set(prompt) | set(output)), device=device)
+            seen = device_tensor(sorted(set(prompt) | set(output)), torch.int64, device)
             values = logits[row, seen]
             logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and output:
-            counts = torch.bincount(torch.tensor(output, device=device), minlength=vocab).to(logits.dtype)
+            counts = torch.bincount(device_tensor(output, torch.int64, device), minlength=vocab).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         if len(output) < p.min_tokens:
             blocked = [t for t in blocked_token_ids | set(p.stop_token_ids) if t < vocab]
-            logits[row, blocked] = float("-inf")
+            logits[row, device_tensor(blocked, torch.int64, device)] = float("-inf")
     return logits
 
 
@@ -177,10 +186,10 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
     random_rows = [row for row, p in enumerate(params) if not p.greedy]
     if random_rows:
         device, vocab = logits.device, logits.shape[1]
-        rows = torch.tensor(random_rows, device=device)
-        temperature = torch.tensor([params[r].temperature for r in random_rows], device=device)
-        top_k = torch.tensor([min(params[r].top_k or vocab, vocab) for r in random_rows], device=device)
-        top_p = torch.tensor([params[r].top_p for r in random_rows], device=device)
+        rows = device_tensor(random_rows, torch.int64, device)
+        temperature = device_tensor([float(params[r].temperature) for r in random_rows], torch.float32, device)
+        top_k = device_tensor([min(params[r].top_k or vocab, vocab) for r in random_rows], torch.int64, device)
+        top_p = device_tensor([float(params[r].top_p) for r in random_rows], torch.float32, device)
         sorted_logits, order = (logits[rows] / temperature[:, None]).sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)
         sorted_logits.masked_fill_(ranks[None, :] >= top_k[:, None], float("-inf"))
@@ -191,7 +200,8 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
         noise = torch.empty_like(probs).exponential_(generator=batch_generator)
         for index, row in enumerate(random_rows):
             if generators[row] is not None:
-                noise[index] = torch.empty(vocab).exponential_(generator=generators[row]).to(device)
+                own = torch.empty(vocab).exponential_(generator=generators[row])
+                noise[index] = own.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else own
         chosen[rows] = (probs / noise).argmax(dim=-1)
     if not any(p.logprobs for p in params):
         return chosen, None, None

@@ -18,8 +18,11 @@ Micro-batches: the running sequences form M groups that take turns (in a pipelin
 stage at a time; on one device, the host plans one group while the device runs another). The
 limits above apply to each group's step. The groups share the waiting queue and the KV pool; a
 group admits new requests only up to its fair share of all requests in the system, so the
-groups stay balanced and none waits behind a heavy one. A group's step never preempts another
-group's sequences, which may be in flight.
+groups stay balanced and none waits behind a heavy one. Preemption follows one order across the
+groups, as with one group: the newest admitted sequence goes first. When that sequence belongs to
+another group (whose step may be in flight, reading its KV), the blocked sequence waits a step and
+that group sheds its newest sequence at its next turn; groups evicting each other in turn could
+otherwise go on forever.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.groups: list[list[Sequence]] = [[] for _ in range(num_micro_batches)]  # each in admission order
         self.num_preemptions = 0
+        self._admissions = 0  # global admission counter: the preemption order across groups
+        self._must_shed: set[int] = set()  # groups to preempt their newest sequence at their next turn
 
     @property
     def running(self) -> list[Sequence]:
@@ -106,6 +111,10 @@ class Scheduler:
     def schedule(self, micro_batch: int = 0) -> StepPlan:
         """The next step of one micro-batch (empty when it has nothing it can run now)."""
         group = self.groups[micro_batch]
+        if micro_batch in self._must_shed:
+            self._must_shed.discard(micro_batch)
+            if group:
+                self._preempt(group, group[-1])
         plan = StepPlan([], [])
         if self.prefill_mode == "mixed":
             budget = self._schedule_decodes(group, plan, self.max_num_batched_tokens)
@@ -156,21 +165,27 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.micro_batch = micro_batch
+            seq.admission = self._admissions
+            self._admissions += 1
             group.append(seq)
             plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count))
             budget -= count
         return budget
 
     def _grow(self, group: list[Sequence], seq: Sequence, count: int) -> bool:
-        """Room for `count` more tokens of seq, preempting newer sequences of its group if needed."""
+        """Room for `count` more tokens of seq, preempting the newest sequences if needed (False:
+        seq does not run this step)."""
         while True:
             try:
                 self.kv.append(seq.seq_id, count)
                 return True
             except PoolExhaustedError:
-                victim = group[-1]
-                self._preempt(group, victim)
-                if victim is seq:
+                newest = max((s for g in self.groups for s in g), key=lambda s: s.admission)
+                if newest.micro_batch != seq.micro_batch:  # its group may be in flight: it sheds at its turn
+                    self._must_shed.add(newest.micro_batch)
+                    return False
+                self._preempt(group, newest)
+                if newest is seq:
                     return False
 
     def _preempt(self, group: list[Sequence], seq: Sequence) -> None:

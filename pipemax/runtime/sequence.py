@@ -31,6 +31,7 @@ class Sequence:
     stop_text_end: int | None = None  # output text is cut here when a stop string matched
     num_preemptions: int = 0
     micro_batch: int = 0  # the group it runs in (set when the scheduler admits it)
+    admission: int = 0  # when it was (last) admitted: the newest is preempted first
 
     def __post_init__(self):
         if not self.token_ids:

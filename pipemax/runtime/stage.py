@@ -39,12 +39,13 @@ class PendingTokens:
         self.seq_ids, self.params, self.on_result = seq_ids, params, on_result
         chosen, logprobs, top = sampled
         self.event = None
-        if chosen.device.type == "cuda":
+        device = chosen.device
+        if device.type == "cuda":
             # Into pinned memory without blocking the host; the event says when it has landed.
             chosen, logprobs, top = (_to_pinned(chosen), _to_pinned(logprobs),
                                      None if top is None else (_to_pinned(top[0]), _to_pinned(top[1])))
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(device))  # the copies' stream, on their device
         self.sampled = (chosen, logprobs, top)
         self._result: SampledTokens | None = None
 
@@ -106,8 +107,13 @@ class StageExecutor:
         if self.is_last:
             out = self._sample(plan, out)
         if clock is not None:
-            clock.marks.append((self.index, start, clock.now()))
+            clock.add(self.index, start, clock.now())
         return out
+
+    def reset(self) -> None:
+        """No sequence and every chunk free, whatever the last (maybe failed) step left."""
+        self.kv.reset()
+        self.samplers.clear()
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:

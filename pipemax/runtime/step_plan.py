@@ -76,6 +76,10 @@ class RecordingKVManager(KVManager):
         super().free(seq_id)
         self.log.append(("free", seq_id, 0))
 
+    def reset(self) -> None:
+        super().reset()
+        self.log = []
+
     def take_log(self) -> list[KVOp]:
         log, self.log = self.log, []
         return log

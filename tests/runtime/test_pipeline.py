@@ -27,6 +27,7 @@ def tiny(tmp_path_factory):
 
 
 def run(folder, prompts, params=None, **options):
+    options.setdefault("pipeline_transport", "inprocess")
     llm = LLM(model=str(folder), chunk_tokens=8, **options)
     params = params or SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm
@@ -74,7 +75,7 @@ def test_seeded_sampling_is_the_same_whatever_the_pipeline(tiny):
 
 def test_stage_kv_managers_follow_the_scheduler_through_plans_alone(tiny):
     folder, _, prompts = tiny
-    llm = LLM(model=str(folder), chunk_tokens=8, pipeline_parallel=3, micro_batches=3)
+    llm = LLM(model=str(folder), chunk_tokens=8, pipeline_parallel=3, micro_batches=3, pipeline_transport="inprocess")
     engine = llm.engine
     plans = []
     submit = engine.pipeline.submit
@@ -95,7 +96,7 @@ def test_stage_kv_managers_follow_the_scheduler_through_plans_alone(tiny):
 
 def test_an_aborted_pipelined_run_frees_every_stage(tiny):
     folder, _, prompts = tiny
-    llm = LLM(model=str(folder), chunk_tokens=8, pipeline_parallel=2, micro_batches=3)
+    llm = LLM(model=str(folder), chunk_tokens=8, pipeline_parallel=2, micro_batches=3, pipeline_transport="inprocess")
 
     def explode(index, result, text):
         raise KeyboardInterrupt
@@ -173,3 +174,61 @@ def test_last_run_stats_report_each_stage(tiny):
     assert len(stats["stage_busy_seconds"]) == 3 and all(b > 0 for b in stats["stage_busy_seconds"])
     assert sum(stats["stage_busy_seconds"]) <= stats["device_seconds"] * 1.001
     assert all(0 <= f <= 1 for f in stats["stage_bubble_fraction"] + [stats["device_waited_for_host_fraction"]])
+
+
+def test_stage_processes_give_the_same_ids_and_samples(tiny):
+    """The distributed transport: stages 1 and 2 are processes of their own (gloo on the CPU)."""
+    folder, _, prompts = tiny
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    seeded = [SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, ignore_eos=True, seed=7 + i, top_k=20,
+                             presence_penalty=0.5, logprobs=True) for i in range(len(prompts))]
+    reference, _ = run(folder, prompts, greedy)
+    reference_seeded, _ = run(folder, prompts, seeded)
+    tight = 14 * 8 * 3 * 2 * 2 * 32 * 4 / 2**30  # room for the longest sequence only: preemptions
+    with LLM(model=str(folder), chunk_tokens=8, pipeline_parallel=3, micro_batches=4, pipeline_transport="distributed",
+             max_num_batched_tokens=9, kv_cache_gib=tight / 3) as llm:  # per device: each holds 1 of 3 layers
+        assert llm.engine.distributed and len(llm.engine.pipeline.processes) == 2
+        assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == reference
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert [o.token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] == reference_seeded
+        processes = llm.engine.pipeline.processes
+    assert all(not process.is_alive() for process in processes)  # closed: no stage process is left
+
+
+@pytest.mark.parametrize("options", [dict(micro_batches=2), dict(pipeline_parallel=2, micro_batches=2),
+                                     dict(micro_batches=3, prefill_mode="mixed")])
+def test_groups_short_of_kv_do_not_evict_each_other_forever(tiny, options):
+    """A tight pool and two long prompts in different groups: preemption follows one order across
+    groups (the newest first), so the oldest always progresses, as with one group."""
+    folder, hf, _ = tiny
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (22, 46)]
+    six_chunks = 6 * 8 * 3 * 2 * 2 * 32 * 4 / 2**30
+    common = dict(kv_cache_gib=six_chunks, max_num_batched_tokens=16, max_num_seqs=2, max_model_len=48)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    reference, _ = run(folder, prompts, params, **common)
+    ids, llm = run(folder, prompts, params, **common, **options)
+    assert ids == reference
+    assert llm.last_run_stats["steps"] < 200
+
+
+def test_a_step_that_fails_midway_leaves_every_stage_clean(tiny, monkeypatch):
+    folder, _, prompts = tiny
+    llm = LLM(model=str(folder), chunk_tokens=8, pipeline_parallel=2, pipeline_transport="inprocess")
+    stage0 = llm.engine.stages[0]
+    forward, calls = stage0.runner.forward, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in stage 0 of the third step: stage 1 never sees it
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(stage0.runner, "forward", interrupted)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, params, use_tqdm=False)
+    for stage in llm.engine.stages:
+        assert stage.kv.gpu.num_free == stage.kv.gpu.num_chunks and not stage.kv.sequences and not stage.samplers
+    reference, _ = run(folder, prompts)
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == reference

@@ -1,0 +1,350 @@
+"""Stages as processes: the distributed transport, one process per stage, on one node.
+
+Rank 0 is the engine's process: it runs the scheduler and stage 0. It spawns ranks 1..P-1, each
+loading only its own layers on its own device (cuda:r, or the CPU). Step plans and sampled
+tokens travel as pickled messages over a gloo group; activations go point to point on the
+default group (NCCL between GPUs, gloo on the CPU). Every send is asynchronous, so no stage waits
+for its successor to take a message, and rank 0 only waits where the engine reads a result.
+
+    rank 0: stage 0, then plan + hidden -> rank 1 -> ... -> rank P-1: samples -> tokens -> rank 0
+
+Failure: rank 0 polls its receives and the stage processes; a stage that dies (its exit code or
+signal named) or sends nothing for `stage_timeout` seconds ends the run with StageFailure, and
+every stage process is ended. Stage processes die with rank 0 (PR_SET_PDEATHSIG), so none is
+left behind even when rank 0 is killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .kv_manager import KVManager
+from .kv_pool import KVPool, KVPoolSpec
+from .stage import StageExecutor
+from .step_plan import SampledTokens, StagePlan
+
+class StageFailure(RuntimeError):
+    """A stage process died or stopped answering: the job cannot go on."""
+
+
+@dataclass
+class StageSpec:
+    """What a stage process needs to build its stage (picklable)."""
+    rank: int
+    world_size: int
+    init_method: str
+    stage_timeout: float
+    model_path: str
+    layer_range: tuple[int, int]
+    device: str
+    dtype: torch.dtype
+    chunk_tokens: int
+    num_chunks: int
+    attention_backend: str
+    cuda_graphs: bool
+    max_num_seqs: int
+    max_model_len: int
+    eos_token_ids: set[int]
+    seed: int
+
+
+def share_cpu_cores(world_size: int) -> None:
+    """Stages on the CPU split the cores: P processes each running as many threads as there are
+    cores would spin against each other."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stage_devices(device: torch.device, world_size: int) -> list[str]:
+    """One device per stage: cuda:0..P-1 on GPUs, the CPU for every stage elsewhere."""
+    if device.type != "cuda":
+        return ["cpu"] * world_size
+    first = device.index or 0
+    count = torch.cuda.device_count()
+    if first + world_size > count:
+        raise ValueError(f"{world_size} stage processes need {world_size} GPUs from cuda:{first}, but this machine "
+                         f"has {count}")
+    return [f"cuda:{first + rank}" for rank in range(world_size)]
+
+
+# ---- messages -----------------------------------------------------------------------------------
+class Mailbox:
+    """Asynchronous pickled messages on a gloo group; sends are kept alive until done."""
+
+    def __init__(self, group):
+        self.group = group
+        self.sending: deque = deque()
+
+    def send(self, obj, dst: int, tensor: torch.Tensor | None = None, tensor_group=None) -> None:
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        works = [dist.isend(size, dst, group=self.group), dist.isend(payload, dst, group=self.group)]
+        if tensor is not None:
+            works.append(dist.isend(tensor, dst, group=tensor_group))
+        self.sending.append((works, size, payload, tensor))
+        while self.sending and all(work.is_completed() for work in self.sending[0][0]):
+            self.sending.popleft()
+
+    def flush(self) -> None:
+        for works, *_ in self.sending:
+            for work in works:
+                work.wait()
+        self.sending.clear()
+
+    def receive(self, src: int):
+        """The next message from src (blocking)."""
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src, group=self.group)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(payload, src, group=self.group)
+        return pickle.loads(payload.numpy().tobytes())
+
+
+# ---- rank 0 -------------------------------------------------------------------------------------
+class RemoteTokens:
+    """A step's sampled tokens, on their way back from the last stage."""
+
+    def __init__(self, pipeline: DistributedPipeline):
+        self.pipeline = pipeline
+        self._result: SampledTokens | None = None
+
+    def result(self) -> SampledTokens:
+        if self._result is None:
+            self._result = self.pipeline.receive_result()
+        return self._result
+
+
+class DistributedPipeline:
+    name = "distributed"
+
+    def __init__(self, stage0: StageExecutor, specs: list[StageSpec], backend: str):
+        self.stage0 = stage0
+        self.stages = [stage0]  # this process's stages (for stats)
+        self.world_size = len(specs) + 1
+        self.stage_timeout = specs[0].stage_timeout
+        self.devices = [str(stage0.device)] + [spec.device for spec in specs]
+        self.broken = False
+        context = mp.get_context("spawn")
+        self.errors = context.SimpleQueue()  # a stage's last words, when it can say them
+        self.processes = []
+        for spec in specs:
+            process = context.Process(target=stage_main, args=(spec, os.getpid(), self.errors), daemon=True,
+                                      name=f"pipemax-stage-{spec.rank}")
+            process.start()
+            self.processes.append(process)
+        self.threads_before = torch.get_num_threads()
+        if backend == "gloo":
+            share_cpu_cores(self.world_size)
+        try:
+            dist.init_process_group(backend, init_method=specs[0].init_method, rank=0, world_size=self.world_size,
+                                    timeout=timedelta(seconds=self.stage_timeout))
+            self.mailbox = Mailbox(dist.new_group(backend="gloo"))
+            self.activations = None  # the default group
+            for rank in range(1, self.world_size):  # each stage says when its weights are loaded
+                status = self._receive(rank, f"loading stage {rank}")
+                if status[0] != "ready":
+                    raise StageFailure(f"stage {rank} on {self.devices[rank]} failed to start: {status[1]}")
+        except BaseException:
+            self.close()
+            raise
+        from .pipeline import StageClock
+
+        self.clock = StageClock(stage0.device, 1)
+
+    def start_run(self) -> None:
+        from .pipeline import StageClock
+
+        self.clock = StageClock(self.stage0.device, 1)
+
+    def stats(self) -> dict:
+        stats = self.clock.stats()  # stage 0 only: the other stages' devices are timed in their own processes
+        stats.pop("device_waited_for_host_fraction", None)  # stage 0's idle time is mostly the others' turn
+        return stats
+
+    def submit(self, plan: StagePlan) -> RemoteTokens:
+        hidden = self.stage0.execute(plan, None, self.clock)
+        try:
+            self.mailbox.send(("step", plan), 1, hidden.contiguous(), self.activations)
+        except RuntimeError as error:  # the connection to stage 1 is gone
+            self.broken = True
+            self._raise_for_dead_stage("sending a step", patience=20)
+            raise StageFailure(f"the pipeline broke while sending a step: {error}") from None
+        return RemoteTokens(self)
+
+    def reset(self) -> None:
+        """Every stage back to no sequences (after an aborted run, maybe mid-step)."""
+        self.stage0.reset()
+        if not self.broken:  # a broken pipeline is being closed: its stages need no more news
+            self.mailbox.send(("reset",), 1)
+
+    def receive_result(self) -> SampledTokens:
+        message = self._receive(self.world_size - 1, "waiting for sampled tokens")
+        if message[0] == "error":
+            raise StageFailure(message[1])
+        return message[1]
+
+    def _receive(self, src: int, doing: str):
+        """A message from src, received on a helper thread while this one watches the stage
+        processes and the clock (a gloo receive cannot be polled, and blocks until it is met)."""
+        box: dict = {}
+
+        def receive() -> None:
+            try:
+                box["message"] = self.mailbox.receive(src)
+            except BaseException as error:  # the peer died: the watcher below says which and why
+                box["error"] = error
+
+        self.broken = True  # until the message is in: an exception from here on leaves the pipeline unusable
+        thread = threading.Thread(target=receive, daemon=True, name=f"pipemax-receive-{src}")
+        thread.start()
+        deadline = time.monotonic() + self.stage_timeout
+        while True:
+            thread.join(timeout=0.05)
+            if not thread.is_alive():
+                break
+            self._raise_for_dead_stage(doing, patience=0)
+            if time.monotonic() > deadline:
+                raise StageFailure(f"no answer from the pipeline for {self.stage_timeout:g} s while {doing} "
+                                   "(--stage-timeout): a stage hangs")
+        if "error" in box:
+            self._raise_for_dead_stage(doing, patience=20)  # a broken connection shows before the exit code
+            raise StageFailure(f"the pipeline broke while {doing}: {box['error']}")
+        self.broken = False
+        return box["message"]
+
+    def _raise_for_dead_stage(self, doing: str, patience: int) -> None:
+        for attempt in range(patience + 1):
+            for rank, process in enumerate(self.processes, start=1):
+                if not process.is_alive():
+                    said = "" if self.errors.empty() else f": {self.errors.get()}"
+                    raise StageFailure(f"stage {rank} on {self.devices[rank]} {_exit_reason(process.exitcode)} "
+                                       f"while {doing}{said}")
+            if attempt < patience:
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        """Stop every stage process: politely when they are well, by force after a moment."""
+        if dist.is_initialized() and not self.broken and all(p.is_alive() for p in self.processes):
+            try:
+                self.mailbox.send(("stop",), 1)
+                self.mailbox.flush()
+            except Exception:
+                pass
+        for process in self.processes:
+            process.join(timeout=5)
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        self.processes = []
+        torch.set_num_threads(self.threads_before)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "stopped"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+# ---- ranks 1..P-1 -------------------------------------------------------------------------------
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
+    """A stage process: build the stage, then apply step plans until told to stop."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 decides
+    backend = "nccl" if spec.device.startswith("cuda") else "gloo"
+    if backend == "gloo":
+        share_cpu_cores(spec.world_size)
+    dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
+                            timeout=timedelta(seconds=spec.stage_timeout))
+    mailbox = Mailbox(dist.new_group(backend="gloo"))
+    rank, last = spec.rank, spec.rank == spec.world_size - 1
+    try:
+        stage = build_stage(spec)
+    except Exception as error:
+        mailbox.send(("failed", f"{type(error).__name__}: {error}"), 0)
+        mailbox.flush()
+        dist.destroy_process_group()
+        return
+    mailbox.send(("ready",), 0)
+    hidden_size = stage.model.config.hidden_size
+    try:
+        while True:
+            message = mailbox.receive(rank - 1)
+            if message[0] == "stop":
+                if not last:
+                    mailbox.send(message, rank + 1)
+                break
+            if message[0] == "reset":
+                stage.reset()
+                if not last:
+                    mailbox.send(message, rank + 1)
+                continue
+            plan = message[1]
+            hidden = torch.empty(plan.num_tokens, hidden_size, dtype=spec.dtype, device=stage.device)
+            dist.recv(hidden, rank - 1)
+            out = stage.execute(plan, hidden)
+            if last:
+                mailbox.send(("tokens", out.result()), 0)
+            else:
+                mailbox.send(message, rank + 1, out.contiguous())
+    except Exception as error:  # tell rank 0 why: it names the stage and the cause
+        errors.put(f"{type(error).__name__}: {error}")
+        os._exit(1)
+    mailbox.flush()
+    dist.destroy_process_group()
+
+
+def build_stage(spec: StageSpec) -> StageExecutor:
+    from pipemax.models import load_model
+
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    start, end = spec.layer_range
+    model = load_model(spec.model_path, start, end, device=device, dtype=spec.dtype)
+    config = model.config
+    kv_spec = KVPoolSpec(end - start, config.num_kv_heads, config.head_dim, spec.chunk_tokens, spec.dtype)
+    stage = StageExecutor(spec.rank, model, KVPool(kv_spec, spec.num_chunks, 0, device, spec.attention_backend),
+                          KVManager(spec.num_chunks, 0, spec.chunk_tokens), spec.attention_backend,
+                          spec.eos_token_ids, spec.seed)
+    if spec.cuda_graphs and device.type == "cuda" and spec.attention_backend == "triton":
+        stage.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
+    return stage
