@@ -129,7 +129,8 @@ def job_command(model_folder, requests, out, *extra):
 
 def start_and_wait_for_results(command, out, count):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job in a terminal
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().count("\n") >= count:
@@ -139,16 +140,21 @@ def start_and_wait_for_results(command, out, count):
     raise AssertionError(f"the job ended or stalled before {count} results: {proc.communicate()[1][-2000:]}")
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_job_says_how_to_resume_and_keeps_every_result(model_folder, tmp_path, signum, code):
+@pytest.mark.parametrize("signum, code, pipeline", [(signal.SIGINT, 130, ()), (signal.SIGTERM, 143, ()),
+                                                    (signal.SIGINT, 130, ("--pipeline-parallel", "2"))],
+                         ids=["sigint", "sigterm", "sigint-stage-processes"])
+def test_interrupted_job_says_how_to_resume_and_keeps_every_result(model_folder, tmp_path, signum, code, pipeline):
     requests = tmp_path / "requests.jsonl"
     count = 12
     write_lines(requests, [completion(f"q{i}", f"tale {i}:", max_tokens=25, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
-    command = job_command(model_folder, requests, out)
+    command = job_command(model_folder, requests, out, *pipeline)
     proc, env = start_and_wait_for_results(command, out, 2)
-    proc.send_signal(signum)
+    stages = stage_processes(proc.pid)
+    # Ctrl-C in a terminal reaches the job's whole process group, stage processes included.
+    os.killpg(proc.pid, signum) if pipeline else proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
+    assert len(stages) == (1 if pipeline else 0) and not any(alive(pid) for pid in stages)
     assert proc.returncode == code, stderr[-2000:]
     assert "Traceback" not in stderr
     written = read_results(out)  # every line whole
