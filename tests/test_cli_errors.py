@@ -327,3 +327,19 @@ def test_killing_the_job_takes_its_stage_processes_with_it(model_folder, tmp_pat
     while time.time() < deadline and any(alive(pid) for pid in stages):
         time.sleep(0.1)
     assert not any(alive(pid) for pid in stages), "a stage process outlived the job"
+
+
+def test_a_stage_that_stops_answering_ends_the_job_within_the_timeout(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion(f"q{i}", f"rhyme {i}:", max_tokens=30, ignore_eos=True) for i in range(12)])
+    out = tmp_path / "out.jsonl"
+    job, _ = start_and_wait_for_results(job_command(model_folder, requests, out, "--pipeline-parallel", "2",
+                                                    "--stage-timeout", "4"), out, 1)
+    stages = stage_processes(job.pid)
+    os.kill(stages[0], signal.SIGSTOP)  # alive, but silent: a hung stage
+    started = time.time()
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 2 and time.time() - started < 4 + 15, stderr[-2000:]
+    assert "no answer from the pipeline for 4 s while waiting for sampled tokens (--stage-timeout)" in stderr
+    assert "Traceback" not in stderr and not any(alive(pid) for pid in stages)
+    read_results(out)  # whole lines only
