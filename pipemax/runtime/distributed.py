@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import queue
 import signal
 import socket
 import threading
@@ -129,45 +130,70 @@ class RemoteTokens:
     def result(self) -> SampledTokens:
         if self._result is None:
             self._result = self.pipeline.receive_result()
+            self.pipeline.owed -= 1
         return self._result
 
 
 class DistributedPipeline:
+    """Rank 0's side. Built in two moves, so the stage processes load their layers while this
+    process loads stage 0: the constructor spawns them, `attach` waits until they are ready."""
+
     name = "distributed"
 
-    def __init__(self, stage0: StageExecutor, specs: list[StageSpec], backend: str):
-        self.stage0 = stage0
-        self.stages = [stage0]  # this process's stages (for stats)
+    def __init__(self, specs: list[StageSpec], backend: str, device: torch.device):
+        if dist.is_initialized():
+            raise RuntimeError("one distributed pipeline per process: close() the other LLM first")
         self.world_size = len(specs) + 1
         self.stage_timeout = specs[0].stage_timeout
-        self.devices = [str(stage0.device)] + [spec.device for spec in specs]
-        self.broken = False
+        self.devices = [str(device)] + [spec.device for spec in specs]
+        self.broken = False  # a stage failed: only closing is left
+        self.owed = 0  # steps submitted whose tokens have not been read
+        self.stage0: StageExecutor | None = None
+        self.stages: list[StageExecutor] = []  # this process's stages (for stats)
         context = mp.get_context("spawn")
-        self.errors = context.SimpleQueue()  # a stage's last words, when it can say them
+        self.errors = context.SimpleQueue()  # (rank, last words) of a stage that fails
         self.processes = []
+        self.threads_before = torch.get_num_threads()
+        if backend == "gloo":
+            share_cpu_cores(self.world_size)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds rank 0 to the current device
         for spec in specs:
             process = context.Process(target=stage_main, args=(spec, os.getpid(), self.errors), daemon=True,
                                       name=f"pipemax-stage-{spec.rank}")
             process.start()
             self.processes.append(process)
-        self.threads_before = torch.get_num_threads()
-        if backend == "gloo":
-            share_cpu_cores(self.world_size)
         try:
-            dist.init_process_group(backend, init_method=specs[0].init_method, rank=0, world_size=self.world_size,
-                                    timeout=timedelta(seconds=self.stage_timeout))
-            self.mailbox = Mailbox(dist.new_group(backend="gloo"))
-            self.activations = None  # the default group
-            for rank in range(1, self.world_size):  # each stage says when its weights are loaded
-                status = self._receive(rank, f"loading stage {rank}")
+            try:
+                dist.init_process_group(backend, init_method=specs[0].init_method, rank=0,
+                                        world_size=self.world_size, timeout=timedelta(seconds=self.stage_timeout))
+                self.mailbox = Mailbox(dist.new_group(backend="gloo"))
+            except Exception as error:  # a stage that died at start leaves the rendezvous waiting
+                self._raise_for_dead_stage("starting", patience=20)
+                raise StageFailure(f"the stage processes did not join ({error})") from None
+            # One long-lived receiver per stage: a wait interrupted (Ctrl-C) loses no message.
+            self.inboxes = {rank: queue.Queue() for rank in range(1, self.world_size)}
+            for rank, inbox in self.inboxes.items():
+                threading.Thread(target=self._receive_forever, args=(rank, inbox), daemon=True,
+                                 name=f"pipemax-receive-{rank}").start()
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, stage0: StageExecutor) -> None:
+        """Stage 0 is built: wait until every stage process has loaded its layers."""
+        self.stage0, self.stages = stage0, [stage0]
+        self.devices[0] = str(stage0.device)
+        self.start_run()
+        try:
+            for rank in range(1, self.world_size):
+                # Loading a large stage takes minutes: the processes are watched, the clock less so.
+                status = self._receive(rank, f"loading stage {rank}", timeout=max(30 * self.stage_timeout, 1800))
                 if status[0] != "ready":
                     raise StageFailure(f"stage {rank} on {self.devices[rank]} failed to start: {status[1]}")
         except BaseException:
             self.close()
             raise
-        from .pipeline import StageClock
-
-        self.clock = StageClock(stage0.device, 1)
 
     def start_run(self) -> None:
         from .pipeline import StageClock
@@ -180,76 +206,98 @@ class DistributedPipeline:
         return stats
 
     def submit(self, plan: StagePlan) -> RemoteTokens:
+        if self.broken:
+            raise StageFailure("the pipeline has failed: start a new LLM")
         hidden = self.stage0.execute(plan, None, self.clock)
-        try:
-            self.mailbox.send(("step", plan), 1, hidden.contiguous(), self.activations)
-        except RuntimeError as error:  # the connection to stage 1 is gone
-            self.broken = True
-            self._raise_for_dead_stage("sending a step", patience=20)
-            raise StageFailure(f"the pipeline broke while sending a step: {error}") from None
+        # A decode step's output is a view of a CUDA-graph buffer that the next replay overwrites,
+        # maybe while NCCL still reads it: send a copy of its own.
+        hidden = hidden.clone() if hidden.is_cuda else hidden.contiguous()
+        self._send(("step", plan), hidden, "sending a step")
+        self.owed += 1
         return RemoteTokens(self)
 
     def reset(self) -> None:
-        """Every stage back to no sequences (after an aborted run, maybe mid-step)."""
+        """Every stage back to no sequences (after an aborted run, maybe mid-step): the tokens of
+        steps still in flight are read and dropped first, so none is mistaken for a later step's."""
         self.stage0.reset()
-        if not self.broken:  # a broken pipeline is being closed: its stages need no more news
-            self.mailbox.send(("reset",), 1)
+        if self.broken:  # being closed: its stages need no more news
+            return
+        while self.owed:
+            self.receive_result()
+            self.owed -= 1
+        self._send(("reset",), None, "resetting the stages")
+
+    def _send(self, message, tensor: torch.Tensor | None, doing: str) -> None:
+        try:
+            self.mailbox.send(message, 1, tensor, None)
+        except RuntimeError as error:  # the connection to stage 1 is gone
+            self.broken = True
+            self._raise_for_dead_stage(doing, patience=20)
+            raise StageFailure(f"the pipeline broke while {doing}: {error}") from None
 
     def receive_result(self) -> SampledTokens:
         message = self._receive(self.world_size - 1, "waiting for sampled tokens")
-        if message[0] == "error":
-            raise StageFailure(message[1])
         return message[1]
 
-    def _receive(self, src: int, doing: str):
-        """A message from src, received on a helper thread while this one watches the stage
-        processes and the clock (a gloo receive cannot be polled, and blocks until it is met)."""
-        box: dict = {}
-
-        def receive() -> None:
-            try:
-                box["message"] = self.mailbox.receive(src)
-            except BaseException as error:  # the peer died: the watcher below says which and why
-                box["error"] = error
-
-        self.broken = True  # until the message is in: an exception from here on leaves the pipeline unusable
-        thread = threading.Thread(target=receive, daemon=True, name=f"pipemax-receive-{src}")
-        thread.start()
-        deadline = time.monotonic() + self.stage_timeout
+    def _receive_forever(self, rank: int, inbox: queue.Queue) -> None:
         while True:
-            thread.join(timeout=0.05)
-            if not thread.is_alive():
+            try:
+                inbox.put(self.mailbox.receive(rank))
+            except BaseException as error:  # the peer is gone (or the group was destroyed)
+                inbox.put(("broken", error))
+                return
+
+    def _receive(self, src: int, doing: str, timeout: float | None = None):
+        """The next message from src, while watching the stage processes and the clock."""
+        deadline = time.monotonic() + (timeout or self.stage_timeout)
+        while True:
+            try:
+                message = self.inboxes[src].get(timeout=0.05)
                 break
+            except queue.Empty:
+                pass
             self._raise_for_dead_stage(doing, patience=0)
             if time.monotonic() > deadline:
-                raise StageFailure(f"no answer from the pipeline for {self.stage_timeout:g} s while {doing} "
-                                   "(--stage-timeout): a stage hangs")
-        if "error" in box:
+                self.broken = True
+                raise StageFailure(f"no answer from the pipeline for {timeout or self.stage_timeout:g} s while "
+                                   f"{doing} (--stage-timeout): a stage hangs")
+        if message[0] == "broken":
+            self.broken = True
             self._raise_for_dead_stage(doing, patience=20)  # a broken connection shows before the exit code
-            raise StageFailure(f"the pipeline broke while {doing}: {box['error']}")
-        self.broken = False
-        return box["message"]
+            raise StageFailure(f"the pipeline broke while {doing}: {message[1]}")
+        return message
 
     def _raise_for_dead_stage(self, doing: str, patience: int) -> None:
         for attempt in range(patience + 1):
             for rank, process in enumerate(self.processes, start=1):
                 if not process.is_alive():
-                    said = "" if self.errors.empty() else f": {self.errors.get()}"
+                    self.broken = True
+                    said = self._last_words(rank)
                     raise StageFailure(f"stage {rank} on {self.devices[rank]} {_exit_reason(process.exitcode)} "
                                        f"while {doing}{said}")
             if attempt < patience:
                 time.sleep(0.05)
 
+    def _last_words(self, rank: int) -> str:
+        words = ""
+        while not self.errors.empty():
+            sender, message = self.errors.get()
+            if sender == rank:
+                words = f": {message}"
+        return words
+
     def close(self) -> None:
-        """Stop every stage process: politely when they are well, by force after a moment."""
+        """End every stage process: politely when the pipeline is well, at once when it is not."""
         if dist.is_initialized() and not self.broken and all(p.is_alive() for p in self.processes):
             try:
+                self.reset() if self.stage0 is not None else None
                 self.mailbox.send(("stop",), 1)
                 self.mailbox.flush()
             except Exception:
-                pass
+                self.broken = True
+        deadline = time.monotonic() + (0 if self.broken else 5)
         for process in self.processes:
-            process.join(timeout=5)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
         for process in self.processes:
             if process.is_alive():
                 process.kill()
@@ -292,6 +340,8 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
     backend = "nccl" if spec.device.startswith("cuda") else "gloo"
     if backend == "gloo":
         share_cpu_cores(spec.world_size)
+    else:
+        torch.cuda.set_device(torch.device(spec.device))  # before NCCL binds this rank to a device
     dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
                             timeout=timedelta(seconds=spec.stage_timeout))
     mailbox = Mailbox(dist.new_group(backend="gloo"))
@@ -323,10 +373,10 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
             out = stage.execute(plan, hidden)
             if last:
                 mailbox.send(("tokens", out.result()), 0)
-            else:
-                mailbox.send(message, rank + 1, out.contiguous())
+            else:  # a copy of its own: a graph buffer is overwritten by the next replay
+                mailbox.send(message, rank + 1, out.clone() if out.is_cuda else out.contiguous())
     except Exception as error:  # tell rank 0 why: it names the stage and the cause
-        errors.put(f"{type(error).__name__}: {error}")
+        errors.put((rank, f"{type(error).__name__}: {error}"))
         os._exit(1)
     mailbox.flush()
     dist.destroy_process_group()

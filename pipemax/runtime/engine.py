@@ -91,10 +91,6 @@ class LLMEngine:
                                                        "stage on one device") from None
         else:
             self.stage_devices = [str(self.device)] * len(self.stage_ranges)
-        if model is None:  # the distributed rank 0 holds stage 0 only
-            end = self.stage_ranges[0][1] if self.distributed else None
-            model = load_model(path, 0, end, device=self.device, dtype=self.dtype, config=self.model_config)
-        self.model = model
         self._eos_token_ids = self._eos_token_ids_of(path)
 
         # One chunk count for every stage: the scheduler's decisions must fit each stage's pool.
@@ -125,6 +121,33 @@ class LLMEngine:
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
+        if self.distributed:  # the stage processes load their layers while this one loads stage 0
+            self.pipeline = self._spawn_stages(path, num_chunks, backend)
+        try:
+            if model is None:  # the distributed rank 0 holds stage 0 only
+                end = self.stage_ranges[0][1] if self.distributed else None
+                model = load_model(path, 0, end, device=self.device, dtype=self.dtype, config=self.model_config)
+            self.model = model
+            self._build_stages(model, specs, num_chunks, backend)
+        except BaseException:
+            if self.distributed:
+                self.pipeline.close()
+            raise
+        # The scheduler's own KV manager decides; every stage replays its log.
+        self.kv = RecordingKVManager(num_chunks, 0, config.chunk_tokens)
+        self.num_micro_batches = config.num_micro_batches
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
+                                   self.num_micro_batches)
+        self._sequences: dict[int, Sequence] = {}
+        self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
+        self._released: list[int] = []  # finished since the last plan: the last stage drops their state
+        self._in_flight: deque[InFlight] = deque()
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.last_run_stats: dict = {}
+
+    def _build_stages(self, model: LlamaFamilyModel, specs: list[KVPoolSpec], num_chunks: int, backend: str) -> None:
+        config = self.config
         local_ranges = self.stage_ranges[:1] if self.distributed else self.stage_ranges
         self.stages = []
         for index, ((start, end), spec) in enumerate(zip(local_ranges, specs)):
@@ -136,20 +159,9 @@ class LLMEngine:
             for stage in self.stages:
                 stage.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         if self.distributed:
-            self.pipeline = self._spawn_stages(path, num_chunks, backend)
+            self.pipeline.attach(self.stages[0])
         else:
             self.pipeline = InProcessPipeline(self.stages)
-        # The scheduler's own KV manager decides; every stage replays its log.
-        self.kv = RecordingKVManager(num_chunks, 0, config.chunk_tokens)
-        self.num_micro_batches = config.num_micro_batches
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
-                                   self.num_micro_batches)
-        self._sequences: dict[int, Sequence] = {}
-        self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
-        self._released: list[int] = []  # finished since the last plan: the last stage drops their state
-        self._ids = itertools.count()
-        self.num_steps = 0
-        self.last_run_stats: dict = {}
 
     def _spawn_stages(self, path: Path, num_chunks: int, backend: str) -> DistributedPipeline:
         config, world = self.config, len(self.stage_ranges)
@@ -159,7 +171,7 @@ class LLMEngine:
                            config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
                            config.seed)
                  for rank in range(1, world)]
-        return DistributedPipeline(self.stages[0], specs, "nccl" if self.device.type == "cuda" else "gloo")
+        return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device)
 
     def close(self) -> None:
         """End the stage processes of a distributed pipeline (nothing to do in process)."""
@@ -192,7 +204,7 @@ class LLMEngine:
             return 2**30
         if config.gpu_memory_gib:
             budget = int(config.gpu_memory_gib * 2**30)
-        elif device == self.device:  # 90% of what is free now (other processes, the weights already loaded count)
+        elif device.index == (self.device.index or 0) or device.index is None:  # 90% of what is free now (other processes, the weights already loaded count)
             free_now, _ = torch.cuda.mem_get_info(device)
             budget = int(0.9 * (free_now + torch.cuda.memory_allocated(device)))
         else:  # another stage's GPU: asking for its free memory would open a context there from this process
@@ -262,13 +274,14 @@ class LLMEngine:
         self._sequences.clear()
         self._new_seqs.clear()
         self._released = []
+        self._in_flight.clear()  # their tokens, if any come, are dropped by the pipeline's reset
         self.pipeline.reset()
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> Iterator[FinishedRequest]:
         """Step until every added request has finished, yielding each as it finishes. Afterwards
         `last_run_stats` holds the run's pipeline figures."""
-        in_flight: deque[InFlight] = deque()
+        in_flight = self._in_flight  # kept on the engine: an abort must account for steps still in flight
         self.pipeline.start_run()
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0
         while True:

@@ -191,6 +191,13 @@ def test_stage_processes_give_the_same_ids_and_samples(tiny):
         assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == reference
         assert llm.engine.scheduler.num_preemptions > 0
         assert [o.token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] == reference_seeded
+
+        def explode(index, result, text):  # interrupted with steps of several micro-batches in flight
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            llm.stream([(p, greedy) for p in prompts], explode)
+        assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == reference
         processes = llm.engine.pipeline.processes
     assert all(not process.is_alive() for process in processes)  # closed: no stage process is left
 
