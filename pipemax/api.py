@@ -169,7 +169,12 @@ class LLM:
         model_path = Path(model) if model is not None else default_model_path()
         self.tokenizer = load_tokenizer(model_path)
         config = EngineConfig(model=str(model_path), dtype=dtype, gpu_memory_gib=gpu_memory_gib, **engine_options)
-        self.engine = LLMEngine(config, tokenizer=self.tokenizer)
+        if config.data_parallel > 1:  # replicas in processes of their own; this one hands out the work
+            from pipemax.runtime.data_parallel import DataParallelEngine
+
+            self.engine = DataParallelEngine(config, tokenizer=self.tokenizer)
+        else:
+            self.engine = LLMEngine(config, tokenizer=self.tokenizer)
 
     # ---- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

@@ -41,6 +41,7 @@ FLAG_OF_OPTION = {
     "attention_backend": "--attention-backend", "prefill_mode": "--prefill-mode", "seed": "--seed",
     "pipeline_parallel": "--pipeline-parallel", "micro_batches": "--micro-batches",
     "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers", "stage_timeout": "--stage-timeout",
+    "data_parallel": "--data-parallel",
 }
 
 
@@ -81,6 +82,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline-transport", default="distributed", choices=["distributed", "inprocess"],
                        help="distributed: a process per stage, one GPU each (CPU processes without GPUs); "
                             "inprocess: every stage in this process on one device, taking turns")
+    group.add_argument("--data-parallel", type=int, default=1, metavar="R",
+                       help="replicas of the whole pipeline, each a process of its own on its own GPUs "
+                            "(8 GPUs = --pipeline-parallel 4 --data-parallel 2); results land in one file")
     group.add_argument("--stage-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="a stage process silent this long ends the job (default 60)")
     group.add_argument("--stage-layers", metavar="N,N,...",
@@ -95,6 +99,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         attention_backend=args.attention_backend, prefill_mode=args.prefill_mode, seed=args.seed,
         pipeline_parallel=args.pipeline_parallel, micro_batches=args.micro_batches,
         pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers, stage_timeout=args.stage_timeout,
+        data_parallel=args.data_parallel,
     )
 
 

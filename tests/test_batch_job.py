@@ -44,7 +44,8 @@ def serve(model_folder, input_path, output_path, *extra):
                  "--no-progress", "--max-model-len", "256", "--served-model-name", "tiny", "tiny-alias", *extra])
 
 
-@pytest.mark.parametrize("pipeline", [[], ["--pipeline-parallel", "2"]], ids=["one-stage", "two-stages"])
+@pytest.mark.parametrize("pipeline", [[], ["--pipeline-parallel", "2"], ["--data-parallel", "2"]],
+                         ids=["one-stage", "two-stages", "two-replicas"])
 def test_good_and_bad_lines(model_folder, tmp_path, capsys, pipeline):
     requests = tmp_path / "requests.jsonl"
     write_lines(requests, [
@@ -64,8 +65,11 @@ def test_good_and_bad_lines(model_folder, tmp_path, capsys, pipeline):
     summary = capsys.readouterr().out
     assert "4 succeeded, 6 failed, 0 already done" in summary and "tokens/s" in summary
     assert "failed: line 5 (line-5): line 5 is not valid JSON" in summary
-    assert f"pipeline: {2 if pipeline else 1} stage(s)" in summary
-    assert ("stage 0 busy" if pipeline else "device waited for the host") in summary  # stage processes: rank 0's
+    if "--data-parallel" in pipeline:
+        assert "data parallel: 2 replicas; pipeline: 1 stage(s)" in summary
+    else:
+        assert f"pipeline: {2 if pipeline else 1} stage(s)" in summary
+        assert ("stage 0 busy" if pipeline else "device waited for the host") in summary  # stage processes: rank 0's
 
     results = {r["custom_id"]: r for r in read_results(tmp_path / "out.jsonl")}
     assert len(results) == 10

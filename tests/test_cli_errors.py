@@ -343,3 +343,26 @@ def test_a_stage_that_stops_answering_ends_the_job_within_the_timeout(model_fold
     assert "no answer from the pipeline for 4 s while waiting for sampled tokens (--stage-timeout)" in stderr
     assert "Traceback" not in stderr and not any(alive(pid) for pid in stages)
     read_results(out)  # whole lines only
+
+
+def test_a_killed_replica_ends_the_job_cleanly_and_a_rerun_resumes(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    count = 16
+    write_lines(requests, [completion(f"q{i}", f"ode {i}:", max_tokens=30, ignore_eos=True) for i in range(count)])
+    out = tmp_path / "out.jsonl"
+    command = job_command(model_folder, requests, out, "--data-parallel", "2")
+    job, env = start_and_wait_for_results(command, out, 2)
+    replicas = stage_processes(job.pid)
+    assert len(replicas) == 2
+    os.kill(replicas[0], signal.SIGKILL)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+    assert "was killed by SIGKILL while running" in stderr and "run the same command again to resume" in stderr
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(pid) for pid in replicas):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in replicas)
+    read_results(out)  # whole lines only
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))

@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -86,6 +87,31 @@ def stage_devices(device: torch.device, world_size: int) -> list[str]:
     return [f"cuda:{first + rank}" for rank in range(world_size)]
 
 
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C or SIGTERM inside the block takes effect at its end: a message half sent (its size
+    but not its body), or taken from a queue but not yet counted, would leave the pipeline's
+    bookkeeping one step off. Outside the main thread, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda number, frame: caught.append((number, frame)))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for number, frame in caught[:1]:
+            handler = previous[number]
+            if callable(handler):
+                handler(number, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)
+
+
 # ---- messages -----------------------------------------------------------------------------------
 class Mailbox:
     """Asynchronous pickled messages on a gloo group; sends are kept alive until done."""
@@ -97,9 +123,10 @@ class Mailbox:
     def send(self, obj, dst: int, tensor: torch.Tensor | None = None, tensor_group=None) -> None:
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
-        works = [dist.isend(size, dst, group=self.group), dist.isend(payload, dst, group=self.group)]
-        if tensor is not None:
-            works.append(dist.isend(tensor, dst, group=tensor_group))
+        with deferred_interrupts():  # all of a message, or none of it
+            works = [dist.isend(size, dst, group=self.group), dist.isend(payload, dst, group=self.group)]
+            if tensor is not None:
+                works.append(dist.isend(tensor, dst, group=tensor_group))
         self.sending.append((works, size, payload, tensor))
         while self.sending and all(work.is_completed() for work in self.sending[0][0]):
             self.sending.popleft()
@@ -130,7 +157,6 @@ class RemoteTokens:
     def result(self) -> SampledTokens:
         if self._result is None:
             self._result = self.pipeline.receive_result()
-            self.pipeline.owed -= 1
         return self._result
 
 
@@ -224,7 +250,6 @@ class DistributedPipeline:
             return
         while self.owed:
             self.receive_result()
-            self.owed -= 1
         self._send(("reset",), None, "resetting the stages")
 
     def _send(self, message, tensor: torch.Tensor | None, doing: str) -> None:
@@ -236,6 +261,7 @@ class DistributedPipeline:
             raise StageFailure(f"the pipeline broke while {doing}: {error}") from None
 
     def receive_result(self) -> SampledTokens:
+        """The oldest owed step's tokens (`_receive` counts them off as it takes the message)."""
         message = self._receive(self.world_size - 1, "waiting for sampled tokens")
         return message[1]
 
@@ -252,7 +278,10 @@ class DistributedPipeline:
         deadline = time.monotonic() + (timeout or self.stage_timeout)
         while True:
             try:
-                message = self.inboxes[src].get(timeout=0.05)
+                with deferred_interrupts():  # a message taken is a message counted
+                    message = self.inboxes[src].get(timeout=0.05)
+                    if message[0] == "tokens":
+                        self.owed -= 1
                 break
             except queue.Empty:
                 pass

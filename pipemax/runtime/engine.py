@@ -50,6 +50,18 @@ class FinishedRequest:
     num_preemptions: int = 0
 
 
+def check_prompt_ids(prompt_token_ids: list[int], max_model_len: int, vocab: int) -> None:
+    """Raise ValueError for a prompt an engine of that context and vocabulary cannot serve."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the maximum context is "
+                         f"{max_model_len} tokens, output included")
+    bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+
+
 @dataclass
 class InFlight:
     micro_batch: int
@@ -244,15 +256,7 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError for a prompt this engine cannot serve."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the maximum context is "
-                             f"{self.max_model_len} tokens, output included")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        check_prompt_ids(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
 
     def add_request(self, prompt_token_ids: list[int], params) -> int:
         self.check_prompt(prompt_token_ids)

@@ -46,6 +46,7 @@ class EngineConfig:
     micro_batches: int | None = None  # micro-batches in flight; default: as many as stages
     pipeline_transport: str = "distributed"  # a process per stage and device, or inprocess (all on one device)
     stage_timeout: float = 60.0  # seconds without an answer from a stage process before the job ends
+    data_parallel: int = 1  # replicas of the whole pipeline, each in a process of its own
     stage_layers: tuple[int, ...] | None = None  # layers per stage; default: balanced by cost
 
     def __post_init__(self):
@@ -55,7 +56,7 @@ class EngineConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "pipeline_parallel"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "pipeline_parallel", "data_parallel"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(name, f"must be a positive integer, got {getattr(self, name)!r}")
         tokens = self.chunk_tokens

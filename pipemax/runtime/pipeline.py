@@ -106,6 +106,9 @@ class InProcessPipeline:
 
 def describe_run(stats: dict) -> str:
     """One line of a run's pipeline figures for summaries ("" when nothing ran)."""
+    if "replicas" in stats:
+        lines = [describe_run(replica) for replica in stats["replicas"]]
+        return f"data parallel: {len(lines)} replicas; " + " | ".join(line for line in lines if line)
     if not stats.get("steps"):
         return ""
     line = (f"pipeline: {stats['stages']} stage(s) of {'/'.join(map(str, stats['stage_layers']))} layers, "

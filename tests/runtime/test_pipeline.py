@@ -239,3 +239,19 @@ def test_a_step_that_fails_midway_leaves_every_stage_clean(tiny, monkeypatch):
         assert stage.kv.gpu.num_free == stage.kv.gpu.num_chunks and not stage.kv.sequences and not stage.samplers
     reference, _ = run(folder, prompts)
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == reference
+
+
+def test_data_parallel_replicas_give_the_same_ids(tiny):
+    folder, _, prompts = tiny
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, max_tokens=MAX_TOKENS, ignore_eos=True, seed=5)
+    reference, _ = run(folder, prompts, greedy)
+    reference_seeded, _ = run(folder, prompts, seeded)
+    with LLM(model=str(folder), chunk_tokens=8, data_parallel=2, pipeline_parallel=2) as llm:
+        assert len(llm.engine.processes) == 2
+        assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == reference
+        stats = llm.last_run_stats
+        assert len(stats["replicas"]) == 2 and all(r["steps"] > 0 for r in stats["replicas"])  # both worked
+        assert [o.token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] == reference_seeded
+        processes = llm.engine.processes
+    assert not any(process.is_alive() for process in processes)
