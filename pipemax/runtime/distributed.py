@@ -225,9 +225,20 @@ class DistributedPipeline:
         from .pipeline import StageClock
 
         self.clock = StageClock(self.stage0.device, 1)
+        # Each stage process reports its device time so far with every step: the run's share is
+        # the difference from where it stood when the run began.
+        self.stage_busy_at_start = dict(getattr(self, "stage_busy", {}))
+        self.stage_busy: dict[int, float] = dict(self.stage_busy_at_start)
 
     def stats(self) -> dict:
-        stats = self.clock.stats()  # stage 0 only: the other stages' devices are timed in their own processes
+        stats = self.clock.stats()
+        if not stats:
+            return stats
+        wall = stats["device_seconds"]  # stage 0's span of the run, which the other stages' steps share
+        busy = stats["stage_busy_seconds"] + [self.stage_busy.get(rank, 0.0) - self.stage_busy_at_start.get(rank, 0.0)
+                                              for rank in range(1, self.world_size)]
+        stats["stage_busy_seconds"] = busy
+        stats["stage_bubble_fraction"] = [max(0.0, 1 - b / wall) if wall else 0.0 for b in busy]
         stats.pop("device_waited_for_host_fraction", None)  # stage 0's idle time is mostly the others' turn
         return stats
 
@@ -238,7 +249,7 @@ class DistributedPipeline:
         # A decode step's output is a view of a CUDA-graph buffer that the next replay overwrites,
         # maybe while NCCL still reads it: send a copy of its own.
         hidden = hidden.clone() if hidden.is_cuda else hidden.contiguous()
-        self._send(("step", plan), hidden, "sending a step")
+        self._send(("step", plan, {}), hidden, "sending a step")
         self.owed += 1
         return RemoteTokens(self)
 
@@ -263,6 +274,7 @@ class DistributedPipeline:
     def receive_result(self) -> SampledTokens:
         """The oldest owed step's tokens (`_receive` counts them off as it takes the message)."""
         message = self._receive(self.world_size - 1, "waiting for sampled tokens")
+        self.stage_busy.update(message[2])
         return message[1]
 
     def _receive_forever(self, rank: int, inbox: queue.Queue) -> None:
@@ -384,6 +396,9 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
         return
     mailbox.send(("ready",), 0)
     hidden_size = stage.model.config.hidden_size
+    from .pipeline import StageClock
+
+    clock = StageClock(stage.device, spec.world_size)
     try:
         while True:
             message = mailbox.receive(rank - 1)
@@ -396,14 +411,15 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
                 if not last:
                     mailbox.send(message, rank + 1)
                 continue
-            plan = message[1]
+            plan, busy = message[1], message[2]
             hidden = torch.empty(plan.num_tokens, hidden_size, dtype=spec.dtype, device=stage.device)
             dist.recv(hidden, rank - 1)
-            out = stage.execute(plan, hidden)
+            out = stage.execute(plan, hidden, clock)
+            busy = {**busy, rank: clock.folded_busy()}  # this stage's device time so far, for the run's stats
             if last:
-                mailbox.send(("tokens", out.result()), 0)
+                mailbox.send(("tokens", out.result(), busy), 0)
             else:  # a copy of its own: a graph buffer is overwritten by the next replay
-                mailbox.send(message, rank + 1, out.clone() if out.is_cuda else out.contiguous())
+                mailbox.send(("step", plan, busy), rank + 1, out.clone() if out.is_cuda else out.contiguous())
     except Exception as error:  # tell rank 0 why: it names the stage and the cause
         errors.put((rank, f"{type(error).__name__}: {error}"))
         os._exit(1)

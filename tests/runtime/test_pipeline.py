@@ -190,6 +190,8 @@ def test_stage_processes_give_the_same_ids_and_samples(tiny):
         assert llm.engine.distributed and len(llm.engine.pipeline.processes) == 2
         assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == reference
         assert llm.engine.scheduler.num_preemptions > 0
+        busy = llm.last_run_stats["stage_busy_seconds"]  # every stage process reports its own device time
+        assert len(busy) == 3 and all(b > 0 for b in busy)
         assert [o.token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] == reference_seeded
 
         def explode(index, result, text):  # interrupted with steps of several micro-batches in flight
