@@ -146,16 +146,13 @@ def preflight(args: argparse.Namespace) -> None:
 
 def check_partition(args: argparse.Namespace, config) -> None:
     """The stage split needs only the model's config.json: check it now, not after loading."""
-    from pipemax.models import load_model_config
+    from pipemax.models import model_config_at
     from pipemax.models.default_model import default_model_path
-    from pipemax.models.loader import find_weights
     from pipemax.runtime.partition import PartitionError, partition_layers
 
     path = Path(args.model) if args.model is not None else default_model_path()
-    kind, source = find_weights(path)
-    model_config = load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(path)
     try:
-        partition_layers(model_config, config.pipeline_parallel, list(config.stage_layers or []) or None)
+        partition_layers(model_config_at(path), config.pipeline_parallel, list(config.stage_layers or []) or None)
     except PartitionError as error:
         flag = "--stage-layers" if config.stage_layers else "--pipeline-parallel"
         raise JobError(f"{flag}: {error}") from None

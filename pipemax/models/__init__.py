@@ -8,7 +8,7 @@ contiguous layer range, so a pipeline stage loads only its own layers.
 from .attention import AttentionMetadata, ChunkedAttention
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError, load_model_config, model_config_from_hf
 from .llama import LlamaFamilyModel
-from .loader import WeightLoadError, load_model, load_weights
+from .loader import WeightLoadError, load_model, load_weights, model_config_at
 
 __all__ = [
     "AttentionMetadata",
@@ -21,5 +21,6 @@ __all__ = [
     "load_model",
     "load_model_config",
     "load_weights",
+    "model_config_at",
     "model_config_from_hf",
 ]

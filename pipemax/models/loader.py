@@ -211,6 +211,13 @@ def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, tor
         raise WeightLoadError(f"{len(missing)} parameter(s) not found in the checkpoint, e.g. {missing[:4]}")
 
 
+def model_config_at(model_path: str | Path) -> ModelConfig:
+    """The ModelConfig of a model folder or GGUF file (its config.json, or the GGUF header)."""
+    model_path = Path(model_path)
+    kind, source = find_weights(model_path)
+    return load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(model_path)
+
+
 def load_model(model_path: str | Path, layer_start: int = 0, layer_end: int | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                config: ModelConfig | None = None) -> LlamaFamilyModel:
@@ -218,8 +225,7 @@ def load_model(model_path: str | Path, layer_start: int = 0, layer_end: int | No
     model_path = Path(model_path)
     kind, source = find_weights(model_path)
     if config is None:
-        config = (load_model_config(source.parent, gguf_file=source.name) if kind == "gguf"
-                  else load_model_config(model_path))
+        config = model_config_at(model_path)
     layer_end = config.num_layers if layer_end is None else layer_end
     model = LlamaFamilyModel(config, layer_start, layer_end, device=device, dtype=dtype)
     wanted = stage_wants(config, layer_start, layer_end)

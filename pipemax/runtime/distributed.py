@@ -120,13 +120,14 @@ class Mailbox:
         self.group = group
         self.sending: deque = deque()
 
-    def send(self, obj, dst: int, tensor: torch.Tensor | None = None, tensor_group=None) -> None:
+    def send(self, obj, dst: int, tensor: torch.Tensor | None = None) -> None:
+        """obj pickled on this gloo group; tensor, if any, on the default group (NCCL between GPUs)."""
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
         with deferred_interrupts():  # all of a message, or none of it
             works = [dist.isend(size, dst, group=self.group), dist.isend(payload, dst, group=self.group)]
             if tensor is not None:
-                works.append(dist.isend(tensor, dst, group=tensor_group))
+                works.append(dist.isend(tensor, dst))
         self.sending.append((works, size, payload, tensor))
         while self.sending and all(work.is_completed() for work in self.sending[0][0]):
             self.sending.popleft()
@@ -163,8 +164,6 @@ class RemoteTokens:
 class DistributedPipeline:
     """Rank 0's side. Built in two moves, so the stage processes load their layers while this
     process loads stage 0: the constructor spawns them, `attach` waits until they are ready."""
-
-    name = "distributed"
 
     def __init__(self, specs: list[StageSpec], backend: str, device: torch.device):
         if dist.is_initialized():
@@ -245,7 +244,7 @@ class DistributedPipeline:
     def submit(self, plan: StagePlan) -> RemoteTokens:
         if self.broken:
             raise StageFailure("the pipeline has failed: start a new LLM")
-        hidden = self.stage0.execute(plan, None, self.clock)
+        hidden, _ = self.stage0.execute(plan, None, self.clock)
         # A decode step's output is a view of a CUDA-graph buffer that the next replay overwrites,
         # maybe while NCCL still reads it: send a copy of its own.
         hidden = hidden.clone() if hidden.is_cuda else hidden.contiguous()
@@ -265,7 +264,7 @@ class DistributedPipeline:
 
     def _send(self, message, tensor: torch.Tensor | None, doing: str) -> None:
         try:
-            self.mailbox.send(message, 1, tensor, None)
+            self.mailbox.send(message, 1, tensor)
         except RuntimeError as error:  # the connection to stage 1 is gone
             self.broken = True
             self._raise_for_dead_stage(doing, patience=20)
@@ -414,7 +413,7 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
             plan, busy = message[1], message[2]
             hidden = torch.empty(plan.num_tokens, hidden_size, dtype=spec.dtype, device=stage.device)
             dist.recv(hidden, rank - 1)
-            out = stage.execute(plan, hidden, clock)
+            out, _ = stage.execute(plan, hidden, clock)
             busy = {**busy, rank: clock.folded_busy()}  # this stage's device time so far, for the run's stats
             if last:
                 mailbox.send(("tokens", out.result(), busy), 0)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, load_model_config
-from pipemax.models.loader import find_weights
+from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, model_config_at
 
 from .engine_config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-exported)
 from .kv_manager import KVManager
@@ -78,13 +77,7 @@ class LLMEngine:
         self.dtype = config.resolved_dtype()
         self.tokenizer = tokenizer
         path = Path(config.model)
-        if model is None:
-            kind, source = find_weights(path)
-            self.model_config: ModelConfig = (
-                load_model_config(source.parent, gguf_file=source.name) if kind == "gguf" else load_model_config(path)
-            )
-        else:
-            self.model_config = model.config
+        self.model_config: ModelConfig = model_config_at(path) if model is None else model.config
         try:
             self.stage_ranges = partition_layers(self.model_config, config.pipeline_parallel,
                                                  list(config.stage_layers) if config.stage_layers else None)
@@ -109,8 +102,8 @@ class LLMEngine:
         specs = [KVPoolSpec(end - start, self.model_config.num_kv_heads, self.model_config.head_dim,
                             config.chunk_tokens, self.dtype) for start, end in self.stage_ranges]
         if self.distributed:  # a pool per device: the tightest decides
-            budgets = [self._kv_budget_bytes(torch.device(device), [stage_range])
-                       for device, stage_range in zip(self.stage_devices, self.stage_ranges)]
+            budgets = [self._kv_budget_bytes(torch.device(device), [stage_range], here=rank == 0)
+                       for rank, (device, stage_range) in enumerate(zip(self.stage_devices, self.stage_ranges))]
             num_chunks = min(budget // spec.chunk_bytes for budget, spec in zip(budgets, specs))
             kv_bytes, chunk_bytes = min(budgets), max(spec.chunk_bytes for spec in specs)
         else:  # every pool on this one device
@@ -207,8 +200,9 @@ class LLMEngine:
         return self.stages[0].runner
 
     # ---- setup helpers -----------------------------------------------------------------------
-    def _kv_budget_bytes(self, device: torch.device, stage_ranges: list[tuple[int, int]]) -> int:
-        """KV bytes for the pools on one device, which holds the stages in stage_ranges."""
+    def _kv_budget_bytes(self, device: torch.device, stage_ranges: list[tuple[int, int]], here: bool = True) -> int:
+        """KV bytes for the pools on one device, which holds the stages in stage_ranges; `here`:
+        the device this process runs on (another stage process's device is sized from its total)."""
         config = self.config
         if config.kv_cache_gib is not None:
             return int(config.kv_cache_gib * 2**30)
@@ -216,7 +210,7 @@ class LLMEngine:
             return 2**30
         if config.gpu_memory_gib:
             budget = int(config.gpu_memory_gib * 2**30)
-        elif device.index == (self.device.index or 0) or device.index is None:  # 90% of what is free now (other processes, the weights already loaded count)
+        elif here:  # 90% of what is free now (other processes, the weights already loaded count)
             free_now, _ = torch.cuda.mem_get_info(device)
             budget = int(0.9 * (free_now + torch.cuda.memory_allocated(device)))
         else:  # another stage's GPU: asking for its free memory would open a context there from this process

@@ -49,8 +49,23 @@ class ModelRunner:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def build_batch(self, plan: StagePlan):
-        """(input_ids or None, positions, metadata, rows whose logits are sampled), on the device."""
+    def build_batch(self, plan: StagePlan, shared=None):
+        """(input_ids, positions, metadata, sample rows), on the device; input_ids on the first
+        stage only, sample rows on the last only. Stages on one device pass the previous stage's
+        batch as `shared`: their chunk tables are the same (every stage replays the same KV
+        operations), so the positions and metadata are built once per step, not once per stage."""
+        def as_tensor(values, dtype=torch.int32):
+            return self.to_device(torch.tensor(values, dtype=dtype))
+
+        if shared is not None:
+            positions, meta = shared[1], shared[2]
+        else:
+            positions, meta = self._positions_and_metadata(plan, as_tensor)
+        input_ids = as_tensor(plan.token_ids, torch.int64) if self.model.is_first else None
+        sample_rows = as_tensor(plan.sample_rows(), torch.int64) if self.model.is_last else None
+        return input_ids, positions, meta, sample_rows
+
+    def _positions_and_metadata(self, plan: StagePlan, as_tensor):
         positions: list[int] = []
         slots: list[int] = []
         for seq_id, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
@@ -62,10 +77,6 @@ class ModelRunner:
         for q_len in prefill_counts:
             cu_seqlens.append(cu_seqlens[-1] + q_len)
         ends = [start + count for start, count in zip(plan.starts, plan.counts)]
-
-        def as_tensor(values, dtype=torch.int32):
-            return self.to_device(torch.tensor(values, dtype=dtype))
-
         meta = AttentionMetadata(
             slot_mapping=as_tensor(slots, torch.int64),
             num_decode_tokens=num_decode,
@@ -77,18 +88,12 @@ class ModelRunner:
             prefill_seq_lens=as_tensor(ends[num_decode:]),
             prefill_max_q_len=max(prefill_counts, default=0),
         )
-        input_ids = as_tensor(plan.token_ids, torch.int64) if self.model.is_first else None
-        return input_ids, as_tensor(positions, torch.int64), meta, as_tensor(plan.sample_rows(), torch.int64)
-
-    @torch.inference_mode()
-    def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [tokens, hidden] for the next stage, or on the last stage the logits
-        [sampling sequences, vocab] float32, in plan order (decode first, then prefill)."""
-        return self.forward(plan, self.build_batch(plan), hidden_in)
+        return as_tensor(positions, torch.int64), meta
 
     @torch.inference_mode()
     def forward(self, plan: StagePlan, batch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
-        """execute's device work, on a batch from build_batch."""
+        """The stage's device work on a batch from build_batch: hidden states [tokens, hidden] for
+        the next stage, or on the last stage the logits [sampling sequences, vocab] float32."""
         input_ids, positions, meta, sample_rows = batch
         inputs = input_ids if self.model.is_first else hidden_in
         if self.decode_graphs is not None and plan.num_decode == len(plan.seq_ids):

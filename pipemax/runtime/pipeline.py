@@ -82,8 +82,6 @@ class StageClock:
 
 
 class InProcessPipeline:
-    name = "inprocess"
-
     def __init__(self, stages: list[StageExecutor]):
         self.stages = stages
         self.start_run()
@@ -92,9 +90,9 @@ class InProcessPipeline:
         self.clock = StageClock(self.stages[0].device, len(self.stages))
 
     def submit(self, plan: StagePlan) -> PendingTokens:
-        hidden = None
+        hidden, batch = None, None
         for stage in self.stages:
-            hidden = stage.execute(plan, hidden, self.clock)
+            hidden, batch = stage.execute(plan, hidden, self.clock, batch)
         return hidden
 
     def stats(self) -> dict:

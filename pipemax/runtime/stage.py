@@ -49,9 +49,6 @@ class PendingTokens:
         self.sampled = (chosen, logprobs, top)
         self._result: SampledTokens | None = None
 
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
     def result(self) -> SampledTokens:
         if self._result is None:
             if self.event is not None:
@@ -85,15 +82,12 @@ class StageExecutor:
         self.eos_token_ids = eos_token_ids or set()
         self.batch_generator = torch.Generator(device=self.device).manual_seed(seed) if self.is_last else None
 
-    @property
-    def layers(self) -> tuple[int, int]:
-        return self.model.layer_start, self.model.layer_end
-
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.runner.enable_cuda_graphs(max_batch, max_model_len)
 
-    def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None, clock=None):
-        """Hidden states for the next stage, or on the last stage the step's PendingTokens.
+    def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None, clock=None, shared_batch=None):
+        """(hidden states for the next stage, or on the last stage the step's PendingTokens; the
+        batch, which a next stage on the same device may share: see ModelRunner.build_batch).
         A clock (pipeline.StageClock) marks when the device work starts and ends: the host's
         preparation of the batch before it is the device's wait for the host."""
         apply_kv_ops(self.kv, plan.kv_ops)
@@ -101,14 +95,14 @@ class StageExecutor:
             self.release(plan.released)
             for seq_id, prompt_token_ids, params in plan.new_seqs:
                 self.samplers[seq_id] = SamplerState(params, prompt_token_ids, make_generator(params))
-        batch = self.runner.build_batch(plan)
+        batch = self.runner.build_batch(plan, shared_batch)
         start = clock.now() if clock is not None else None
         out = self.runner.forward(plan, batch, hidden_in)
         if self.is_last:
             out = self._sample(plan, out)
         if clock is not None:
             clock.add(self.index, start, clock.now())
-        return out
+        return out, batch
 
     def reset(self) -> None:
         """No sequence and every chunk free, whatever the last (maybe failed) step left."""
