@@ -1,11 +1,18 @@
-"""Everything that moves, on one device so far:
+"""Everything that moves:
 
     scheduler.py     decides: which sequences run in the next step, chunked prefill, preemption
     kv_manager.py    counts: chunk ids per sequence, residency (GPU / host / in flight), no tensors
     kv_pool.py       owns the KV tensors (GPU pool, pinned host pool) and runs copies between them
+    device_tables.py a stage's chunk tables on its device, updated by changed chunks only;
+                     one packed upload per step, positions and slots derived on the device
     model_runner.py  builds a step's tensors and attention metadata, runs the model
     cuda_graphs.py   decode steps replayed from CUDA graphs, one per batch bucket
     sampling.py      SamplingParams, penalties, the sampler
+    step_plan.py     the record a step sends every stage (KV operations replayed, not tables)
+    stage.py         one pipeline stage: layers, KV pool and manager, sampler on the last
+    pipeline.py      the transport interface; in-process stages taking turns on one device
+    distributed.py   a process per stage (spawned on one node, or ranks under torchrun)
+    data_parallel.py R replicas of the pipeline, results into one stream
     engine.py        the loop: schedule -> run -> sample -> stop checks
 
 Imports point down: runtime may import models and kernels, never cli or the API.

@@ -97,7 +97,8 @@ class DecodeGraphs:
         self.positions[:batch].copy_(positions)
         self.slot_mapping[:batch].copy_(slot_mapping)
         self.slot_mapping[batch:bucket].fill_(-1)
-        self.chunk_tables[:batch, : chunk_tables.shape[1]].copy_(chunk_tables)
+        width = min(chunk_tables.shape[1], self.chunk_tables.shape[1])  # columns past max_model_len are unused
+        self.chunk_tables[:batch, :width].copy_(chunk_tables[:, :width])
         self.seq_lens[:batch].copy_(seq_lens)
         self.seq_lens[batch:bucket].fill_(1)
         self.graphs[bucket].replay()

@@ -91,6 +91,9 @@ class StageExecutor:
         A clock (pipeline.StageClock) marks when the device work starts and ends: the host's
         preparation of the batch before it is the device's wait for the host."""
         apply_kv_ops(self.kv, plan.kv_ops)
+        for op, seq_id, _ in plan.kv_ops:
+            if op == "free" and seq_id not in self.kv.sequences:
+                self.runner.tables.forget(seq_id)
         if self.is_last:
             self.release(plan.released)
             for seq_id, prompt_token_ids, params in plan.new_seqs:
@@ -107,6 +110,7 @@ class StageExecutor:
     def reset(self) -> None:
         """No sequence and every chunk free, whatever the last (maybe failed) step left."""
         self.kv.reset()
+        self.runner.tables.reset()
         self.samplers.clear()
 
     def release(self, seq_ids: list[int]) -> None:
