@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,12 +165,41 @@ def normalize_messages(messages) -> list[dict]:
     return normalized
 
 
+def serve_torchrun_worker(model: str | Path | None = None, **engine_options) -> bool:
+    """Under torchrun, on a rank other than 0: serve as a stage or a replica's head until rank 0
+    closes its LLM, then return True. Anywhere else: return False at once."""
+    from pipemax.runtime.cluster import join_cluster, launched_by_torchrun
+
+    if not launched_by_torchrun() or os.environ.get("RANK") == "0":
+        return False
+    from pipemax.runtime.data_parallel import serve_worker
+
+    model_path = Path(model) if model is not None else default_model_path()
+    config = EngineConfig(model=str(model_path), **engine_options)
+    cluster = join_cluster(config.pipeline_parallel, config.data_parallel)
+    serve_worker(cluster, config, load_tokenizer(model_path))
+    return True
+
+
 class LLM:
+    """The offline engine. Under torchrun, every rank runs the same script: on rank 0 LLM(...)
+    returns the engine of the whole world (P x R ranks); on the other ranks it serves as a stage or
+    replica head until rank 0 closes its LLM, then ends the process (SystemExit(0)). One LLM per
+    torchrun job."""
+
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", gpu_memory_gib: float | None = None,
                  **engine_options):
+        from pipemax.runtime.cluster import join_cluster, launched_by_torchrun
+
+        if serve_torchrun_worker(model, dtype=dtype, gpu_memory_gib=gpu_memory_gib, **engine_options):
+            raise SystemExit(0)
         model_path = Path(model) if model is not None else default_model_path()
         self.tokenizer = load_tokenizer(model_path)
         config = EngineConfig(model=str(model_path), dtype=dtype, gpu_memory_gib=gpu_memory_gib, **engine_options)
+        self.cluster = None
+        if launched_by_torchrun():  # rank 0: this process heads replica 0 and hands out the work
+            self.cluster = join_cluster(config.pipeline_parallel, config.data_parallel)
+            config = dataclasses.replace(config, device=str(self.cluster.device()))
         if config.data_parallel > 1:  # replicas in processes of their own; this one hands out the work
             from pipemax.runtime.data_parallel import DataParallelEngine
 
@@ -230,8 +261,14 @@ class LLM:
         return self._run(token_ids, [None] * len(token_ids), sampling_params, use_tqdm)
 
     def close(self) -> None:
-        """End the stage processes of a distributed pipeline (they also end with this process)."""
+        """End the stage processes of a distributed pipeline (they also end with this process);
+        under torchrun, tell every rank to stop."""
         self.engine.close()
+        if getattr(self, "cluster", None) is not None:
+            from pipemax.runtime.cluster import leave_cluster
+
+            leave_cluster()
+            self.cluster = None
 
     def __enter__(self) -> LLM:
         return self

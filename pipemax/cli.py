@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import signal
 import sys
@@ -175,6 +176,8 @@ def serve_offline(args: argparse.Namespace) -> int:
     from pipemax.runtime.distributed import StageFailure
 
     preflight(args)
+    if serve_as_torchrun_worker(args):  # ranks other than 0 under torchrun: stages and replica heads
+        return 0
     try:
         results, dropped_errors = ResultsFile.open(args.input_file, args.output_file, args.overwrite)
     except OutputFileError as error:
@@ -202,6 +205,18 @@ def serve_offline(args: argparse.Namespace) -> int:
         print(line)
     print(f"results: {results.path}")
     return summary.exit_code
+
+
+def serve_as_torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun, rank 0 runs the job (its files live on its node); every other rank serves
+    until rank 0 is done. False anywhere else."""
+    from pipemax.api import serve_torchrun_worker
+    from pipemax.runtime.engine import ConfigError
+
+    try:
+        return serve_torchrun_worker(args.model, **engine_options(args))
+    except ConfigError as error:
+        raise JobError(f"{FLAG_OF_OPTION.get(error.option, error.option)} {error.problem}") from None
 
 
 def load_llm(args: argparse.Namespace):
@@ -242,6 +257,18 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def exit_now_under_torchrun(rc: int) -> None:
+    """Under torchrun the job is over once its files are closed: leave at once with its status.
+    A normal exit would tear down torch.distributed under threads that a failed peer left inside
+    a gloo receive, and abort (SIGABRT) instead of exiting with rc."""
+    from pipemax.runtime.cluster import launched_by_torchrun
+
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -257,12 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve-offline":
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            return _serve_with_one_line_errors(args)
+            rc = _serve_with_one_line_errors(args)
         except KeyboardInterrupt as interruption:  # before the output was opened: nothing to resume
             print("interrupted before any request ran", file=sys.stderr)
-            return 143 if isinstance(interruption, Terminated) else 130
+            rc = 143 if isinstance(interruption, Terminated) else 130
         finally:
             signal.signal(signal.SIGTERM, previous)
+        exit_now_under_torchrun(rc)
+        return rc
     parser.print_help(sys.stderr)
     return 2
 

@@ -13,6 +13,7 @@
     pipeline.py      the transport interface; in-process stages taking turns on one device
     distributed.py   a process per stage (spawned on one node, or ranks under torchrun)
     data_parallel.py R replicas of the pipeline, results into one stream
+    cluster.py       under torchrun: the world of P x R ranks, rank roles, joining and leaving
     engine.py        the loop: schedule -> run -> sample -> stop checks
 
 Imports point down: runtime may import models and kernels, never cli or the API.

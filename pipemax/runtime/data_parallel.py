@@ -9,6 +9,10 @@ works as with one replica. `DataParallelEngine` answers the calls LLM makes of a
 Replicas die with this process (PR_SET_PDEATHSIG). A replica that dies ends the run with an
 error naming it; an interrupted run leaves the replicas mid-work, so the engine is then closed
 and a new LLM is needed (the batch job simply exits, and its rerun resumes).
+
+Under torchrun (cluster.py) the replicas are groups of ranks: replica 0 runs on a thread of rank
+0 (this process heads it), replica r is served by its head rank r x P over the world's gloo
+group. The hand-out, the results and the failure rules are the same.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import dataclasses
 import os
 import queue
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
 import torch
 import torch.multiprocessing as mp
 
+from .cluster import Cluster, current_cluster, leave_cluster
 from .distributed import StageFailure, _die_with_parent, _exit_reason
 from .engine import LLMEngine, check_prompt_ids
 from .engine_config import ConfigError, EngineConfig
@@ -40,31 +46,115 @@ def replica_configs(config: EngineConfig) -> list[EngineConfig]:
     return [dataclasses.replace(config, data_parallel=1, device=f"cuda:{first + r * stages}") for r in range(replicas)]
 
 
+class ProcessReplica:
+    """A replica in a process of its own, spawned on this node."""
+
+    def __init__(self, index: int, config: EngineConfig, tokenizer, outbox, replicas: int):
+        self.name = f"replica {index} on {config.device}"
+        context = mp.get_context("spawn")
+        self.inbox = context.Queue()
+        # Not daemonic: a replica with stage processes has children of its own.
+        self.process = context.Process(target=replica_main, name=f"pipemax-replica-{index}",
+                                       args=(index, config, tokenizer, self.inbox, outbox, os.getpid(), replicas))
+        self.process.start()
+
+    def send(self, batch) -> None:
+        self.inbox.put(batch)
+
+    def failure(self) -> str | None:
+        return None if self.process.is_alive() else _exit_reason(self.process.exitcode)
+
+    def join(self, timeout: float) -> None:
+        self.process.join(timeout=timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+
+
+class ThreadReplica:
+    """Under torchrun, replica 0: rank 0 heads it, on a thread beside the job."""
+
+    def __init__(self, index: int, config: EngineConfig, tokenizer, outbox, device: torch.device):
+        self.name = f"replica {index} on rank 0"
+        self.inbox: queue.Queue = queue.Queue()
+
+        def main() -> None:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+            serve_batches(index, lambda: LLMEngine(config, tokenizer=tokenizer), self.inbox.get, outbox.put)
+
+        self.thread = threading.Thread(target=main, name=f"pipemax-replica-{index}", daemon=True)
+        self.thread.start()
+
+    def send(self, batch) -> None:
+        self.inbox.put(batch)
+
+    def failure(self) -> str | None:
+        return None if self.thread.is_alive() else "stopped"
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout=timeout)  # a thread cannot be killed: a stuck one dies with the process
+
+
+class RemoteReplica:
+    """Under torchrun, replica r served by its head rank; its messages come in on a thread."""
+
+    def __init__(self, index: int, cluster: Cluster, outbox):
+        self.head = index * cluster.stages
+        self.name = f"replica {index} on rank {self.head}"
+        self.mailbox = cluster.mailbox
+        self.stopped = False
+
+        def receive_forever() -> None:
+            while True:
+                try:
+                    message = self.mailbox.receive(self.head)
+                except BaseException as error:  # the head rank is gone
+                    if not self.stopped:
+                        outbox.put((index, "error", f"lost the connection ({error})"))
+                    return
+                outbox.put(message)
+                if message[1] in ("closed", "failed"):
+                    return
+
+        threading.Thread(target=receive_forever, name=f"pipemax-replica-{index}", daemon=True).start()
+
+    def send(self, batch) -> None:
+        self.mailbox.send(batch, self.head)
+        self.stopped = batch is None
+
+    def failure(self) -> str | None:
+        return None  # a lost rank shows as a broken connection: an "error" message
+
+    def join(self, timeout: float) -> None:
+        pass  # torchrun ends the ranks
+
+
 class DataParallelEngine:
     def __init__(self, config: EngineConfig, tokenizer=None):
         self.config = config
         self.tokenizer = tokenizer
-        configs = replica_configs(config)
-        context = mp.get_context("spawn")
-        self.outbox = context.Queue()
-        self.inboxes = [context.Queue() for _ in configs]
         self.broken = False
-        self.processes = []
-        for rank, replica_config in enumerate(configs):
-            # Not daemonic: a replica with stage processes has children of its own.
-            process = context.Process(target=replica_main, name=f"pipemax-replica-{rank}",
-                                      args=(rank, replica_config, tokenizer, self.inboxes[rank], self.outbox,
-                                            os.getpid(), len(configs)))
-            process.start()
-            self.processes.append(process)
-        self.devices = [c.device for c in configs]
+        cluster = current_cluster()
+        if cluster is None:
+            configs = replica_configs(config)
+            context = mp.get_context("spawn")
+            self.outbox = context.Queue()
+            self.replicas = [ProcessReplica(index, replica_config, tokenizer, self.outbox, len(configs))
+                             for index, replica_config in enumerate(configs)]
+        else:
+            self.outbox = queue.Queue()
+            device = cluster.device()
+            first = dataclasses.replace(config, data_parallel=1, device=str(device))
+            self.replicas = [ThreadReplica(0, first, tokenizer, self.outbox, device)]
+            self.replicas += [RemoteReplica(index, cluster, self.outbox) for index in range(1, cluster.replicas)]
         try:
             ready = {}
-            while len(ready) < len(configs):  # loading takes as long as it takes: only deaths end the wait
-                rank, kind, *rest = self._next(None, "loading")
+            while len(ready) < len(self.replicas):  # loading takes as long as it takes: only deaths end the wait
+                index, kind, *rest = self._next(None, "loading")
                 if kind != "ready":
-                    raise StageFailure(f"replica {rank} on {self.devices[rank]} failed to start: {rest[0]}")
-                ready[rank] = rest
+                    raise StageFailure(f"{self.replicas[index].name} failed to start: {rest[0]}")
+                ready[index] = rest
         except BaseException:
             self.close()
             raise
@@ -74,6 +164,10 @@ class DataParallelEngine:
         self._ids = 0
         self.num_steps = 0
         self.last_run_stats: dict = {}
+
+    @property
+    def processes(self) -> list:
+        return [replica.process for replica in self.replicas if isinstance(replica, ProcessReplica)]
 
     # ---- what LLM asks of an engine ----------------------------------------------------------
     def check_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -92,29 +186,29 @@ class DataParallelEngine:
         """Hand out the added requests, balanced by work, and yield results as replicas finish them."""
         if self.broken:
             raise StageFailure("the replicas were stopped by an earlier interruption or failure: start a new LLM")
-        load = [0] * len(self.processes)
-        batches: list[list] = [[] for _ in self.processes]
+        load = [0] * len(self.replicas)
+        batches: list[list] = [[] for _ in self.replicas]
         for request in sorted(self._pending, key=lambda r: -(len(r[1]) + r[2].max_tokens)):
-            rank = load.index(min(load))
-            batches[rank].append(request)
-            load[rank] += len(request[1]) + request[2].max_tokens
+            index = load.index(min(load))
+            batches[index].append(request)
+            load[index] += len(request[1]) + request[2].max_tokens
         self._pending = []
         busy = set()
-        for rank, batch in enumerate(batches):
+        for index, batch in enumerate(batches):
             if batch:
-                self.inboxes[rank].put(batch)
-                busy.add(rank)
+                self.replicas[index].send(batch)
+                busy.add(index)
         stats = {}
         self.broken = True  # until every replica is idle again: an interruption leaves them mid-work
         while busy:
-            rank, kind, *rest = self._next(self.config.stage_timeout, "running")
+            index, kind, *rest = self._next(self.config.stage_timeout, "running")
             if kind == "done":
                 yield rest[0]
             elif kind == "idle":
-                busy.discard(rank)
-                stats[rank] = rest[0]
+                busy.discard(index)
+                stats[index] = rest[0]
             elif kind == "error":
-                raise StageFailure(f"replica {rank} on {self.devices[rank]} failed: {rest[0]}")
+                raise StageFailure(f"{self.replicas[index].name} failed: {rest[0]}")
         self.broken = False
         self.num_steps += sum(s.get("steps", 0) for s in stats.values())
         self.last_run_stats = {"replicas": [stats[r] for r in sorted(stats)], "steps": self.num_steps}
@@ -125,16 +219,14 @@ class DataParallelEngine:
             self.close()
 
     def close(self) -> None:
-        for inbox, process in zip(self.inboxes, self.processes):
-            if process.is_alive() and not self.broken:
-                inbox.put(None)
+        if not self.broken:
+            for replica in self.replicas:
+                if replica.failure() is None:
+                    replica.send(None)
         deadline = time.monotonic() + (0 if self.broken else 10)
-        for process in self.processes:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
-        self.processes, self.broken = [], True
+        for replica in self.replicas:
+            replica.join(max(0.0, deadline - time.monotonic()))
+        self.replicas, self.broken = [], True
 
     def _next(self, silence_limit: float | None, doing: str):
         """The next message of any replica, watching that every replica lives."""
@@ -144,39 +236,66 @@ class DataParallelEngine:
                 return self.outbox.get(timeout=0.05)
             except queue.Empty:
                 pass
-            for rank, process in enumerate(self.processes):
-                if not process.is_alive():
+            for replica in self.replicas:
+                reason = replica.failure()
+                if reason is not None:
+                    try:  # its last words, if it sent any, say more than its end
+                        return self.outbox.get(timeout=0.5)
+                    except queue.Empty:
+                        pass
                     self.broken = True
-                    raise StageFailure(f"replica {rank} on {self.devices[rank]} {_exit_reason(process.exitcode)} "
-                                       f"while {doing}")
+                    raise StageFailure(f"{replica.name} {reason} while {doing}")
             if deadline is not None and time.monotonic() > deadline:
                 self.broken = True
                 raise StageFailure(f"no result from any replica for {silence_limit:g} s while {doing} "
                                    "(--stage-timeout): a replica hangs")
 
 
-def replica_main(rank: int, config: EngineConfig, tokenizer, inbox, outbox, parent_pid: int, replicas: int) -> None:
-    """One replica: an engine (with its own stage processes when pipelined) serving batches."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    if config.resolved_device().type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas))
+def serve_batches(index: int, make_engine, next_batch, send) -> None:
+    """A replica's life: build the engine, say so, then serve batches until None arrives."""
     try:
-        engine = LLMEngine(config, tokenizer=tokenizer)
+        engine = make_engine()
     except Exception as error:
-        outbox.put((rank, "failed", f"{type(error).__name__}: {error}"))
+        send((index, "failed", f"{type(error).__name__}: {error}"))
         return
-    outbox.put((rank, "ready", engine.max_model_len, engine.model_config.vocab_size))
+    send((index, "ready", engine.max_model_len, engine.model_config.vocab_size))
     try:
-        while (batch := inbox.get()) is not None:
+        while (batch := next_batch()) is not None:
             parent_id = {}
             for seq_id, token_ids, params in batch:
                 parent_id[engine.add_request(token_ids, params)] = seq_id
             for result in engine.run():
                 result.seq_id = parent_id[result.seq_id]
-                outbox.put((rank, "done", result))
-            outbox.put((rank, "idle", engine.last_run_stats))
+                send((index, "done", result))
+            send((index, "idle", engine.last_run_stats))
     except Exception as error:
-        outbox.put((rank, "error", f"{type(error).__name__}: {error}"))
+        send((index, "error", f"{type(error).__name__}: {error}"))
     finally:
         engine.close()
+    send((index, "closed"))
+
+
+def replica_main(index: int, config: EngineConfig, tokenizer, inbox, outbox, parent_pid: int, replicas: int) -> None:
+    """One spawned replica: an engine (with its own stage processes when pipelined) serving batches."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    if config.resolved_device().type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas))
+    serve_batches(index, lambda: LLMEngine(config, tokenizer=tokenizer), inbox.get, outbox.put)
+
+
+def serve_worker(cluster: Cluster, config: EngineConfig, tokenizer=None) -> None:
+    """A torchrun rank other than 0: a replica's head serves rank 0's batches; any other rank is a
+    stage, built from the spec its head sends. Returns when rank 0 (or the head) says stop."""
+    from .distributed import serve_stage_rank
+
+    try:
+        if not cluster.is_head:
+            serve_stage_rank(cluster)
+            return
+        config = dataclasses.replace(config, data_parallel=1, device=str(cluster.device()))
+        mailbox = cluster.mailbox
+        serve_batches(cluster.rank // cluster.stages, lambda: LLMEngine(config, tokenizer=tokenizer),
+                      lambda: mailbox.receive(0), lambda message: mailbox.send(message, 0))
+    finally:
+        leave_cluster()

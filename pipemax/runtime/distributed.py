@@ -1,7 +1,9 @@
-"""Stages as processes: the distributed transport, one process per stage, on one node.
+"""Stages as processes: the distributed transport, one process per stage.
 
-Rank 0 is the engine's process: it runs the scheduler and stage 0. It spawns ranks 1..P-1, each
-loading only its own layers on its own device (cuda:r, or the CPU). Step plans and sampled
+Rank 0 is the engine's process: it runs the scheduler and stage 0. On one node it spawns ranks
+1..P-1, each loading only its own layers on its own device (cuda:r, or the CPU). Under torchrun
+(cluster.py) the ranks already exist, on any node: the head sends each its StageSpec, and a
+replica's ranks are head..head+P-1 of a larger world. Step plans and sampled
 tokens travel as pickled messages over a gloo group; activations go point to point on the
 default group (NCCL between GPUs, gloo on the CPU). Every send is asynchronous, so no stage waits
 for its successor to take a message, and rank 0 only waits where the engine reads a result.
@@ -11,7 +13,8 @@ for its successor to take a message, and rank 0 only waits where the engine read
 Failure: rank 0 polls its receives and the stage processes; a stage that dies (its exit code or
 signal named) or sends nothing for `stage_timeout` seconds ends the run with StageFailure, and
 every stage process is ended. Stage processes die with rank 0 (PR_SET_PDEATHSIG), so none is
-left behind even when rank 0 is killed.
+left behind even when rank 0 is killed. Under torchrun a stage's failure reaches the head as its
+last words or as a broken connection, and torchrun ends every rank.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -61,6 +64,11 @@ class StageSpec:
     max_model_len: int
     eos_token_ids: set[int]
     seed: int
+    head_rank: int = 0  # the rank of the pipeline's stage 0 (not 0 for other replicas under torchrun)
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.head_rank + self.world_size - 1
 
 
 def share_cpu_cores(world_size: int) -> None:
@@ -114,10 +122,18 @@ def deferred_interrupts():
 
 # ---- messages -----------------------------------------------------------------------------------
 class Mailbox:
-    """Asynchronous pickled messages on a gloo group; sends are kept alive until done."""
+    """Asynchronous pickled messages on a gloo group; sends are kept alive until done.
 
-    def __init__(self, group):
+    A gloo send never reports itself complete until waited on, so the oldest sends are waited for
+    once more than MAX_IN_FLIGHT are outstanding: by then their receiver has long taken them (it
+    is at most a few steps behind), and without it every message and activation of a long job
+    would stay in memory."""
+
+    MAX_IN_FLIGHT = 16
+
+    def __init__(self, group, patience: float | None = None):
         self.group = group
+        self.patience = patience  # seconds a peer may leave a message untaken before sends fail
         self.sending: deque = deque()
 
     def send(self, obj, dst: int, tensor: torch.Tensor | None = None) -> None:
@@ -128,15 +144,29 @@ class Mailbox:
             works = [dist.isend(size, dst, group=self.group), dist.isend(payload, dst, group=self.group)]
             if tensor is not None:
                 works.append(dist.isend(tensor, dst))
-        self.sending.append((works, size, payload, tensor))
-        while self.sending and all(work.is_completed() for work in self.sending[0][0]):
+            self.sending.append((works, size, payload, tensor))
+        while len(self.sending) > self.MAX_IN_FLIGHT:
+            for work in self.sending[0][0]:
+                if self.patience is None:
+                    work.wait()
+                elif not _wait(work, self.patience):
+                    raise RuntimeError(f"rank {dst} took no message for {self.patience:g} s")
             self.sending.popleft()
 
-    def flush(self) -> None:
-        for works, *_ in self.sending:
-            for work in works:
-                work.wait()
-        self.sending.clear()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every send is done (at most `timeout` seconds: a peer that has left never
+        takes its last message). True if all were."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.sending:
+            for work in self.sending[0][0]:
+                if deadline is None:
+                    work.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not _wait(work, left):
+                        return False
+            self.sending.popleft()
+        return True
 
     def receive(self, src: int):
         """The next message from src (blocking)."""
@@ -165,20 +195,44 @@ class DistributedPipeline:
     """Rank 0's side. Built in two moves, so the stage processes load their layers while this
     process loads stage 0: the constructor spawns them, `attach` waits until they are ready."""
 
-    def __init__(self, specs: list[StageSpec], backend: str, device: torch.device):
-        if dist.is_initialized():
+    def __init__(self, specs: list[StageSpec], backend: str, device: torch.device, cluster=None):
+        """Spawns the stages' processes on this node, or with a torchrun `cluster`, sends its stage
+        ranks their specs."""
+        self.cluster = cluster
+        if dist.is_initialized() and cluster is None:
             raise RuntimeError("one distributed pipeline per process: close() the other LLM first")
         self.world_size = len(specs) + 1
+        self.head = specs[0].head_rank
+        self.last_rank = self.head + self.world_size - 1
         self.stage_timeout = specs[0].stage_timeout
-        self.devices = [str(device)] + [spec.device for spec in specs]
+        self.devices = [str(device)] + [spec.device if cluster is None else f"rank {spec.rank}" for spec in specs]
         self.broken = False  # a stage failed: only closing is left
         self.owed = 0  # steps submitted whose tokens have not been read
         self.stage0: StageExecutor | None = None
         self.stages: list[StageExecutor] = []  # this process's stages (for stats)
         context = mp.get_context("spawn")
-        self.errors = context.SimpleQueue()  # (rank, last words) of a stage that fails
+        self.errors = context.SimpleQueue()  # (rank, last words) of a spawned stage that fails
         self.processes = []
         self.threads_before = torch.get_num_threads()
+        if cluster is None:
+            self._spawn(specs, backend, device, context)
+        else:
+            self.mailbox = cluster.mailbox
+            self.mailbox.patience = self.stage_timeout
+            for spec in specs:
+                self.mailbox.send(("spec", spec), spec.rank)
+        try:
+            # One long-lived receiver per stage: a wait interrupted (Ctrl-C) loses no message.
+            self.inboxes = {rank: queue.Queue() for rank in range(self.head + 1, self.last_rank + 1)}
+            self.receivers = [threading.Thread(target=self._receive_forever, args=(rank, inbox), daemon=True,
+                                               name=f"pipemax-receive-{rank}") for rank, inbox in self.inboxes.items()]
+            for receiver in self.receivers:
+                receiver.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, specs: list[StageSpec], backend: str, device: torch.device, context) -> None:
         if backend == "gloo":
             share_cpu_cores(self.world_size)
         if device.type == "cuda":
@@ -189,21 +243,16 @@ class DistributedPipeline:
             process.start()
             self.processes.append(process)
         try:
+            dist.init_process_group(backend, init_method=specs[0].init_method, rank=0,
+                                    world_size=self.world_size, timeout=timedelta(seconds=self.stage_timeout))
+            self.mailbox = Mailbox(dist.new_group(backend="gloo"))
+        except Exception as error:  # a stage that died at start leaves the rendezvous waiting
             try:
-                dist.init_process_group(backend, init_method=specs[0].init_method, rank=0,
-                                        world_size=self.world_size, timeout=timedelta(seconds=self.stage_timeout))
-                self.mailbox = Mailbox(dist.new_group(backend="gloo"))
-            except Exception as error:  # a stage that died at start leaves the rendezvous waiting
                 self._raise_for_dead_stage("starting", patience=20)
                 raise StageFailure(f"the stage processes did not join ({error})") from None
-            # One long-lived receiver per stage: a wait interrupted (Ctrl-C) loses no message.
-            self.inboxes = {rank: queue.Queue() for rank in range(1, self.world_size)}
-            for rank, inbox in self.inboxes.items():
-                threading.Thread(target=self._receive_forever, args=(rank, inbox), daemon=True,
-                                 name=f"pipemax-receive-{rank}").start()
-        except BaseException:
-            self.close()
-            raise
+            except BaseException:
+                self.close()
+                raise
 
     def attach(self, stage0: StageExecutor) -> None:
         """Stage 0 is built: wait until every stage process has loaded its layers."""
@@ -211,11 +260,12 @@ class DistributedPipeline:
         self.devices[0] = str(stage0.device)
         self.start_run()
         try:
-            for rank in range(1, self.world_size):
+            for rank in self.inboxes:
                 # Loading a large stage takes minutes: the processes are watched, the clock less so.
-                status = self._receive(rank, f"loading stage {rank}", timeout=max(30 * self.stage_timeout, 1800))
+                stage = rank - self.head
+                status = self._receive(rank, f"loading stage {stage}", timeout=max(30 * self.stage_timeout, 1800))
                 if status[0] != "ready":
-                    raise StageFailure(f"stage {rank} on {self.devices[rank]} failed to start: {status[1]}")
+                    raise StageFailure(f"stage {stage} on {self.devices[stage]} failed to start: {status[1]}")
         except BaseException:
             self.close()
             raise
@@ -235,7 +285,7 @@ class DistributedPipeline:
             return stats
         wall = stats["device_seconds"]  # stage 0's span of the run, which the other stages' steps share
         busy = stats["stage_busy_seconds"] + [self.stage_busy.get(rank, 0.0) - self.stage_busy_at_start.get(rank, 0.0)
-                                              for rank in range(1, self.world_size)]
+                                              for rank in self.inboxes]
         stats["stage_busy_seconds"] = busy
         stats["stage_bubble_fraction"] = [max(0.0, 1 - b / wall) if wall else 0.0 for b in busy]
         stats.pop("device_waited_for_host_fraction", None)  # stage 0's idle time is mostly the others' turn
@@ -264,7 +314,7 @@ class DistributedPipeline:
 
     def _send(self, message, tensor: torch.Tensor | None, doing: str) -> None:
         try:
-            self.mailbox.send(message, 1, tensor)
+            self.mailbox.send(message, self.head + 1, tensor)
         except RuntimeError as error:  # the connection to stage 1 is gone
             self.broken = True
             self._raise_for_dead_stage(doing, patience=20)
@@ -272,17 +322,20 @@ class DistributedPipeline:
 
     def receive_result(self) -> SampledTokens:
         """The oldest owed step's tokens (`_receive` counts them off as it takes the message)."""
-        message = self._receive(self.world_size - 1, "waiting for sampled tokens")
+        message = self._receive(self.last_rank, "waiting for sampled tokens")
         self.stage_busy.update(message[2])
         return message[1]
 
     def _receive_forever(self, rank: int, inbox: queue.Queue) -> None:
         while True:
             try:
-                inbox.put(self.mailbox.receive(rank))
+                message = self.mailbox.receive(rank)
             except BaseException as error:  # the peer is gone (or the group was destroyed)
                 inbox.put(("broken", error))
                 return
+            if message[0] == "stopped":  # the stage's last message
+                return
+            inbox.put(message)
 
     def _receive(self, src: int, doing: str, timeout: float | None = None):
         """The next message from src, while watching the stage processes and the clock."""
@@ -301,13 +354,28 @@ class DistributedPipeline:
                 self.broken = True
                 raise StageFailure(f"no answer from the pipeline for {timeout or self.stage_timeout:g} s while "
                                    f"{doing} (--stage-timeout): a stage hangs")
-        if message[0] == "broken":
-            self.broken = True
-            self._raise_for_dead_stage(doing, patience=20)  # a broken connection shows before the exit code
-            raise StageFailure(f"the pipeline broke while {doing}: {message[1]}")
+        if message[0] in ("broken", "error"):
+            self._raise_for_failed_stage(src, message, doing)
         return message
 
+    def _raise_for_failed_stage(self, rank: int, message, doing: str) -> None:
+        self.broken = True
+        self._raise_for_dead_stage(doing, patience=20)  # a broken connection shows before the exit code
+        stage = rank - self.head
+        if message[0] == "error":  # a torchrun rank's last words
+            raise StageFailure(f"stage {stage} on {self.devices[stage]} failed while {doing}: {message[1]}")
+        raise StageFailure(f"the pipeline broke while {doing}: stage {stage} on {self.devices[stage]} is gone "
+                           f"({message[1]})")
+
     def _raise_for_dead_stage(self, doing: str, patience: int) -> None:
+        if self.cluster is not None:  # no processes of ours: a failure shows as a message
+            for rank, inbox in self.inboxes.items():
+                if rank != self.last_rank and not inbox.empty():
+                    message = inbox.queue[0]
+                    if message[0] in ("broken", "error"):
+                        inbox.get()
+                        self._raise_for_failed_stage(rank, message, doing)
+            return
         for attempt in range(patience + 1):
             for rank, process in enumerate(self.processes, start=1):
                 if not process.is_alive():
@@ -331,10 +399,17 @@ class DistributedPipeline:
         if dist.is_initialized() and not self.broken and all(p.is_alive() for p in self.processes):
             try:
                 self.reset() if self.stage0 is not None else None
-                self.mailbox.send(("stop",), 1)
+                self.mailbox.send(("stop",), self.head + 1)
                 self.mailbox.flush()
             except Exception:
                 self.broken = True
+        if self.cluster is not None:  # the ranks and the process group belong to torchrun's world
+            # A receiver still inside a gloo receive when the process exits aborts it: wait for
+            # each stage's last message.
+            deadline = time.monotonic() + (0 if self.broken else 10)
+            for receiver in getattr(self, "receivers", []):
+                receiver.join(timeout=max(0.0, deadline - time.monotonic()))
+            return
         deadline = time.monotonic() + (0 if self.broken else 5)
         for process in self.processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -349,6 +424,14 @@ class DistributedPipeline:
                 pass
         self.processes = []
         torch.set_num_threads(self.threads_before)
+
+
+def _wait(work, seconds: float) -> bool:
+    try:
+        work.wait(timeout=timedelta(seconds=seconds))
+        return True
+    except RuntimeError:  # timed out, or the peer is gone
+        return False
 
 
 def _exit_reason(code: int | None) -> str:
@@ -374,7 +457,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
-    """A stage process: build the stage, then apply step plans until told to stop."""
+    """A spawned stage process: join rank 0, then serve the stage until told to stop."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 decides
     backend = "nccl" if spec.device.startswith("cuda") else "gloo"
@@ -385,15 +468,35 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
     dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
                             timeout=timedelta(seconds=spec.stage_timeout))
     mailbox = Mailbox(dist.new_group(backend="gloo"))
-    rank, last = spec.rank, spec.rank == spec.world_size - 1
+    serve_stage(spec, mailbox, lambda words: errors.put((spec.rank, words)))
+    dist.destroy_process_group()
+
+
+def serve_stage_rank(cluster) -> None:
+    """A stage rank under torchrun: its head sends the spec; it runs on its own local device."""
+    message = cluster.mailbox.receive(cluster.head)
+    if message[0] != "spec":  # the head gave up before building its pipeline
+        return
+    spec = replace(message[1], device=str(cluster.device()))
+
+    def report(words: str) -> None:  # last words go to the head, which names this rank
+        cluster.mailbox.send(("error", words), cluster.head)
+        cluster.mailbox.flush()
+
+    serve_stage(spec, cluster.mailbox, report)
+
+
+def serve_stage(spec: StageSpec, mailbox: Mailbox, report) -> None:
+    """Build the stage, then apply step plans until told to stop. A failure is reported (the
+    head names the stage and the cause) and ends the process at once."""
+    rank, last, head = spec.rank, spec.is_last, spec.head_rank
     try:
         stage = build_stage(spec)
     except Exception as error:
-        mailbox.send(("failed", f"{type(error).__name__}: {error}"), 0)
+        mailbox.send(("failed", f"{type(error).__name__}: {error}"), head)
         mailbox.flush()
-        dist.destroy_process_group()
         return
-    mailbox.send(("ready",), 0)
+    mailbox.send(("ready",), head)
     hidden_size = stage.model.config.hidden_size
     from .pipeline import StageClock
 
@@ -404,6 +507,7 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
             if message[0] == "stop":
                 if not last:
                     mailbox.send(message, rank + 1)
+                mailbox.send(("stopped",), head)  # the head's receiver for this rank may end
                 break
             if message[0] == "reset":
                 stage.reset()
@@ -416,14 +520,13 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
             out, _ = stage.execute(plan, hidden, clock)
             busy = {**busy, rank: clock.folded_busy()}  # this stage's device time so far, for the run's stats
             if last:
-                mailbox.send(("tokens", out.result(), busy), 0)
+                mailbox.send(("tokens", out.result(), busy), head)
             else:  # a copy of its own: a graph buffer is overwritten by the next replay
                 mailbox.send(("step", plan, busy), rank + 1, out.clone() if out.is_cuda else out.contiguous())
-    except Exception as error:  # tell rank 0 why: it names the stage and the cause
-        errors.put((rank, f"{type(error).__name__}: {error}"))
+    except Exception as error:  # tell the head why: it names the stage and the cause
+        report(f"{type(error).__name__}: {error}")
         os._exit(1)
     mailbox.flush()
-    dist.destroy_process_group()
 
 
 def build_stage(spec: StageSpec) -> StageExecutor:
@@ -436,9 +539,9 @@ def build_stage(spec: StageSpec) -> StageExecutor:
     model = load_model(spec.model_path, start, end, device=device, dtype=spec.dtype)
     config = model.config
     kv_spec = KVPoolSpec(end - start, config.num_kv_heads, config.head_dim, spec.chunk_tokens, spec.dtype)
-    stage = StageExecutor(spec.rank, model, KVPool(kv_spec, spec.num_chunks, 0, device, spec.attention_backend),
-                          KVManager(spec.num_chunks, 0, spec.chunk_tokens), spec.attention_backend,
-                          spec.eos_token_ids, spec.seed)
+    pool = KVPool(kv_spec, spec.num_chunks, 0, device, spec.attention_backend)
+    stage = StageExecutor(spec.rank - spec.head_rank, model, pool, KVManager(spec.num_chunks, 0, spec.chunk_tokens),
+                          spec.attention_backend, spec.eos_token_ids, spec.seed)
     if spec.cuda_graphs and device.type == "cuda" and spec.attention_backend == "triton":
         stage.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
     return stage

@@ -27,6 +27,7 @@ from .engine_config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-e
 from .kv_manager import KVManager
 from .kv_pool import KVPool, KVPoolSpec
 from .partition import PartitionError, partition_layers
+from .cluster import current_cluster
 from .distributed import DistributedPipeline, StageSpec, free_port, stage_devices
 from .pipeline import InProcessPipeline
 from .scheduler import Scheduler, StepPlan
@@ -85,7 +86,13 @@ class LLMEngine:
             option = "stage_layers" if config.stage_layers else "pipeline_parallel"
             raise ConfigError(option, f"does not fit this model: {error}") from None
         self.distributed = config.pipeline_transport == "distributed" and len(self.stage_ranges) > 1
-        if self.distributed:
+        self.cluster = current_cluster()  # under torchrun: this process heads a replica of the world
+        if self.cluster is not None and len(self.stage_ranges) > 1 and not self.distributed:
+            raise ConfigError("pipeline_transport", "inprocess runs every stage in one process: under torchrun the "
+                                                    "stages are torchrun's ranks (use distributed)")
+        if self.distributed and self.cluster is not None:  # the stage ranks' GPUs: alike, on their nodes
+            self.stage_devices = [str(self.device)] * len(self.stage_ranges)
+        elif self.distributed:
             if model is not None:
                 raise ConfigError("pipeline_transport", "distributed: stage processes load their weights from the "
                                                         "model path; a model built in memory runs inprocess only")
@@ -169,14 +176,16 @@ class LLMEngine:
             self.pipeline = InProcessPipeline(self.stages)
 
     def _spawn_stages(self, path: Path, num_chunks: int, backend: str) -> DistributedPipeline:
+        """The stage processes, spawned on this node, or under torchrun the ranks after this one."""
         config, world = self.config, len(self.stage_ranges)
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        specs = [StageSpec(rank, world, init_method, config.stage_timeout, str(path), self.stage_ranges[rank],
-                           self.stage_devices[rank], self.dtype, config.chunk_tokens, num_chunks, backend,
+        head = self.cluster.rank if self.cluster is not None else 0
+        init_method = "env://" if self.cluster is not None else f"tcp://127.0.0.1:{free_port()}"
+        specs = [StageSpec(head + stage, world, init_method, config.stage_timeout, str(path), self.stage_ranges[stage],
+                           self.stage_devices[stage], self.dtype, config.chunk_tokens, num_chunks, backend,
                            config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
-                           config.seed)
-                 for rank in range(1, world)]
-        return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device)
+                           config.seed, head_rank=head)
+                 for stage in range(1, world)]
+        return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device, self.cluster)
 
     def close(self) -> None:
         """End the stage processes of a distributed pipeline (nothing to do in process)."""
