@@ -176,7 +176,7 @@ def serve_torchrun_worker(model: str | Path | None = None, **engine_options) -> 
 
     model_path = Path(model) if model is not None else default_model_path()
     config = EngineConfig(model=str(model_path), **engine_options)
-    cluster = join_cluster(config.pipeline_parallel, config.data_parallel)
+    cluster = join_cluster(config.pipeline_parallel, config.data_parallel, config.device)
     serve_worker(cluster, config, load_tokenizer(model_path))
     return True
 
@@ -198,7 +198,7 @@ class LLM:
         config = EngineConfig(model=str(model_path), dtype=dtype, gpu_memory_gib=gpu_memory_gib, **engine_options)
         self.cluster = None
         if launched_by_torchrun():  # rank 0: this process heads replica 0 and hands out the work
-            self.cluster = join_cluster(config.pipeline_parallel, config.data_parallel)
+            self.cluster = join_cluster(config.pipeline_parallel, config.data_parallel, config.device)
             config = dataclasses.replace(config, device=str(self.cluster.device()))
         if config.data_parallel > 1:  # replicas in processes of their own; this one hands out the work
             from pipemax.runtime.data_parallel import DataParallelEngine

@@ -42,7 +42,8 @@ FLAG_OF_OPTION = {
     "attention_backend": "--attention-backend", "prefill_mode": "--prefill-mode", "seed": "--seed",
     "pipeline_parallel": "--pipeline-parallel", "micro_batches": "--micro-batches",
     "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers", "stage_timeout": "--stage-timeout",
-    "data_parallel": "--data-parallel",
+    "data_parallel": "--data-parallel", "offload": "--offload", "host_memory_gib": "--host-memory-gib",
+    "trace": "--trace",
 }
 
 
@@ -90,6 +91,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a stage process silent this long ends the job (default 60)")
     group.add_argument("--stage-layers", metavar="N,N,...",
                        help="layers per stage, e.g. 10,11,11 (default: balanced by cost)")
+    group.add_argument("--offload", default="off", choices=["off", "auto", "force"],
+                       help="KV of micro-batches between their steps: off (stays on the GPU); auto (while "
+                            "requests wait for GPU memory, as much as each micro-batch's prefetch can bring "
+                            "back while the others compute); force (every request host-resident, for testing)")
+    group.add_argument("--host-memory-gib", type=float, metavar="GIB",
+                       help="host KV pool of offload, every stage of this node together (default: a quarter "
+                            "of the host memory available); checked against what is free")
+    group.add_argument("--trace", metavar="TRACE.json",
+                       help="write a Chrome/Perfetto trace of the run: each stage's compute, prefetch and "
+                            "write-back, and the host's planning (open at ui.perfetto.dev)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -100,7 +111,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         attention_backend=args.attention_backend, prefill_mode=args.prefill_mode, seed=args.seed,
         pipeline_parallel=args.pipeline_parallel, micro_batches=args.micro_batches,
         pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers, stage_timeout=args.stage_timeout,
-        data_parallel=args.data_parallel,
+        data_parallel=args.data_parallel, offload=args.offload, host_memory_gib=args.host_memory_gib,
+        trace=str(args.trace) if args.trace else None,
     )
 
 

@@ -35,6 +35,7 @@ class Cluster:
     local_rank: int
     stages: int  # P
     replicas: int  # R
+    on_cpu: bool = False  # --device cpu: gloo everywhere, even where there are GPUs
     mailbox: object = None  # distributed.Mailbox on a world-wide gloo group
 
     @property
@@ -47,10 +48,9 @@ class Cluster:
         return self.rank % self.stages == 0
 
     def device(self) -> torch.device:
-        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-    def describe(self, rank: int) -> str:
-        return f"rank {rank}"
+        if self.on_cpu or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{self.local_rank}")
 
 
 _cluster: Cluster | None = None
@@ -65,12 +65,12 @@ def current_cluster() -> Cluster | None:
     return _cluster
 
 
-def join_cluster(pipeline_parallel: int, data_parallel: int) -> Cluster:
+def join_cluster(pipeline_parallel: int, data_parallel: int, device: str = "auto") -> Cluster:
     """Join torchrun's world (once per process) and check it is P x R ranks."""
     global _cluster
     if _cluster is not None:
         return _cluster
-    from .distributed import Mailbox, share_cpu_cores
+    from .distributed import MAILBOX_TIMEOUT, Mailbox, share_cpu_cores
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,7 +78,10 @@ def join_cluster(pipeline_parallel: int, data_parallel: int) -> Cluster:
         raise ConfigError("pipeline_parallel", f"{pipeline_parallel} x --data-parallel {data_parallel} = "
                                                f"{pipeline_parallel * data_parallel} ranks, but torchrun started "
                                                f"{world}: set them so that P x R = WORLD_SIZE")
-    cluster = Cluster(rank, world, local_rank, pipeline_parallel, data_parallel)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"{device!r}: under torchrun each rank uses cuda:LOCAL_RANK; give auto, "
+                                    "cuda or cpu")
+    cluster = Cluster(rank, world, local_rank, pipeline_parallel, data_parallel, on_cpu=device == "cpu")
     device = cluster.device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL binds this rank to a device
@@ -90,7 +93,7 @@ def join_cluster(pipeline_parallel: int, data_parallel: int) -> Cluster:
     # the slowest start (a large model loading on another node).
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                             timeout=timedelta(hours=2))
-    cluster.mailbox = Mailbox(dist.new_group(backend="gloo"))
+    cluster.mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
     _cluster = cluster
     return cluster
 

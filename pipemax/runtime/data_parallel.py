@@ -104,6 +104,7 @@ class RemoteReplica:
         self.name = f"replica {index} on rank {self.head}"
         self.mailbox = cluster.mailbox
         self.stopped = False
+        self.ended: str | None = None  # why the head's messages stopped
 
         def receive_forever() -> None:
             while True:
@@ -112,22 +113,30 @@ class RemoteReplica:
                 except BaseException as error:  # the head rank is gone
                     if not self.stopped:
                         outbox.put((index, "error", f"lost the connection ({error})"))
+                    self.ended = "lost its connection"
                     return
                 outbox.put(message)
                 if message[1] in ("closed", "failed"):
+                    self.ended = "stopped"
                     return
 
-        threading.Thread(target=receive_forever, name=f"pipemax-replica-{index}", daemon=True).start()
+        self.receiver = threading.Thread(target=receive_forever, name=f"pipemax-replica-{index}", daemon=True)
+        self.receiver.start()
 
     def send(self, batch) -> None:
-        self.mailbox.send(batch, self.head)
         self.stopped = batch is None
+        try:
+            self.mailbox.send(batch, self.head)
+        except RuntimeError as error:  # the head rank is gone
+            raise StageFailure(f"{self.name} is gone ({error})") from None
 
     def failure(self) -> str | None:
-        return None  # a lost rank shows as a broken connection: an "error" message
+        # A lost rank shows first as an "error" message; this is for the watch after it.
+        return None if self.stopped else self.ended
 
     def join(self, timeout: float) -> None:
-        pass  # torchrun ends the ranks
+        """Wait for the head's last message ("closed"): leaving before it would break its send."""
+        self.receiver.join(timeout=timeout)
 
 
 class DataParallelEngine:
@@ -156,6 +165,7 @@ class DataParallelEngine:
                     raise StageFailure(f"{self.replicas[index].name} failed to start: {rest[0]}")
                 ready[index] = rest
         except BaseException:
+            self.broken = True  # close at once: a replica that failed takes no more messages
             self.close()
             raise
         self.max_model_len = min(limit for limit, _ in ready.values())
@@ -222,7 +232,10 @@ class DataParallelEngine:
         if not self.broken:
             for replica in self.replicas:
                 if replica.failure() is None:
-                    replica.send(None)
+                    try:
+                        replica.send(None)
+                    except StageFailure:
+                        pass  # it is gone already
         deadline = time.monotonic() + (0 if self.broken else 10)
         for replica in self.replicas:
             replica.join(max(0.0, deadline - time.monotonic()))
@@ -272,7 +285,10 @@ def serve_batches(index: int, make_engine, next_batch, send) -> None:
         send((index, "error", f"{type(error).__name__}: {error}"))
     finally:
         engine.close()
-    send((index, "closed"))
+    try:
+        send((index, "closed"))
+    except RuntimeError:
+        pass  # whoever handed out the batches has left
 
 
 def replica_main(index: int, config: EngineConfig, tokenizer, inbox, outbox, parent_pid: int, replicas: int) -> None:

@@ -139,13 +139,15 @@ def build_step_tensors(tables: DeviceChunkTables, kv: KVManager, plan: StagePlan
     cu_seqlens = torch.zeros(num_seqs - num_decode + 1, dtype=torch.int32, device=device)
     torch.cumsum(prefill_counts, 0, out=cu_seqlens[1:])
     ends = [start + count for start, count in zip(plan.starts, plan.counts)]
+    # The columns this step's sequences use: the table only grows, its width is the longest ever.
+    used = tables.table[:, : max(1, -(-max(ends, default=1) // chunk_tokens))]
     meta = AttentionMetadata(
         slot_mapping=slot_mapping,
         num_decode_tokens=num_decode,
-        decode_chunk_tables=tables.table.index_select(0, table_rows[:num_decode]),
+        decode_chunk_tables=used.index_select(0, table_rows[:num_decode]),
         decode_seq_lens=seq_lens[:num_decode],
         decode_max_seq_len=max(ends[:num_decode], default=0),
-        prefill_chunk_tables=tables.table.index_select(0, table_rows[num_decode:]),
+        prefill_chunk_tables=used.index_select(0, table_rows[num_decode:]),
         prefill_cu_seqlens_q=cu_seqlens,
         prefill_seq_lens=seq_lens[num_decode:],
         prefill_max_q_len=max(plan.counts[num_decode:], default=0),

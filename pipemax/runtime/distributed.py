@@ -38,8 +38,14 @@ import torch.multiprocessing as mp
 
 from .kv_manager import KVManager
 from .kv_pool import KVPool, KVPoolSpec
+from .kv_transfers import transfer_stats
 from .stage import StageExecutor
 from .step_plan import SampledTokens, StagePlan
+
+# A message group's own timeout: a receive waits this long before gloo gives up. Stages and idle
+# LLMs wait for their next message indefinitely; the head's --stage-timeout is the watchdog.
+MAILBOX_TIMEOUT = timedelta(days=365)
+
 
 class StageFailure(RuntimeError):
     """A stage process died or stopped answering: the job cannot go on."""
@@ -65,6 +71,7 @@ class StageSpec:
     eos_token_ids: set[int]
     seed: int
     head_rank: int = 0  # the rank of the pipeline's stage 0 (not 0 for other replicas under torchrun)
+    num_host_chunks: int = 0  # the stage's host KV pool (offload)
 
     @property
     def is_last(self) -> bool:
@@ -134,38 +141,41 @@ class Mailbox:
     def __init__(self, group, patience: float | None = None):
         self.group = group
         self.patience = patience  # seconds a peer may leave a message untaken before sends fail
-        self.sending: deque = deque()
+        self.sending: deque = deque()  # (works, dst, buffers kept alive)
+        self.lock = threading.Lock()  # rank 0 sends from the job's thread and replica 0's
 
     def send(self, obj, dst: int, tensor: torch.Tensor | None = None) -> None:
         """obj pickled on this gloo group; tensor, if any, on the default group (NCCL between GPUs)."""
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
-        with deferred_interrupts():  # all of a message, or none of it
+        with self.lock, deferred_interrupts():  # all of a message, or none of it
             works = [dist.isend(size, dst, group=self.group), dist.isend(payload, dst, group=self.group)]
             if tensor is not None:
                 works.append(dist.isend(tensor, dst))
-            self.sending.append((works, size, payload, tensor))
-        while len(self.sending) > self.MAX_IN_FLIGHT:
-            for work in self.sending[0][0]:
-                if self.patience is None:
-                    work.wait()
-                elif not _wait(work, self.patience):
-                    raise RuntimeError(f"rank {dst} took no message for {self.patience:g} s")
-            self.sending.popleft()
+            self.sending.append((works, dst, (size, payload, tensor)))
+            while len(self.sending) > self.MAX_IN_FLIGHT:
+                works, peer, _ = self.sending[0]
+                for work in works:
+                    if self.patience is None:
+                        work.wait()
+                    elif not _wait(work, self.patience):
+                        raise RuntimeError(f"rank {peer} took no message for {self.patience:g} s")
+                self.sending.popleft()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every send is done (at most `timeout` seconds: a peer that has left never
         takes its last message). True if all were."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.sending:
-            for work in self.sending[0][0]:
-                if deadline is None:
-                    work.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not _wait(work, left):
-                        return False
-            self.sending.popleft()
+        with self.lock:
+            while self.sending:
+                for work in self.sending[0][0]:
+                    if deadline is None:
+                        work.wait()
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not _wait(work, left):
+                            return False
+                self.sending.popleft()
         return True
 
     def receive(self, src: int):
@@ -245,7 +255,7 @@ class DistributedPipeline:
         try:
             dist.init_process_group(backend, init_method=specs[0].init_method, rank=0,
                                     world_size=self.world_size, timeout=timedelta(seconds=self.stage_timeout))
-            self.mailbox = Mailbox(dist.new_group(backend="gloo"))
+            self.mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
         except Exception as error:  # a stage that died at start leaves the rendezvous waiting
             try:
                 self._raise_for_dead_stage("starting", patience=20)
@@ -270,22 +280,29 @@ class DistributedPipeline:
             self.close()
             raise
 
-    def start_run(self) -> None:
+    def start_run(self, timeline=None) -> None:
         from .pipeline import StageClock
 
         self.clock = StageClock(self.stage0.device, 1)
+        self.clock.timeline = timeline
+        self.stage0.transfers.timeline = timeline
         # Each stage process reports its device time so far with every step: the run's share is
         # the difference from where it stood when the run began.
         self.stage_busy_at_start = dict(getattr(self, "stage_busy", {}))
-        self.stage_busy: dict[int, float] = dict(self.stage_busy_at_start)
+        self.stage_busy: dict[int, dict] = dict(self.stage_busy_at_start)
+        self.counters_at_start = self.stage0.transfers.counters()
 
     def stats(self) -> dict:
         stats = self.clock.stats()
         if not stats:
             return stats
         wall = stats["device_seconds"]  # stage 0's span of the run, which the other stages' steps share
-        busy = stats["stage_busy_seconds"] + [self.stage_busy.get(rank, 0.0) - self.stage_busy_at_start.get(rank, 0.0)
+        busy = stats["stage_busy_seconds"] + [self.stage_busy.get(rank, {}).get("busy", 0.0)
+                                              - self.stage_busy_at_start.get(rank, {}).get("busy", 0.0)
                                               for rank in self.inboxes]
+        stats["transfers"] = transfer_stats(
+            [self.stage0.transfers.counters()] + [self.stage_busy.get(rank, {}) for rank in self.inboxes],
+            [self.counters_at_start] + [self.stage_busy_at_start.get(rank, {}) for rank in self.inboxes])
         stats["stage_busy_seconds"] = busy
         stats["stage_bubble_fraction"] = [max(0.0, 1 - b / wall) if wall else 0.0 for b in busy]
         stats.pop("device_waited_for_host_fraction", None)  # stage 0's idle time is mostly the others' turn
@@ -294,6 +311,7 @@ class DistributedPipeline:
     def submit(self, plan: StagePlan) -> RemoteTokens:
         if self.broken:
             raise StageFailure("the pipeline has failed: start a new LLM")
+        self.clock.begin_step()
         hidden, _ = self.stage0.execute(plan, None, self.clock)
         # A decode step's output is a view of a CUDA-graph buffer that the next replay overwrites,
         # maybe while NCCL still reads it: send a copy of its own.
@@ -396,6 +414,9 @@ class DistributedPipeline:
 
     def close(self) -> None:
         """End every stage process: politely when the pipeline is well, at once when it is not."""
+        if getattr(self, "closed", False):
+            return
+        self.closed = True
         if dist.is_initialized() and not self.broken and all(p.is_alive() for p in self.processes):
             try:
                 self.reset() if self.stage0 is not None else None
@@ -467,7 +488,7 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
         torch.cuda.set_device(torch.device(spec.device))  # before NCCL binds this rank to a device
     dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
                             timeout=timedelta(seconds=spec.stage_timeout))
-    mailbox = Mailbox(dist.new_group(backend="gloo"))
+    mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
     serve_stage(spec, mailbox, lambda words: errors.put((spec.rank, words)))
     dist.destroy_process_group()
 
@@ -480,8 +501,11 @@ def serve_stage_rank(cluster) -> None:
     spec = replace(message[1], device=str(cluster.device()))
 
     def report(words: str) -> None:  # last words go to the head, which names this rank
-        cluster.mailbox.send(("error", words), cluster.head)
-        cluster.mailbox.flush()
+        try:
+            cluster.mailbox.send(("error", words), cluster.head)
+            cluster.mailbox.flush(timeout=5)
+        except RuntimeError:
+            pass  # the head is gone too
 
     serve_stage(spec, cluster.mailbox, report)
 
@@ -518,7 +542,8 @@ def serve_stage(spec: StageSpec, mailbox: Mailbox, report) -> None:
             hidden = torch.empty(plan.num_tokens, hidden_size, dtype=spec.dtype, device=stage.device)
             dist.recv(hidden, rank - 1)
             out, _ = stage.execute(plan, hidden, clock)
-            busy = {**busy, rank: clock.folded_busy()}  # this stage's device time so far, for the run's stats
+            # This stage's device time and copies so far, for the run's stats.
+            busy = {**busy, rank: {"busy": clock.folded_busy(), **stage.transfers.counters()}}
             if last:
                 mailbox.send(("tokens", out.result(), busy), head)
             else:  # a copy of its own: a graph buffer is overwritten by the next replay
@@ -539,8 +564,9 @@ def build_stage(spec: StageSpec) -> StageExecutor:
     model = load_model(spec.model_path, start, end, device=device, dtype=spec.dtype)
     config = model.config
     kv_spec = KVPoolSpec(end - start, config.num_kv_heads, config.head_dim, spec.chunk_tokens, spec.dtype)
-    pool = KVPool(kv_spec, spec.num_chunks, 0, device, spec.attention_backend)
-    stage = StageExecutor(spec.rank - spec.head_rank, model, pool, KVManager(spec.num_chunks, 0, spec.chunk_tokens),
+    pool = KVPool(kv_spec, spec.num_chunks, spec.num_host_chunks, device, spec.attention_backend)
+    kv = KVManager(spec.num_chunks, spec.num_host_chunks, spec.chunk_tokens)
+    stage = StageExecutor(spec.rank - spec.head_rank, model, pool, kv,
                           spec.attention_backend, spec.eos_token_ids, spec.seed)
     if spec.cuda_graphs and device.type == "cuda" and spec.attention_backend == "triton":
         stage.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, model_conf
 
 from .engine_config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-exported)
 from .kv_manager import KVManager
+from .cost_model import StepCostModel
 from .kv_pool import KVPool, KVPoolSpec
+from .kv_transfers import measure_copy_bandwidth
+from .prefetch_budget import PrefetchBudget
 from .partition import PartitionError, partition_layers
 from .cluster import current_cluster
 from .distributed import DistributedPipeline, StageSpec, free_port, stage_devices
@@ -34,6 +38,7 @@ from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
 from .stage import PendingTokens, StageExecutor
 from .step_plan import RecordingKVManager, SampledTokens, StagePlan
+from .timeline import Timeline, hidden_fraction
 
 log = logging.getLogger("pipemax")
 
@@ -67,6 +72,7 @@ class InFlight:
     micro_batch: int
     plan: StepPlan
     pending: PendingTokens
+    span: object = None  # (start, end) of the step's device work in this process (the cost model's measure)
 
 
 class LLMEngine:
@@ -130,6 +136,11 @@ class LLMEngine:
             log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_chunks * config.chunk_tokens, max_len)
             max_len = num_chunks * config.chunk_tokens
         self.max_model_len = max_len
+        # Host pools: every stage's (on this node) together in host_kv_bytes, chunk ids shared.
+        self.num_host_chunks = config.host_kv_bytes() // sum(spec.chunk_bytes for spec in specs)
+        if config.offload != "off" and self.num_host_chunks < 1:
+            raise ConfigError("host_memory_gib", f"leaves no room for one host KV chunk of "
+                                                 f"{sum(spec.chunk_bytes for spec in specs) / 2**20:.2f} MiB")
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -146,10 +157,18 @@ class LLMEngine:
                 self.pipeline.close()
             raise
         # The scheduler's own KV manager decides; every stage replays its log.
-        self.kv = RecordingKVManager(num_chunks, 0, config.chunk_tokens)
+        self.kv = RecordingKVManager(num_chunks, self.num_host_chunks, config.chunk_tokens)
         self.num_micro_batches = config.num_micro_batches
+        self.cost_model = StepCostModel()
+        budget = None
+        if config.offload == "auto":
+            # One device's link carries every in-process stage's chunks; a process per stage, its own.
+            link_chunk_bytes = (max if self.distributed else sum)(spec.chunk_bytes for spec in specs)
+            self.copy_bytes_per_second = measure_copy_bandwidth(self.device)
+            budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, link_chunk_bytes,
+                                    self.num_micro_batches)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
-                                   self.num_micro_batches)
+                                   self.num_micro_batches, config.offload, budget)
         self._sequences: dict[int, Sequence] = {}
         self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
         self._released: list[int] = []  # finished since the last plan: the last stage drops their state
@@ -164,8 +183,9 @@ class LLMEngine:
         self.stages = []
         for index, ((start, end), spec) in enumerate(zip(local_ranges, specs)):
             stage_model = model if (start, end) == (model.layer_start, model.layer_end) else model.stage(start, end)
-            self.stages.append(StageExecutor(index, stage_model, KVPool(spec, num_chunks, 0, self.device, backend),
-                                             KVManager(num_chunks, 0, config.chunk_tokens), backend,
+            pool = KVPool(spec, num_chunks, self.num_host_chunks, self.device, backend)
+            self.stages.append(StageExecutor(index, stage_model, pool,
+                                             KVManager(num_chunks, self.num_host_chunks, config.chunk_tokens), backend,
                                              self._eos_token_ids, config.seed))
         if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
             for stage in self.stages:
@@ -183,7 +203,7 @@ class LLMEngine:
         specs = [StageSpec(head + stage, world, init_method, config.stage_timeout, str(path), self.stage_ranges[stage],
                            self.stage_devices[stage], self.dtype, config.chunk_tokens, num_chunks, backend,
                            config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
-                           config.seed, head_rank=head)
+                           config.seed, head_rank=head, num_host_chunks=self.num_host_chunks)
                  for stage in range(1, world)]
         return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device, self.cluster)
 
@@ -289,13 +309,19 @@ class LLMEngine:
         """Step until every added request has finished, yielding each as it finishes. Afterwards
         `last_run_stats` holds the run's pipeline figures."""
         in_flight = self._in_flight  # kept on the engine: an abort must account for steps still in flight
-        self.pipeline.start_run()
+        # The run's timeline (what ran when): for --trace, and for how much copy time compute hid.
+        timeline = Timeline(self.device) if self.config.trace or self.config.offload != "off" else None
+        self.pipeline.start_run(timeline)
+        self.scheduler.host_resident_ids.clear()
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0
         while True:
             busy = {step.micro_batch for step in in_flight}
             for micro_batch in range(self.num_micro_batches):
                 if micro_batch not in busy:
+                    planned = time.perf_counter()
                     step = self._launch(micro_batch)
+                    if timeline is not None and step is not None:
+                        timeline.add_host(f"plan micro-batch {micro_batch}", planned, time.perf_counter())
                     if step is not None:
                         in_flight.append(step)
                         sequences += len(step.plan.scheduled)
@@ -309,12 +335,26 @@ class LLMEngine:
                 continue
             idle_rounds = 0
             step = in_flight.popleft()
-            yield from self._complete(step, step.pending.result())
+            waited = time.perf_counter()
+            sampled = step.pending.result()
+            if timeline is not None:
+                timeline.add_host(f"tokens of micro-batch {step.micro_batch}", waited, time.perf_counter())
+            self._measure(step)
+            yield from self._complete(step, sampled)
         steps = self.num_steps - steps_before
         self.last_run_stats = {"stages": len(self.stage_ranges), "micro_batches": self.num_micro_batches,
                                "stage_layers": [end - start for start, end in self.stage_ranges], "steps": steps,
                                "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
                                "preemptions": self.scheduler.num_preemptions, **self.pipeline.stats()}
+        self.last_run_stats["cost_model"] = self.cost_model.stats()
+        if timeline is not None:
+            intervals = timeline.intervals()  # the run is over: one wait for the device
+            self.last_run_stats["copy_time_hidden_fraction"] = hidden_fraction(intervals)
+            if self.config.trace:
+                timeline.write_trace(self.config.trace, intervals)
+        if self.config.offload != "off":
+            self.last_run_stats["offload"] = {"mode": self.config.offload,
+                                              "host_resident_requests": len(self.scheduler.host_resident_ids)}
 
     def _launch(self, micro_batch: int) -> InFlight | None:
         plan = self.scheduler.schedule(micro_batch)
@@ -324,7 +364,15 @@ class LLMEngine:
             entry.seq.num_computed_tokens = entry.end
         pending = self.pipeline.submit(self._stage_plan(micro_batch, plan))
         self.num_steps += 1
-        return InFlight(micro_batch, plan, pending)
+        return InFlight(micro_batch, plan, pending, self.pipeline.clock.step_span())
+
+    def _measure(self, step: InFlight) -> None:
+        """The step's device time, once it has run (no waiting), teaches the cost model."""
+        if step.span is None:
+            return
+        seconds = self.pipeline.clock.span_seconds(step.span)
+        if seconds is not None:
+            self.cost_model.observe(step.plan.num_tokens, sum(e.end for e in step.plan.scheduled), seconds)
 
     def _stage_plan(self, micro_batch: int, plan: StepPlan) -> StagePlan:
         entries = plan.scheduled
@@ -357,6 +405,7 @@ class LLMEngine:
                     seq.output_logprobs if seq.params.logprobs else None,
                     seq.output_top_logprobs if seq.params.top_logprobs else None, seq.stop_text_end, seq.num_preemptions,
                 ))
+        self.scheduler.step_done(step.micro_batch)
         return finished
 
     def _check_stop(self, seq: Sequence) -> bool:

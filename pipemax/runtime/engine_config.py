@@ -12,6 +12,7 @@ from .kv_pool import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS
 from .sampling import SEED_RANGE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OFFLOAD_MODES = ("off", "auto", "force")
 PIPELINE_TRANSPORTS = ("distributed", "inprocess")
 
 
@@ -21,6 +22,18 @@ class ConfigError(ValueError):
     def __init__(self, option: str, problem: str):
         super().__init__(f"{option} {problem}")
         self.option, self.problem = option, problem
+
+
+def available_host_memory_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def _is_int(value) -> bool:
@@ -48,11 +61,15 @@ class EngineConfig:
     stage_timeout: float = 60.0  # seconds without an answer from a stage process before the job ends
     data_parallel: int = 1  # replicas of the whole pipeline, each in a process of its own
     stage_layers: tuple[int, ...] | None = None  # layers per stage; default: balanced by cost
+    offload: str = "off"  # off | auto | force: KV of micro-batches between their steps in host memory
+    host_memory_gib: float | None = None  # host KV pool, all stages of this node together; offload only
+    trace: str | None = None  # write a Chrome / Perfetto trace of each run here
 
     def __post_init__(self):
         """Check every option before anything loads; ConfigError names the option at fault."""
         choices = {"dtype": ("auto", *DTYPES), "attention_backend": ("auto", "triton", "torch"),
-                   "prefill_mode": ("mixed", "separate"), "pipeline_transport": PIPELINE_TRANSPORTS}
+                   "prefill_mode": ("mixed", "separate"), "pipeline_transport": PIPELINE_TRANSPORTS,
+                   "offload": OFFLOAD_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -66,7 +83,7 @@ class EngineConfig:
         if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 2):
             raise ConfigError("max_model_len", f"must be an integer >= 2 (prompt + output tokens), got "
                                                f"{self.max_model_len!r}; leave it out for the model's own limit")
-        for name in ("gpu_memory_gib", "kv_cache_gib", "stage_timeout"):
+        for name in ("gpu_memory_gib", "kv_cache_gib", "stage_timeout", "host_memory_gib"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
@@ -92,7 +109,22 @@ class EngineConfig:
                                                not self.pipeline_parallel <= self.micro_batches <= 64):
             raise ConfigError("micro_batches", f"must be an integer from the number of stages ({self.pipeline_parallel}) "
                                                f"to 64, got {self.micro_batches!r}")
+        if self.host_memory_gib is not None:
+            if self.offload == "off":
+                raise ConfigError("host_memory_gib", "sizes the host KV pool of offload: set offload too")
+            available = available_host_memory_gib()
+            if available is not None and self.host_memory_gib > available:
+                raise ConfigError("host_memory_gib", f"of {self.host_memory_gib:g} is more than the {available:.1f} GiB "
+                                                     "of host memory available now")
         self.resolved_device()  # a device that does not exist fails here, before any weights load
+
+    def host_kv_bytes(self) -> int:
+        """The host KV pool's bytes: host_memory_gib, or with offload a quarter of what is free."""
+        if self.offload == "off":
+            return 0
+        if self.host_memory_gib is not None:
+            return int(self.host_memory_gib * 2**30)
+        return int((available_host_memory_gib() or 4.0) * 2**30 / 4)
 
     @property
     def num_micro_batches(self) -> int:

@@ -18,6 +18,7 @@ from collections import deque
 
 import torch
 
+from .kv_transfers import transfer_stats
 from .stage import PendingTokens, StageExecutor
 from .step_plan import StagePlan
 
@@ -32,6 +33,7 @@ class StageClock:
         self.cuda = device.type == "cuda"
         self.marks: deque = deque()  # (stage, start, end), not yet folded
         self.busy = [0.0] * num_stages
+        self.timeline = None  # timeline.Timeline, when the run keeps one
         self.first_start = None
         self.last_end = None
 
@@ -42,7 +44,26 @@ class StageClock:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
+    def begin_step(self) -> None:
+        self.step_marks: list = []
+
+    def step_span(self):
+        """(start, end) of this process's device work for the step begun last (None if none)."""
+        marks = getattr(self, "step_marks", None)
+        return (marks[0][0], marks[-1][1]) if marks else None
+
+    def span_seconds(self, span) -> float | None:
+        """A step's device seconds once its work has run (None while it has not: no waiting)."""
+        start, end = span
+        if self.cuda and not end.query():
+            return None
+        return self._seconds(start, end)
+
     def add(self, stage: int, start, end) -> None:
+        if hasattr(self, "step_marks"):
+            self.step_marks.append((start, end))
+        if self.timeline is not None:
+            self.timeline.add(f"stage {stage} compute", "step", start, end)
         if self.first_start is None:
             self.first_start = start
         self.last_end = end
@@ -86,17 +107,25 @@ class InProcessPipeline:
         self.stages = stages
         self.start_run()
 
-    def start_run(self) -> None:
+    def start_run(self, timeline=None) -> None:
         self.clock = StageClock(self.stages[0].device, len(self.stages))
+        self.clock.timeline = timeline
+        for stage in self.stages:
+            stage.transfers.timeline = timeline
+        self.counters_at_start = [stage.transfers.counters() for stage in self.stages]
 
     def submit(self, plan: StagePlan) -> PendingTokens:
+        self.clock.begin_step()
         hidden, batch = None, None
         for stage in self.stages:
             hidden, batch = stage.execute(plan, hidden, self.clock, batch)
         return hidden
 
     def stats(self) -> dict:
-        return self.clock.stats()
+        stats = self.clock.stats()
+        stats["transfers"] = transfer_stats([stage.transfers.counters() for stage in self.stages],
+                                            self.counters_at_start)
+        return stats
 
     def reset(self) -> None:
         """Every stage back to no sequences (after an aborted run, maybe mid-step)."""
@@ -123,4 +152,13 @@ def describe_run(stats: dict) -> str:
         line += f"; {timed} {busy} of {stats['device_seconds']:.2f} s"
     if "device_waited_for_host_fraction" in stats:
         line += f"; device waited for the host {stats['device_waited_for_host_fraction']:.0%}"
+    if "offload" in stats:
+        moved = stats["transfers"]
+        line += (f"; offload: {stats['offload']['host_resident_requests']} requests host-resident, "
+                 f"{moved['bytes_prefetched'] / 1e6:.1f} MB prefetched, "
+                 f"{(moved['bytes_written_back'] + moved['bytes_offloaded']) / 1e6:.1f} MB to the host, "
+                 f"copies at {moved['copy_gb_per_s']:.1f} GB/s")
+    error = stats.get("cost_model", {}).get("mean_relative_error")
+    if error is not None:
+        line += f"; step time predicted within {error:.0%}"
     return line

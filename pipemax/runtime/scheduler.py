@@ -23,6 +23,19 @@ groups, as with one group: the newest admitted sequence goes first. When that se
 another group (whose step may be in flight, reading its KV), the blocked sequence waits a step and
 that group sheds its newest sequence at its next turn; groups evicting each other in turn could
 otherwise go on forever.
+
+Offload (offload="force"): after each of its steps, a micro-batch's sequences become
+host-resident (their KV moves to the host pool: offload, or for a staged sequence just the
+release of its staging chunks, since its new rows were written through); before its next step,
+they are prefetched into staging chunks. The GPU pool then holds only the micro-batches that
+run, and admission is bounded by the host pool. A sequence that cannot be staged (the GPU pool
+is full) waits for a later step; preemption only picks sequences that hold GPU chunks.
+
+offload="auto" makes sequences host-resident only while requests wait for lack of GPU chunks,
+and only as much KV per micro-batch as its prefetch budget (prefetch_budget.py) lets come back
+while the other micro-batches compute: the longest sequences first. A micro-batch over its
+budget (the predictions moved) takes staged sequences back onto the GPU. Without a budget
+nothing moves, so auto costs nothing where offload cannot pay.
 """
 
 from __future__ import annotations
@@ -30,10 +43,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .kv_manager import KVManager, PoolExhaustedError
+from .kv_manager import KVManager, PoolExhaustedError, Residency
 from .sequence import Sequence, SequenceStatus
 
 PREFILL_MODES = ("mixed", "separate")
+OFFLOAD_MODES = ("off", "auto", "force")
 
 
 @dataclass
@@ -68,9 +82,21 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int, prefill_mode: str = "mixed",
-                 num_micro_batches: int = 1):
+                 num_micro_batches: int = 1, offload: str = "off", budget=None):
         if prefill_mode not in PREFILL_MODES:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        if offload != "off" and kv.host.num_chunks == 0:
+            raise ValueError("offload needs a host KV pool: give it host memory")
+        self.offload = offload
+        if offload == "auto" and budget is None:
+            raise ValueError("offload=auto needs a prefetch budget")
+        self.budget = budget  # PrefetchBudget (auto)
+        self.blocked = False  # requests wait because the GPU pool is full (auto offloads only then)
+        self.host_resident_ids: set[int] = set()  # sequences that have been host-resident (for stats)
+        self._last_run: dict[int, int] = {}  # seq_id -> the step it last ran in (staging goes oldest first)
+        self._steps = 0
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.kv = kv
@@ -106,6 +132,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         self.groups[seq.micro_batch].remove(seq)
         self.kv.free(seq.seq_id)
+        self._last_run.pop(seq.seq_id, None)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self, micro_batch: int = 0) -> StepPlan:
@@ -113,8 +140,10 @@ class Scheduler:
         group = self.groups[micro_batch]
         if micro_batch in self._must_shed:
             self._must_shed.discard(micro_batch)
-            if group:
-                self._preempt(group, group[-1])
+            holding = [s for s in group if self._on_gpu(s)]
+            if holding:
+                self._preempt(group, holding[-1])
+        self._stage_in(group)
         plan = StepPlan([], [])
         if self.prefill_mode == "mixed":
             budget = self._schedule_decodes(group, plan, self.max_num_batched_tokens)
@@ -126,19 +155,88 @@ class Scheduler:
         # Scheduling grows KV as it goes: drop entries whose sequence a later entry preempted.
         plan.decode = [s for s in plan.decode if s.seq.status is SequenceStatus.RUNNING]
         plan.prefill = [s for s in plan.prefill if s.seq.status is SequenceStatus.RUNNING]
+        if self.offload != "off":
+            for entry in plan.scheduled:
+                self._last_run[entry.seq.seq_id] = self._steps
+            self._steps += 1
+        if self.budget is not None and plan.scheduled:
+            self.budget.record(micro_batch, plan.num_tokens, sum(entry.end for entry in plan.scheduled))
         if not plan.scheduled and self.waiting and not any(self.groups):
+            # (host-resident sequences that could not be staged keep their group non-empty)
             raise RuntimeError(
                 f"no sequence fits the KV pool ({self.kv.gpu.num_chunks} chunks of {self.kv.chunk_tokens} tokens): "
                 "give the KV cache more memory or lower max_model_len"
             )
         return plan
 
+    def step_done(self, micro_batch: int) -> None:
+        """A micro-batch's step has come back: under offload, its sequences go to the host."""
+        if self.offload == "off":
+            return
+        if self.offload == "auto":
+            self._rebalance(micro_batch)
+            return
+        for seq in self.groups[micro_batch]:
+            residency = self.kv.residency(seq.seq_id)
+            try:
+                if residency is Residency.STAGED:
+                    self.kv.release_staging(seq.seq_id)
+                elif residency is Residency.GPU:
+                    self.kv.offload(seq.seq_id)
+                    self.host_resident_ids.add(seq.seq_id)
+            except PoolExhaustedError:
+                pass  # the host pool is full: it stays on the GPU
+
+    def _rebalance(self, micro_batch: int) -> None:
+        """auto: fit the micro-batch's host-resident KV to its prefetch budget, then release the
+        staging of what stays on the host."""
+        group = self.groups[micro_batch]
+        budget = self.budget.budget_chunks(micro_batch)
+        chunks_of = {seq.seq_id: len(self.kv.sequence(seq.seq_id).host_chunks or self.kv.sequence(seq.seq_id).gpu_chunks)
+                     for seq in group}
+        host = [seq for seq in group if self.kv.residency(seq.seq_id) in (Residency.STAGED, Residency.HOST)]
+        on_host = sum(chunks_of[seq.seq_id] + 1 for seq in host)  # + its growth until the next step
+        for seq in sorted(host, key=lambda seq: chunks_of[seq.seq_id]):  # over budget: back to the GPU
+            if on_host <= budget:
+                break
+            if self.kv.residency(seq.seq_id) is Residency.STAGED:
+                self.kv.make_gpu_resident(seq.seq_id)
+                on_host -= chunks_of[seq.seq_id] + 1
+        if self.blocked:  # requests wait for GPU chunks: move what the budget hides, the longest first
+            candidates = [seq for seq in group if self.kv.residency(seq.seq_id) is Residency.GPU]
+            for seq in sorted(candidates, key=lambda seq: -chunks_of[seq.seq_id]):
+                cost = chunks_of[seq.seq_id] + 1
+                if on_host + cost > budget or self.kv.host.num_free < cost:
+                    continue
+                self.kv.offload(seq.seq_id)
+                self.host_resident_ids.add(seq.seq_id)
+                on_host += cost
+        for seq in group:
+            if self.kv.residency(seq.seq_id) is Residency.STAGED:
+                self.kv.release_staging(seq.seq_id)
+
+    def _stage_in(self, group: list[Sequence]) -> None:
+        """Prefetch the group's host-resident sequences into staging chunks while they fit, the
+        longest waiting first (so none starves when not all fit)."""
+        host_resident = [seq for seq in group if self.kv.residency(seq.seq_id) is Residency.HOST]
+        staged = 0
+        for seq in sorted(host_resident, key=lambda seq: self._last_run.get(seq.seq_id, -1)):
+            # Leave a chunk per staged sequence for this step's new tokens: staging one that then
+            # cannot grow would only evict another.
+            if self.kv.gpu.num_free - len(self.kv.sequence(seq.seq_id).host_chunks) < staged + 1:
+                break  # the rest wait for a later step
+            self.kv.prefetch(seq.seq_id)
+            staged += 1
+
+    def _on_gpu(self, seq: Sequence) -> bool:
+        return self.kv.residency(seq.seq_id) is not Residency.HOST
+
     def _schedule_decodes(self, group: list[Sequence], plan: StepPlan, budget: int) -> int:
         for seq in list(group):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding:
-                continue  # preempted meanwhile, or still prefilling
+            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding or not self._on_gpu(seq):
+                continue  # preempted meanwhile, still prefilling, or not staged this step
             if self._grow(group, seq, 1):
                 plan.decode.append(ScheduledSequence(seq, seq.num_computed_tokens, 1))
                 budget -= 1
@@ -148,19 +246,21 @@ class Scheduler:
         for seq in list(group):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.is_decoding:
+            if seq.status is not SequenceStatus.RUNNING or seq.is_decoding or not self._on_gpu(seq):
                 continue
             count = min(seq.num_uncomputed_tokens, budget)
             if self._grow(group, seq, count):
                 plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count))
                 budget -= count
         share = -(-(len(self.waiting) + sum(len(g) for g in self.groups)) // len(self.groups))
+        self.blocked = False
         while self.waiting and budget > 0 and len(group) < min(self.max_num_seqs, share):
             seq = self.waiting[0]
             count = min(seq.num_uncomputed_tokens, budget)
             try:
                 self.kv.allocate(seq.seq_id, count)
             except PoolExhaustedError:
+                self.blocked = True
                 break  # wait for running sequences to finish and free their chunks
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -180,7 +280,8 @@ class Scheduler:
                 self.kv.append(seq.seq_id, count)
                 return True
             except PoolExhaustedError:
-                newest = max((s for g in self.groups for s in g), key=lambda s: s.admission)
+                # The newest sequence that holds GPU chunks: a host-resident one frees none.
+                newest = max((s for g in self.groups for s in g if self._on_gpu(s)), key=lambda s: s.admission)
                 if newest.micro_batch != seq.micro_batch:  # its group may be in flight: it sheds at its turn
                     self._must_shed.add(newest.micro_batch)
                     return False

@@ -16,8 +16,9 @@ import torch
 
 from pipemax.models import LlamaFamilyModel
 
-from .kv_manager import KVManager
+from .kv_manager import KVManager, Residency
 from .kv_pool import KVPool
+from .kv_transfers import KVTransfers
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, apply_penalties, make_generator, sample_on_device, to_host
 from .step_plan import SampledTokens, StagePlan, apply_kv_ops
@@ -75,6 +76,8 @@ class StageExecutor:
         self.kv = kv
         self.device = kv_pool.device
         self.runner = ModelRunner(model, kv_pool, kv, attention_backend)
+        self.transfers = KVTransfers(kv_pool)
+        self.transfers.track = f"stage {index}"
         self.is_first, self.is_last = model.is_first, model.is_last
         # Last stage only: sampling state per sequence, and the shared generator of unseeded rows,
         # on the device, so sampling costs no host round trip.
@@ -90,7 +93,7 @@ class StageExecutor:
         batch, which a next stage on the same device may share: see ModelRunner.build_batch).
         A clock (pipeline.StageClock) marks when the device work starts and ends: the host's
         preparation of the batch before it is the device's wait for the host."""
-        apply_kv_ops(self.kv, plan.kv_ops)
+        apply_kv_ops(self.kv, plan.kv_ops, self.transfers)
         for op, seq_id, _ in plan.kv_ops:
             if op == "free" and seq_id not in self.kv.sequences:
                 self.runner.tables.forget(seq_id)
@@ -99,13 +102,24 @@ class StageExecutor:
             for seq_id, prompt_token_ids, params in plan.new_seqs:
                 self.samplers[seq_id] = SamplerState(params, prompt_token_ids, make_generator(params))
         batch = self.runner.build_batch(plan, shared_batch)
+        self.transfers.before_compute()
         start = clock.now() if clock is not None else None
         out = self.runner.forward(plan, batch, hidden_in)
         if self.is_last:
             out = self._sample(plan, out)
         if clock is not None:
             clock.add(self.index, start, clock.now())
+        self._write_through(plan)  # on its own stream, after the step's stores
         return out, batch
+
+    def _write_through(self, plan: StagePlan) -> None:
+        """New KV rows of host-resident (staged) sequences go to their host copies as well, so
+        releasing the staging chunks after the step copies nothing back."""
+        rows = []
+        for seq_id, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
+            if self.kv.residency(seq_id) is Residency.STAGED:
+                rows += self.kv.write_back_rows(seq_id, start, start + count)
+        self.transfers.write_back(rows)
 
     def reset(self) -> None:
         """No sequence and every chunk free, whatever the last (maybe failed) step left."""

@@ -7,7 +7,9 @@ can travel with the activations from stage to stage.
 KV chunks: the scheduler's KV manager records every allocate / append / free it performs as
 `kv_ops`; each stage replays them, in plan order, on its own KV manager. Allocation is
 deterministic (lowest free id first), so every stage ends up with the same chunk tables without
-ever sending one.
+ever sending one. Residency changes travel the same way: "offload" (GPU -> host), "prefetch"
+(host -> staging chunks) and "release_staging"; the scheduler counts them done at once, each
+stage runs their copies (kv_transfers.py) and orders later work after them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 from .kv_manager import KVManager
 from .sampling import SamplingParams
 
-KVOp = tuple[str, int, int]  # ("allocate" | "append" | "free", seq_id, tokens)
+KVOp = tuple[str, int, int]  # (operation, seq_id, tokens): allocate, append, free, offload, prefetch,
+# release_staging, make_gpu_resident
 
 
 @dataclass
@@ -76,6 +79,26 @@ class RecordingKVManager(KVManager):
         super().free(seq_id)
         self.log.append(("free", seq_id, 0))
 
+    def offload(self, seq_id: int) -> None:
+        """GPU-resident -> host-resident, the copy counted as done (stages order around it)."""
+        self.begin_offload(seq_id)
+        self.finish_offload(seq_id)
+        self.log.append(("offload", seq_id, 0))
+
+    def prefetch(self, seq_id: int) -> None:
+        """Host-resident -> staged for its next step."""
+        self.begin_prefetch(seq_id)
+        self.finish_prefetch(seq_id)
+        self.log.append(("prefetch", seq_id, 0))
+
+    def release_staging(self, seq_id: int) -> None:
+        super().release_staging(seq_id)
+        self.log.append(("release_staging", seq_id, 0))
+
+    def make_gpu_resident(self, seq_id: int) -> None:
+        super().make_gpu_resident(seq_id)
+        self.log.append(("make_gpu_resident", seq_id, 0))
+
     def reset(self) -> None:
         super().reset()
         self.log = []
@@ -85,8 +108,9 @@ class RecordingKVManager(KVManager):
         return log
 
 
-def apply_kv_ops(kv: KVManager, ops: list[KVOp]) -> None:
-    """Replay the scheduler's KV decisions on a stage's own KV manager."""
+def apply_kv_ops(kv: KVManager, ops: list[KVOp], transfers=None) -> None:
+    """Replay the scheduler's KV decisions on a stage's own KV manager; `transfers`
+    (kv_transfers.KVTransfers) runs the copies of residency changes."""
     for op, seq_id, tokens in ops:
         if op == "allocate":
             kv.allocate(seq_id, tokens)
@@ -94,5 +118,19 @@ def apply_kv_ops(kv: KVManager, ops: list[KVOp]) -> None:
             kv.append(seq_id, tokens)
         elif op == "free":
             kv.free(seq_id)
+        elif op == "offload":
+            pairs = kv.begin_offload(seq_id)
+            if transfers is not None:
+                transfers.offload(pairs)
+            kv.finish_offload(seq_id)
+        elif op == "prefetch":
+            pairs = kv.begin_prefetch(seq_id)
+            if transfers is not None:
+                transfers.prefetch(pairs)
+            kv.finish_prefetch(seq_id)
+        elif op == "release_staging":
+            kv.release_staging(seq_id)
+        elif op == "make_gpu_resident":
+            kv.make_gpu_resident(seq_id)
         else:
             raise ValueError(f"unknown KV operation {op!r}")

@@ -1,0 +1,277 @@
+"""KV offload: host-resident sequences are prefetched into staging chunks before their step and
+their new rows written through to the host; greedy ids equal offload off (and transformers) for
+one and several stages; the scheduler's residency decisions replay exactly on every stage; the
+copies are exact."""
+
+import pytest
+import torch
+
+from pipemax.runtime.engine_config import ConfigError, EngineConfig
+from pipemax.runtime.kv_manager import KVManager, Residency
+from pipemax.runtime.kv_pool import KVPool, KVPoolSpec
+from pipemax.runtime.kv_transfers import KVTransfers
+from pipemax.runtime.scheduler import Scheduler
+from pipemax.runtime.sequence import Sequence
+from pipemax.runtime.sampling import SamplingParams
+from pipemax.runtime.step_plan import RecordingKVManager, apply_kv_ops
+from tests.runtime.test_engine import MAX_TOKENS, hf_greedy
+from tests.runtime.test_pipeline import run, tiny  # noqa: F401 (fixture)
+
+CHUNK_BYTES = 8 * 3 * 2 * 2 * 32 * 4  # one chunk of the tiny qwen3: 8 tokens, 3 layers, K and V, 2 x 32, fp32
+
+
+def gib(chunks: int) -> float:
+    return chunks * CHUNK_BYTES / 2**30
+
+
+@pytest.mark.parametrize("options", [
+    dict(micro_batches=2),  # P = 1: one micro-batch computes while the other's KV is on the host
+    dict(pipeline_parallel=2),
+    dict(pipeline_parallel=2, micro_batches=3, stage_layers="1,2", max_num_batched_tokens=9),  # chunked prefill
+    dict(pipeline_parallel=2, pipeline_transport="distributed"),  # stage processes (gloo)
+], ids=["p1-m2", "p2", "p2-m3-chunked", "p2-processes"])
+def test_forced_offload_gives_the_ids_of_no_offload(tiny, options):  # noqa: F811
+    folder, hf, prompts = tiny
+    reference, _ = run(folder, prompts)
+    assert reference == [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts]
+    # A GPU pool of 12 chunks (the longest sequence needs 6), a host pool for everything.
+    ids, llm = run(folder, prompts, offload="force", kv_cache_gib=gib(12), host_memory_gib=gib(200), **options)
+    with llm:
+        assert ids == reference
+        stats = llm.last_run_stats
+        assert stats["offload"]["host_resident_requests"] == len(prompts)
+        moved = stats["transfers"]
+        assert moved["bytes_prefetched"] > 0 and moved["bytes_offloaded"] > 0 and moved["bytes_written_back"] > 0
+        if options.get("pipeline_transport") != "distributed":
+            for stage in llm.engine.stages:  # everything released: no chunk leaked on either side
+                assert stage.kv.gpu.num_free == stage.kv.gpu.num_chunks
+                assert stage.kv.host.num_free == stage.kv.host.num_chunks
+
+
+def test_offload_admits_more_than_the_gpu_pool_holds(tiny):  # noqa: F811
+    folder, _, prompts = tiny
+    options = dict(micro_batches=2, kv_cache_gib=gib(12), max_num_seqs=4)
+    _, plain = run(folder, prompts, **options)
+    _, offloaded = run(folder, prompts, offload="force", host_memory_gib=gib(200), **options)
+    # Without offload the small pool forces recomputation; host-resident micro-batches free it.
+    assert offloaded.engine.scheduler.num_preemptions < plain.engine.scheduler.num_preemptions
+
+
+def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 4) -> Sequence:
+    return Sequence(seq_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def test_force_moves_each_micro_batch_to_the_host_after_its_step_and_back_before_the_next():
+    kv = RecordingKVManager(num_gpu_chunks=8, num_host_chunks=32, chunk_tokens=8)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload="force")
+    for seq_id, length in enumerate([10, 12, 9, 14]):
+        scheduler.add(make_seq(seq_id, length))
+    first = scheduler.schedule(0)
+    assert first.scheduled
+    for entry in first.scheduled:
+        entry.seq.num_computed_tokens = entry.end
+        entry.seq.token_ids.append(7)
+    scheduler.step_done(0)
+    group = scheduler.groups[0]
+    assert group and all(kv.residency(s.seq_id) is Residency.HOST for s in group)
+    assert kv.gpu.num_free == kv.gpu.num_chunks  # micro-batch 0's KV is all on the host now
+    second = scheduler.schedule(0)
+    assert {e.seq.seq_id for e in second.decode} == {s.seq_id for s in group}
+    assert all(kv.residency(s.seq_id) is Residency.STAGED for s in group)
+    ops = [op for op, _, _ in kv.log]
+    assert ops.index("offload") < ops.index("prefetch") < max(i for i, op in enumerate(ops) if op == "append")
+    # A stage replaying the log ends in the same state, chunk for chunk.
+    stage = KVManager(8, 32, 8)
+    apply_kv_ops(stage, kv.take_log())
+    for seq in group:
+        assert stage.sequence(seq.seq_id) == kv.sequence(seq.seq_id)
+    scheduler.step_done(0)
+    assert all(kv.residency(s.seq_id) is Residency.HOST for s in group)
+    assert [op for op, _, _ in kv.log] == ["release_staging"] * len(group)
+
+
+def run_to_completion(scheduler: Scheduler, micro_batches: int, steps: int = 200) -> int:
+    """Steps the scheduler's micro-batches in turn, as the engine would; the most sequences running
+    at once."""
+    most = 0
+    for step in range(steps):
+        micro_batch = step % micro_batches
+        plan = scheduler.schedule(micro_batch)
+        most = max(most, len(scheduler.running))
+        for entry in plan.scheduled:
+            entry.seq.num_computed_tokens = entry.end
+            if entry.samples:
+                entry.seq.token_ids.append(5)
+        for seq in list(scheduler.groups[micro_batch]):
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                scheduler.finish(seq)
+        scheduler.step_done(micro_batch)
+        if not scheduler.has_unfinished():
+            return most
+    raise AssertionError("the requests did not finish")
+
+
+def test_host_resident_micro_batches_let_more_sequences_run_than_the_gpu_pool_holds():
+    # 4 GPU chunks; each sequence needs 2 (9 prompt + 5 output tokens, chunks of 8).
+    def scheduler(offload):
+        kv = RecordingKVManager(num_gpu_chunks=4, num_host_chunks=32, chunk_tokens=8)
+        scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload=offload)
+        for seq_id in range(4):
+            scheduler.add(make_seq(seq_id, 9, max_tokens=5))
+        return scheduler
+
+    plain, forced = scheduler("off"), scheduler("force")
+    assert run_to_completion(plain, 2) == 2
+    assert run_to_completion(forced, 2) == 4 and forced.num_preemptions == 0
+    assert forced.kv.gpu.num_free == 4 and forced.kv.host.num_free == 32
+
+
+def test_sequences_that_cannot_all_be_staged_take_turns():
+    kv = RecordingKVManager(num_gpu_chunks=5, num_host_chunks=32, chunk_tokens=8)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, num_micro_batches=1, offload="force")
+    seqs = [make_seq(i, 9, max_tokens=6) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    # Staging leaves a chunk per staged sequence for its growth: not all three fit at once.
+    run_to_completion(scheduler, 1)
+    assert all(seq.num_output_tokens == 6 for seq in seqs)  # none starved
+    assert kv.gpu.num_free == 5 and kv.host.num_free == 32
+
+
+def test_copies_are_exact():
+    spec = KVPoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, chunk_tokens=8, dtype=torch.float16)
+    pool = KVPool(spec, 6, 6, "cpu", backend="torch")
+    pool.gpu.copy_(torch.randn(pool.gpu.shape).to(torch.float16))
+    pool.host.copy_(torch.randn(pool.host.shape).to(torch.float16))
+    transfers = KVTransfers(pool)
+    gpu_before, host_before = pool.gpu.clone(), pool.host.clone()
+    transfers.offload([(0, 5), (3, 1)])
+    assert torch.equal(pool.host[5], gpu_before[0]) and torch.equal(pool.host[1], gpu_before[3])
+    transfers.prefetch([(2, 4)])
+    assert torch.equal(pool.gpu[4], host_before[2])
+    from pipemax.runtime.kv_manager import RowCopy
+    pool.gpu[1, :, :, 3] = 7.0
+    transfers.write_back([RowCopy(gpu_chunk=1, host_chunk=0, row=3)])
+    assert torch.equal(pool.host[0, :, :, 3], pool.gpu[1, :, :, 3])
+    assert torch.equal(pool.host[0, :, :, 2], host_before[0, :, :, 2])  # only that row
+    counters = transfers.counters()
+    assert counters["bytes_offloaded"] == 2 * spec.chunk_bytes and counters["bytes_prefetched"] == spec.chunk_bytes
+    assert counters["bytes_written_back"] == spec.chunk_bytes // 8
+
+
+def test_offload_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="offload must be one of off, auto, force"):
+        EngineConfig(model="m", offload="sometimes")
+    with pytest.raises(ConfigError, match="host_memory_gib sizes the host KV pool of offload: set offload too"):
+        EngineConfig(model="m", host_memory_gib=1)
+    with pytest.raises(ConfigError, match="of host memory available now"):
+        EngineConfig(model="m", offload="force", host_memory_gib=10**6)
+
+
+def test_auto_offloads_within_the_budget_and_keeps_the_ids(tiny):  # noqa: F811
+    folder, _, prompts = tiny
+    reference, _ = run(folder, prompts)
+    ids, llm = run(folder, prompts, offload="auto", micro_batches=2, kv_cache_gib=gib(12), host_memory_gib=gib(200))
+    assert ids == reference
+    assert llm.last_run_stats["offload"]["host_resident_requests"] > 0  # the small pool blocked admissions
+    # One micro-batch has nothing to hide a prefetch behind: auto moves nothing.
+    ids, llm = run(folder, prompts, offload="auto", kv_cache_gib=gib(12), host_memory_gib=gib(200))
+    assert ids == reference and llm.last_run_stats["offload"]["host_resident_requests"] == 0
+    assert llm.last_run_stats["transfers"]["bytes_prefetched"] == 0
+
+
+class FixedCost:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def predict(self, batch_tokens, context_tokens):
+        return self.seconds
+
+
+def test_the_budget_is_bandwidth_times_the_other_micro_batches_predicted_steps():
+    from pipemax.runtime.prefetch_budget import PrefetchBudget
+
+    budget = PrefetchBudget(FixedCost(0.004), bytes_per_second=50e9, chunk_bytes=2**20, num_micro_batches=3)
+    assert budget.budget_chunks(0) == 0  # nothing known yet
+    budget.record(1, 128, 10_000)
+    # Micro-batch 2 has not run yet: taken to carry what the others do.
+    assert budget.budget_chunks(0) == int(50e9 * 0.008 // 2**20)
+    budget.record(2, 128, 10_000)
+    assert budget.budget_chunks(0) == int(50e9 * 0.008 // 2**20)  # two steps of 4 ms ahead
+    assert budget.budget_chunks(1) == int(50e9 * 0.008 // 2**20)  # micro-batch 0 taken as typical
+    assert PrefetchBudget(FixedCost(None), 50e9, 2**20, 2).budget_chunks(0) == 0  # no model yet: no budget
+
+
+def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
+    from pipemax.runtime.prefetch_budget import PrefetchBudget
+
+    def scheduler(seconds):
+        kv = RecordingKVManager(num_gpu_chunks=4, num_host_chunks=64, chunk_tokens=8)
+        budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
+        scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload="auto",
+                              budget=budget)
+        for seq_id in range(6):
+            scheduler.add(make_seq(seq_id, 9, max_tokens=5))
+        return scheduler
+
+    none = scheduler(0.0)
+    run_to_completion(none, 2)
+    assert not none.host_resident_ids  # a zero budget: exactly offload off
+    roomy = scheduler(1.0)  # 10 chunks of budget per micro-batch
+    original = roomy._rebalance
+
+    def checked(micro_batch):
+        original(micro_batch)
+        host = [s for s in roomy.groups[micro_batch]
+                if roomy.kv.residency(s.seq_id) is Residency.HOST]
+        assert sum(len(roomy.kv.sequence(s.seq_id).host_chunks) + 1 for s in host) <= \
+            roomy.budget.budget_chunks(micro_batch)
+
+    roomy._rebalance = checked
+    most = run_to_completion(roomy, 2)
+    assert roomy.host_resident_ids and most > 2  # more than the 4-chunk GPU pool holds at once
+
+
+def test_the_cost_model_learns_a_linear_step_time_and_reports_its_error():
+    from pipemax.runtime.cost_model import StepCostModel
+
+    model = StepCostModel(refit_every=4)
+    assert model.predict(10, 100) is None
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        tokens, context = torch.randint(1, 512, (2,), generator=generator).tolist()
+        context *= 20
+        model.observe(tokens, context, 2e-6 * tokens + 5e-8 * context + 3e-3)
+    alpha, beta, delta = model.coefficients
+    assert abs(alpha - 2e-6) < 1e-8 and abs(beta - 5e-8) < 1e-10 and abs(delta - 3e-3) < 1e-6
+    assert model.predict(100, 1000) == pytest.approx(2e-4 + 5e-5 + 3e-3)
+    assert model.stats()["mean_relative_error"] < 0.05  # after the first fits, the predictions are exact
+
+
+def test_the_trace_shows_every_stream_and_the_hidden_share_is_measured(tiny, tmp_path):  # noqa: F811
+    import json
+
+    folder, _, prompts = tiny
+    trace = tmp_path / "trace.json"
+    _, llm = run(folder, prompts, offload="force", pipeline_parallel=2, kv_cache_gib=gib(12),
+                 host_memory_gib=gib(200), trace=str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert {"host", "stage 0 compute", "stage 1 compute", "stage 0 prefetch", "stage 1 prefetch",
+            "stage 0 write-back", "stage 1 write-back"} <= tracks
+    spans = [e for e in events if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    steps = llm.last_run_stats["steps"]
+    assert sum(e["name"] == "step" for e in spans) == 2 * steps  # each stage's compute of each step
+    # On the CPU copies run between steps, never beside them.
+    assert llm.last_run_stats["copy_time_hidden_fraction"] == 0.0
+
+
+def test_hidden_fraction_counts_copy_time_under_compute():
+    from pipemax.runtime.timeline import hidden_fraction
+
+    intervals = [("stage 0 compute", "step", 0.0, 1.0), ("stage 0 compute", "step", 2.0, 3.0),
+                 ("stage 0 prefetch", "prefetch", 0.5, 1.5), ("stage 0 write-back", "write rows", 2.5, 2.75),
+                 ("host", "plan", 0.0, 3.0)]
+    assert hidden_fraction(intervals) == pytest.approx((0.5 + 0.25) / (1.0 + 0.25))
+    assert hidden_fraction(intervals[:2]) is None
