@@ -102,8 +102,8 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 1, micro_batches: int | None = None
-                ) -> Result:
+def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 1, micro_batches: int | None = None,
+                offload: str = "off") -> Result:
     config = model_config_from_hf(hf_config(args.model))
     torch.manual_seed(0)
     model = LlamaFamilyModel(config, device=device, dtype=dtype)
@@ -116,6 +116,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
         gpu_memory_gib=args.memory_cap_gib, prefill_mode=prefill_mode, chunk_tokens=args.chunk_tokens,
         kv_cache_gib=args.kv_cache_gib, pipeline_parallel=stages, micro_batches=micro_batches,
         pipeline_transport="inprocess",  # random weights live in this process: stages time-share this device
+        offload=offload, host_memory_gib=args.host_memory_gib if offload != "off" else None,
     )
     engine = LLMEngine(engine_config, model=model)
     # Warm-up outside the timed region: the first prefill and sampling steps compile kernels.
@@ -138,11 +139,21 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
             f"{engine.kv.gpu.num_chunks} chunks, device waited for host {stats['device_waited_for_host_fraction']:.0%}")
     if stages > 1:
         note += ", stage busy " + "/".join(f"{1 - b:.0%}" for b in stats["stage_bubble_fraction"])
+    if offload != "off":
+        moved = stats["transfers"]
+        hidden = stats.get("copy_time_hidden_fraction")
+        note += (f", {stats['offload']['host_resident_requests']} host-resident, "
+                 f"{moved['bytes_prefetched'] / 1e9:.1f} GB prefetched at {moved['copy_gb_per_s']:.1f} GB/s, "
+                 f"{'-' if hidden is None else f'{hidden:.0%}'} of copy time hidden")
+    error = stats.get("cost_model", {}).get("mean_relative_error")
+    if error is not None:
+        note += f", cost model error {error:.0%}"
     if device.type == "cuda":
         note += f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     del engine, model
     free_memory(device)
-    name = f"pipemax ({prefill_mode}" + (f", P={stages}" if stages > 1 else "") + f", M={stats['micro_batches']})"
+    name = (f"pipemax ({prefill_mode}" + (f", P={stages}" if stages > 1 else "") + f", M={stats['micro_batches']}"
+            + (f", offload {offload}" if offload != "off" else "") + ")")
     return Result(name, seconds, generated, generated + prompt_tokens, note)
 
 
@@ -223,6 +234,8 @@ def main(argv=None) -> int:
                         help="pipeline stages, in process on this device; a list such as 1,2,4 runs each")
     parser.add_argument("--micro-batches", default="",
                         help="micro-batches in flight; a list such as 1,2 runs each (default: the engine's)")
+    parser.add_argument("--offload", default="off", help="comma-separated offload modes to run: off,auto,force")
+    parser.add_argument("--host-memory-gib", type=float, default=64.0, help="host KV pool when offloading")
     parser.add_argument("--peer-batch", type=int, help="first batch size to try for transformers")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -232,6 +245,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.model, args.num_prompts, args.input_len, args.output_len = "tiny", 6, 20, 8
         args.kv_cache_gib = args.kv_cache_gib or 0.01
+        args.host_memory_gib = min(args.host_memory_gib, 0.05)
     use_cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -244,12 +258,14 @@ def main(argv=None) -> int:
     modes = ["mixed", "separate"] if args.prefill_mode == "both" else [args.prefill_mode]
     stage_counts = [int(n) for n in args.pipeline_parallel.split(",")]
     micro_batch_counts = [int(n) for n in args.micro_batches.split(",")] if args.micro_batches else [None]
+    offload_modes = args.offload.split(",")
     for mode in modes:
         for stages in stage_counts:
             for micro_batches in micro_batch_counts:
                 if micro_batches is not None and micro_batches < stages:
                     continue
-                results.append(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches))
+                for offload in offload_modes:
+                    results.append(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches, offload))
     peer = None if args.skip_peer else run_transformers(args, workload, device, dtype)
     if peer:
         results.append(peer)

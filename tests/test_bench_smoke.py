@@ -20,10 +20,11 @@ def test_kernel_benchmark_smoke(tmp_path):
 def test_throughput_benchmark_smoke(tmp_path):
     out = tmp_path / "throughput.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--smoke", "--prefill-mode", "both",
-                             "--pipeline-parallel", "1,2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                             "--pipeline-parallel", "1,2", "--offload", "off,force", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for system in ("pipemax (mixed, M=1)", "pipemax (separate, M=1)", "pipemax (mixed, P=2, M=2)",
-                   "transformers generate"):
+                   "pipemax (mixed, P=2, M=2, offload force)", "transformers generate"):
         assert system in result.stdout
     import json
 

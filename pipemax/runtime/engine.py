@@ -168,7 +168,7 @@ class LLMEngine:
             budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, link_chunk_bytes,
                                     self.num_micro_batches)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
-                                   self.num_micro_batches, config.offload, budget)
+                                   self.num_micro_batches, config.offload, budget, self.cost_model)
         self._sequences: dict[int, Sequence] = {}
         self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
         self._released: list[int] = []  # finished since the last plan: the last stage drops their state
@@ -345,7 +345,8 @@ class LLMEngine:
         self.last_run_stats = {"stages": len(self.stage_ranges), "micro_batches": self.num_micro_batches,
                                "stage_layers": [end - start for start, end in self.stage_ranges], "steps": steps,
                                "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
-                               "preemptions": self.scheduler.num_preemptions, **self.pipeline.stats()}
+                               "preemptions": self.scheduler.num_preemptions,
+                               "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
         self.last_run_stats["cost_model"] = self.cost_model.stats()
         if timeline is not None:
             intervals = timeline.intervals()  # the run is over: one wait for the device

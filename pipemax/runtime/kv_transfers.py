@@ -2,22 +2,23 @@
 
 Prefetches (host -> staging chunks) run on a host-to-device stream, offloads and write-back rows
 (GPU -> host) on a device-to-host stream; both are Triton kernels that read or write the pinned
-host pool directly (kv_pool.py). Ordering is by CUDA events, never a synchronize:
+host pool directly (kv_pool.py). The stage replays each plan's KV operations through `replay`,
+which runs their copies and orders everything by CUDA events, never a synchronize, and never
+more than the chunks involved need:
 
-  - a copy out of the GPU pool waits for the compute queued before it (the KV it copies was
-    produced there);
-  - a prefetch waits for that compute too (its staging chunks may have been freed by a step still
-    reading them) and for the last device-to-host copy (chunks freed by an offload still being
-    read, or a host copy still being written);
-  - a step's compute waits for the last prefetch (its KV) and the last device-to-host copy
-    (chunks it writes may just have been freed by one).
+  - each sequence remembers the event that ended its last step's compute and the event that
+    ended its last copy to the host;
+  - when a sequence's GPU chunks are freed (finished, preempted, offloaded, staging released),
+    each chunk remembers those events: its last reader and writers;
+  - a prefetch into chunks waits only for those chunks' events (and for the sequence's own last
+    write to the host, which it reads back), so it overlaps the compute of other micro-batches;
+  - an offload waits only for its sequence's last compute; a write-back for this step's compute;
+  - a step's compute waits for its sequences' prefetches and for the events of chunks newly
+    handed to them.
 
-The KV manager frees and hands out ids at once; these rules are what makes that safe: no chunk
-is written again before every copy touching it has run. They are coarser than per-chunk events
-(a step waits for every earlier copy, not only its own), which costs nothing while copies finish
-within the step before them, the regime the scheduler's budget aims for.
-
-On the CPU the copies run at once, in order, and nothing needs waiting for.
+So no chunk is written before every copy and step touching its previous contents has run,
+though the KV manager hands freed ids out at once. On the CPU the copies run at once, in order,
+and nothing needs waiting for.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 
 import torch
 
-from .kv_manager import RowCopy
+from .kv_manager import KVManager, RowCopy
 from .kv_pool import KVPool
 
 
@@ -37,91 +38,171 @@ class KVTransfers:
         if self.cuda:
             self.h2d = torch.cuda.Stream(device=pool.device)
             self.d2h = torch.cuda.Stream(device=pool.device)
-            self.last_h2d: torch.cuda.Event | None = None
-            self.last_d2h: torch.cuda.Event | None = None
+        self.last_compute: dict[int, object] = {}  # seq_id -> event ending its last step
+        self.last_to_host: dict[int, object] = {}  # seq_id -> event ending its last copy to the host
+        self.chunk_busy: dict[int, list] = {}  # freed GPU chunk -> events to wait for before writing it
+        self.compute_waits: list = []  # events the next step's compute must wait for
         self.chunk_bytes = pool.spec.chunk_bytes
         self.row_bytes = pool.spec.chunk_bytes // pool.spec.chunk_tokens
         self.bytes_prefetched = 0
         self.bytes_offloaded = 0
         self.bytes_written_back = 0
-        self.copy_seconds = 0.0  # CPU only: time spent copying (on CUDA the copies overlap compute)
-        self.marks: list = []  # CUDA: (kind, start event, end event) for the stats
+        self.copy_seconds = 0.0  # CPU: time spent copying; CUDA: folded from completed events
+        self.marks: list = []  # CUDA: (start event, end event) not yet folded into copy_seconds
         self.timeline = None  # timeline.Timeline, when the run keeps one
         self.track = "stage"  # the timeline's name for this stage
 
+    # ---- replaying a plan's KV operations ----------------------------------------------------
+    def replay(self, kv: KVManager, ops) -> None:
+        """Apply the scheduler's KV operations to this stage's manager, with their copies."""
+        for op, seq_id, tokens in ops:
+            if op == "allocate":
+                self._claim(kv.allocate(seq_id, tokens))
+            elif op == "append":
+                before = len(kv.sequence(seq_id).gpu_chunks)
+                kv.append(seq_id, tokens)
+                self._claim(kv.sequence(seq_id).gpu_chunks[before:])
+            elif op == "free":
+                self._freeing(seq_id, kv.sequence(seq_id).gpu_chunks)
+                kv.free(seq_id)
+                self.last_compute.pop(seq_id, None)
+                self.last_to_host.pop(seq_id, None)
+            elif op == "offload":
+                pairs = kv.begin_offload(seq_id)
+                self.offload(seq_id, pairs)
+                self._freeing(seq_id, [gpu for gpu, _ in pairs])
+                kv.finish_offload(seq_id)
+            elif op == "prefetch":
+                pairs = kv.begin_prefetch(seq_id)
+                self.prefetch(seq_id, pairs)
+                kv.finish_prefetch(seq_id)
+            elif op == "release_staging":
+                self._freeing(seq_id, kv.sequence(seq_id).gpu_chunks)
+                kv.release_staging(seq_id)
+            elif op == "make_gpu_resident":
+                kv.make_gpu_resident(seq_id)
+            else:
+                raise ValueError(f"unknown KV operation {op!r}")
+
+    def _freeing(self, seq_id: int, gpu_chunks: list[int]) -> None:
+        if not self.cuda:
+            return
+        events = [e for e in (self.last_compute.get(seq_id), self.last_to_host.get(seq_id)) if e is not None]
+        for chunk in gpu_chunks:
+            self.chunk_busy[chunk] = events
+
+    def _claim(self, gpu_chunks: list[int]) -> None:
+        """Chunks handed to a sequence whose step will write them: that compute waits for them."""
+        if not self.cuda:
+            return
+        for chunk in gpu_chunks:
+            self.compute_waits += self.chunk_busy.pop(chunk, ())
+
     # ---- copies --------------------------------------------------------------------------
-    def prefetch(self, pairs: list[tuple[int, int]]) -> None:
-        """(host chunk, GPU chunk) pairs, host -> staging."""
+    def prefetch(self, seq_id: int, pairs: list[tuple[int, int]]) -> None:
+        """(host chunk, GPU chunk) pairs of one sequence, host -> staging."""
         if not pairs:
             return
         host_ids, gpu_ids = zip(*pairs)
         self.bytes_prefetched += len(pairs) * self.chunk_bytes
-        with self._on("h2d", "prefetch", wait_for_d2h=True):
+        waits = [self.last_to_host.get(seq_id)]  # its host copy's last rows must have landed
+        if self.cuda:
+            for chunk in gpu_ids:
+                waits += self.chunk_busy.pop(chunk, ())
+        with self._copy("h2d", "prefetch", waits) as scope:
             self.pool.prefetch(host_ids, gpu_ids)
+        if self.cuda:
+            self.compute_waits.append(scope.end)
 
-    def offload(self, pairs: list[tuple[int, int]]) -> None:
-        """(GPU chunk, host chunk) pairs, GPU -> host."""
+    def offload(self, seq_id: int, pairs: list[tuple[int, int]]) -> None:
+        """(GPU chunk, host chunk) pairs of one sequence, GPU -> host, after its last step."""
         if not pairs:
             return
         gpu_ids, host_ids = zip(*pairs)
         self.bytes_offloaded += len(pairs) * self.chunk_bytes
-        with self._on("d2h", "offload"):
+        with self._copy("d2h", "offload", [self.last_compute.get(seq_id)]) as scope:
             self.pool.offload(gpu_ids, host_ids)
+        if self.cuda:
+            self.last_to_host[seq_id] = scope.end
 
-    def write_back(self, rows: list[RowCopy]) -> None:
-        """New rows of staged sequences, written through to their host copies."""
+    def write_back(self, rows_of: dict[int, list[RowCopy]]) -> None:
+        """New rows of staged sequences (seq_id -> rows) to their host copies, after this step's
+        compute (call after_compute first)."""
+        rows = [row for seq_rows in rows_of.values() for row in seq_rows]
         if not rows:
             return
         self.bytes_written_back += len(rows) * self.row_bytes
-        with self._on("d2h", "write rows"):
+        waits = [self.last_compute.get(seq_id) for seq_id in rows_of]
+        with self._copy("d2h", "write rows", waits[:1]) as scope:  # one step: one compute event
             self.pool.write_back([r.gpu_chunk for r in rows], [r.host_chunk for r in rows], [r.row for r in rows])
+        if self.cuda:
+            for seq_id in rows_of:
+                self.last_to_host[seq_id] = scope.end
 
+    # ---- the compute stream ------------------------------------------------------------------
     def before_compute(self) -> None:
-        """The compute stream waits for the copies queued so far (see the module's rules)."""
-        if not self.cuda:
+        """The step's compute waits for its prefetches and for the chunks it was handed."""
+        if not self.cuda or not self.compute_waits:
+            self.compute_waits = []
             return
         stream = torch.cuda.current_stream(self.pool.device)
-        for event in (self.last_h2d, self.last_d2h):
-            if event is not None:
-                stream.wait_event(event)
+        for event in {id(e): e for e in self.compute_waits}.values():
+            stream.wait_event(event)
+        self.compute_waits = []
+
+    def after_compute(self, seq_ids: list[int]) -> None:
+        """Marks the end of a step's compute for its sequences' later copies and chunk reuse."""
+        if not self.cuda:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.pool.device))
+        for seq_id in seq_ids:
+            self.last_compute[seq_id] = event
+
+    def reset(self) -> None:
+        """No sequence left (after an abort): the events stay valid, the bookkeeping goes."""
+        self.last_compute.clear()
+        self.last_to_host.clear()
+        self.compute_waits = []
+        if self.cuda:  # a later step must not overwrite chunks that copies still read
+            torch.cuda.current_stream(self.pool.device).wait_stream(self.h2d)
+            torch.cuda.current_stream(self.pool.device).wait_stream(self.d2h)
+        self.chunk_busy.clear()
 
     # ---- figures -------------------------------------------------------------------------
     def counters(self) -> dict:
         """Totals since this stage was built: bytes moved, and the copies' own time (CUDA: summed
         from completed events, no waiting)."""
-        seconds = self.copy_seconds
         if self.cuda:
-            done = [m for m in self.marks if m[2].query()]
-            seconds += sum(start.elapsed_time(end) / 1000 for _, start, end in done)
-            self.copy_seconds = seconds
-            self.marks = [m for m in self.marks if not m[2].query()]
+            done = [m for m in self.marks if m[1].query()]
+            self.copy_seconds += sum(start.elapsed_time(end) / 1000 for start, end in done)
+            self.marks = [m for m in self.marks if m not in done]
         return {"bytes_prefetched": self.bytes_prefetched, "bytes_offloaded": self.bytes_offloaded,
-                "bytes_written_back": self.bytes_written_back, "copy_seconds": seconds}
+                "bytes_written_back": self.bytes_written_back, "copy_seconds": self.copy_seconds}
 
-    def _on(self, kind: str, name: str, wait_for_d2h: bool = False):
-        return _CopyScope(self, kind, name, wait_for_d2h)
+    def _copy(self, kind: str, name: str, waits: list):
+        return _CopyScope(self, kind, name, [w for w in waits if w is not None])
 
 
 class _CopyScope:
-    """Runs a copy on its stream after the work it depends on, and records its end."""
+    """Runs a copy on its stream after the events it depends on, and records its end."""
 
-    def __init__(self, transfers: KVTransfers, kind: str, name: str, wait_for_d2h: bool):
-        self.t, self.kind, self.name, self.wait_for_d2h = transfers, kind, name, wait_for_d2h
+    def __init__(self, transfers: KVTransfers, kind: str, name: str, waits: list):
+        self.t, self.kind, self.name, self.waits = transfers, kind, name, waits
+        self.end = None
 
     def __enter__(self):
         t = self.t
         if not t.cuda:
             self.started = time.perf_counter()
             return self
-        stream = t.h2d if self.kind == "h2d" else t.d2h
-        stream.wait_stream(torch.cuda.current_stream(t.pool.device))  # the compute queued so far
-        if self.wait_for_d2h and t.last_d2h is not None:
-            stream.wait_event(t.last_d2h)
-        self.context = torch.cuda.stream(stream)
+        self.stream = t.h2d if self.kind == "h2d" else t.d2h
+        for event in {id(e): e for e in self.waits}.values():
+            self.stream.wait_event(event)
+        self.context = torch.cuda.stream(self.stream)
         self.context.__enter__()
         self.start = torch.cuda.Event(enable_timing=True)
-        self.start.record(stream)
-        self.stream = stream
+        self.start.record(self.stream)
         return self
 
     def __exit__(self, *exc):
@@ -133,16 +214,12 @@ class _CopyScope:
             if t.timeline is not None:
                 t.timeline.add(track, self.name, self.started, ended)
             return False
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(self.stream)
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.end.record(self.stream)
         self.context.__exit__(*exc)
         if t.timeline is not None:
-            t.timeline.add(track, self.name, self.start, end)
-        if self.kind == "h2d":
-            t.last_h2d = end
-        else:
-            t.last_d2h = end
-        t.marks.append((self.kind, self.start, end))
+            t.timeline.add(track, self.name, self.start, self.end)
+        t.marks.append((self.start, self.end))
         if len(t.marks) > 256:
             t.counters()  # fold the completed ones
         return False

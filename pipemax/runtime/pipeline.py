@@ -158,6 +158,9 @@ def describe_run(stats: dict) -> str:
                  f"{moved['bytes_prefetched'] / 1e6:.1f} MB prefetched, "
                  f"{(moved['bytes_written_back'] + moved['bytes_offloaded']) / 1e6:.1f} MB to the host, "
                  f"copies at {moved['copy_gb_per_s']:.1f} GB/s")
+        hidden = stats.get("copy_time_hidden_fraction")
+        if hidden is not None:
+            line += f", {hidden:.0%} of copy time hidden behind compute"
     error = stats.get("cost_model", {}).get("mean_relative_error")
     if error is not None:
         line += f"; step time predicted within {error:.0%}"

@@ -82,7 +82,7 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int, prefill_mode: str = "mixed",
-                 num_micro_batches: int = 1, offload: str = "off", budget=None):
+                 num_micro_batches: int = 1, offload: str = "off", budget=None, cost_model=None):
         if prefill_mode not in PREFILL_MODES:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
         if offload not in OFFLOAD_MODES:
@@ -93,6 +93,8 @@ class Scheduler:
         if offload == "auto" and budget is None:
             raise ValueError("offload=auto needs a prefetch budget")
         self.budget = budget  # PrefetchBudget (auto)
+        self.cost_model = cost_model  # StepCostModel: balances the micro-batches' step times
+        self.num_moves = 0  # sequences moved between micro-batches to balance them
         self.blocked = False  # requests wait because the GPU pool is full (auto offloads only then)
         self.host_resident_ids: set[int] = set()  # sequences that have been host-resident (for stats)
         self._last_run: dict[int, int] = {}  # seq_id -> the step it last ran in (staging goes oldest first)
@@ -170,7 +172,9 @@ class Scheduler:
         return plan
 
     def step_done(self, micro_batch: int) -> None:
-        """A micro-batch's step has come back: under offload, its sequences go to the host."""
+        """A micro-batch's step has come back: it may hand a sequence to a lighter micro-batch;
+        under offload, its sequences go to the host."""
+        self._balance(micro_batch)
         if self.offload == "off":
             return
         if self.offload == "auto":
@@ -186,6 +190,50 @@ class Scheduler:
                     self.host_resident_ids.add(seq.seq_id)
             except PoolExhaustedError:
                 pass  # the host pool is full: it stays on the GPU
+
+    def predicted_step(self, micro_batch: int) -> float | None:
+        """The cost model's time for the micro-batch's next step, from what it holds now."""
+        if self.cost_model is None or not self.cost_model.ready:
+            return None
+        group = self.groups[micro_batch]
+        tokens = min(self.max_num_batched_tokens, sum(max(1, seq.num_uncomputed_tokens) for seq in group))
+        return self.cost_model.predict(tokens, sum(len(seq.token_ids) for seq in group)) if group else 0.0
+
+    def _balance(self, micro_batch: int) -> None:
+        """Inter-batch balancing: a micro-batch whose next step is predicted to take clearly longer
+        than the lightest one's hands that one a decoding sequence (its step is back, so none of
+        its KV is in use), the one that best evens the two. Every stage waits for the slowest
+        micro-batch; one move per step avoids churn."""
+        if len(self.groups) < 2:
+            return
+        times = [self.predicted_step(m) for m in range(len(self.groups))]
+        if times[micro_batch] is None:
+            return
+        lightest = min(range(len(self.groups)), key=lambda m: times[m])
+        gap = times[micro_batch] - times[lightest]
+        if lightest == micro_batch or gap <= 0.1 * times[micro_batch]:
+            return
+        target = self.groups[lightest]
+        if len(target) >= self.max_num_seqs:
+            return
+        best, best_after = None, gap
+        for seq in self.groups[micro_batch]:
+            if not seq.is_decoding:
+                continue
+            self.groups[micro_batch].remove(seq)
+            target.append(seq)
+            after = abs(self.predicted_step(micro_batch) - self.predicted_step(lightest))
+            target.remove(seq)
+            self.groups[micro_batch].append(seq)
+            if after < best_after:
+                best, best_after = seq, after
+        if best is not None:
+            self.groups[micro_batch].remove(best)
+            target.append(best)  # admission order is kept by seq.admission, not by list position
+            target.sort(key=lambda seq: seq.admission)
+            self.groups[micro_batch].sort(key=lambda seq: seq.admission)
+            best.micro_batch = lightest
+            self.num_moves += 1
 
     def _rebalance(self, micro_batch: int) -> None:
         """auto: fit the micro-batch's host-resident KV to its prefetch budget, then release the

@@ -21,7 +21,7 @@ from .kv_pool import KVPool
 from .kv_transfers import KVTransfers
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, apply_penalties, make_generator, sample_on_device, to_host
-from .step_plan import SampledTokens, StagePlan, apply_kv_ops
+from .step_plan import SampledTokens, StagePlan
 
 
 @dataclass
@@ -93,7 +93,7 @@ class StageExecutor:
         batch, which a next stage on the same device may share: see ModelRunner.build_batch).
         A clock (pipeline.StageClock) marks when the device work starts and ends: the host's
         preparation of the batch before it is the device's wait for the host."""
-        apply_kv_ops(self.kv, plan.kv_ops, self.transfers)
+        self.transfers.replay(self.kv, plan.kv_ops)
         for op, seq_id, _ in plan.kv_ops:
             if op == "free" and seq_id not in self.kv.sequences:
                 self.runner.tables.forget(seq_id)
@@ -109,21 +109,23 @@ class StageExecutor:
             out = self._sample(plan, out)
         if clock is not None:
             clock.add(self.index, start, clock.now())
+        self.transfers.after_compute(plan.seq_ids)
         self._write_through(plan)  # on its own stream, after the step's stores
         return out, batch
 
     def _write_through(self, plan: StagePlan) -> None:
         """New KV rows of host-resident (staged) sequences go to their host copies as well, so
         releasing the staging chunks after the step copies nothing back."""
-        rows = []
+        rows_of = {}
         for seq_id, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
             if self.kv.residency(seq_id) is Residency.STAGED:
-                rows += self.kv.write_back_rows(seq_id, start, start + count)
-        self.transfers.write_back(rows)
+                rows_of[seq_id] = self.kv.write_back_rows(seq_id, start, start + count)
+        self.transfers.write_back(rows_of)
 
     def reset(self) -> None:
         """No sequence and every chunk free, whatever the last (maybe failed) step left."""
         self.kv.reset()
+        self.transfers.reset()
         self.runner.tables.reset()
         self.samplers.clear()
 

@@ -108,9 +108,9 @@ class RecordingKVManager(KVManager):
         return log
 
 
-def apply_kv_ops(kv: KVManager, ops: list[KVOp], transfers=None) -> None:
-    """Replay the scheduler's KV decisions on a stage's own KV manager; `transfers`
-    (kv_transfers.KVTransfers) runs the copies of residency changes."""
+def apply_kv_ops(kv: KVManager, ops: list[KVOp]) -> None:
+    """Replay the scheduler's KV decisions on a KV manager, without copies (a stage replays them
+    through kv_transfers.KVTransfers.replay, which also runs the copies)."""
     for op, seq_id, tokens in ops:
         if op == "allocate":
             kv.allocate(seq_id, tokens)
@@ -119,14 +119,10 @@ def apply_kv_ops(kv: KVManager, ops: list[KVOp], transfers=None) -> None:
         elif op == "free":
             kv.free(seq_id)
         elif op == "offload":
-            pairs = kv.begin_offload(seq_id)
-            if transfers is not None:
-                transfers.offload(pairs)
+            kv.begin_offload(seq_id)
             kv.finish_offload(seq_id)
         elif op == "prefetch":
-            pairs = kv.begin_prefetch(seq_id)
-            if transfers is not None:
-                transfers.prefetch(pairs)
+            kv.begin_prefetch(seq_id)
             kv.finish_prefetch(seq_id)
         elif op == "release_staging":
             kv.release_staging(seq_id)

@@ -145,13 +145,13 @@ def test_copies_are_exact():
     pool.host.copy_(torch.randn(pool.host.shape).to(torch.float16))
     transfers = KVTransfers(pool)
     gpu_before, host_before = pool.gpu.clone(), pool.host.clone()
-    transfers.offload([(0, 5), (3, 1)])
+    transfers.offload(0, [(0, 5), (3, 1)])
     assert torch.equal(pool.host[5], gpu_before[0]) and torch.equal(pool.host[1], gpu_before[3])
-    transfers.prefetch([(2, 4)])
+    transfers.prefetch(1, [(2, 4)])
     assert torch.equal(pool.gpu[4], host_before[2])
     from pipemax.runtime.kv_manager import RowCopy
     pool.gpu[1, :, :, 3] = 7.0
-    transfers.write_back([RowCopy(gpu_chunk=1, host_chunk=0, row=3)])
+    transfers.write_back({2: [RowCopy(gpu_chunk=1, host_chunk=0, row=3)]})
     assert torch.equal(pool.host[0, :, :, 3], pool.gpu[1, :, :, 3])
     assert torch.equal(pool.host[0, :, :, 2], host_before[0, :, :, 2])  # only that row
     counters = transfers.counters()
@@ -275,3 +275,33 @@ def test_hidden_fraction_counts_copy_time_under_compute():
                  ("host", "plan", 0.0, 3.0)]
     assert hidden_fraction(intervals) == pytest.approx((0.5 + 0.25) / (1.0 + 0.25))
     assert hidden_fraction(intervals[:2]) is None
+
+
+def test_a_heavy_micro_batch_hands_a_sequence_to_the_lightest():
+    from pipemax.runtime.cost_model import StepCostModel
+
+    kv = RecordingKVManager(num_gpu_chunks=64, num_host_chunks=0, chunk_tokens=8)
+    model = StepCostModel(seed=(0.0, 1e-3, 0.0))  # step time = 1 ms per context token
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=256, num_micro_batches=2, cost_model=model)
+    seqs = [make_seq(i, length, max_tokens=50) for i, length in enumerate([60, 50, 40, 8])]
+    for seq in seqs:
+        scheduler.add(seq)
+    scheduler.groups[0] = []
+    plan = scheduler.schedule(0)  # micro-batch 0 admits everything it may (fair share: 2) ...
+    plan1 = scheduler.schedule(1)  # ... and 1 the rest
+    for entry in plan.scheduled + plan1.scheduled:
+        entry.seq.num_computed_tokens = entry.end
+        entry.seq.token_ids.append(1)
+    heavy = max((0, 1), key=scheduler.predicted_step)
+    light = 1 - heavy
+    assert scheduler.predicted_step(heavy) > 1.1 * scheduler.predicted_step(light)
+    before = abs(scheduler.predicted_step(0) - scheduler.predicted_step(1))
+    scheduler.step_done(heavy)
+    assert scheduler.num_moves == 1
+    assert abs(scheduler.predicted_step(0) - scheduler.predicted_step(1)) < before
+    assert all(seq.micro_batch == m for m, group in enumerate(scheduler.groups) for seq in group)
+    for group in scheduler.groups:
+        assert [s.admission for s in group] == sorted(s.admission for s in group)
+    gap = abs(scheduler.predicted_step(0) - scheduler.predicted_step(1))
+    scheduler.step_done(light)  # a move only ever narrows the gap
+    assert abs(scheduler.predicted_step(0) - scheduler.predicted_step(1)) <= gap
