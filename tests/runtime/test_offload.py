@@ -90,9 +90,9 @@ def test_force_moves_each_micro_batch_to_the_host_after_its_step_and_back_before
     assert [op for op, _, _ in kv.log] == ["release_staging"] * len(group)
 
 
-def run_to_completion(scheduler: Scheduler, micro_batches: int, steps: int = 200) -> int:
-    """Steps the scheduler's micro-batches in turn, as the engine would; the most sequences running
-    at once."""
+def run_to_completion(scheduler: Scheduler, micro_batches: int, steps: int = 200, after_step=None) -> int:
+    """Steps the scheduler's micro-batches in turn, as the engine would (calling after_step after
+    each); the most sequences running at once."""
     most = 0
     for step in range(steps):
         micro_batch = step % micro_batches
@@ -106,6 +106,8 @@ def run_to_completion(scheduler: Scheduler, micro_batches: int, steps: int = 200
             if seq.num_output_tokens >= seq.params.max_tokens:
                 scheduler.finish(seq)
         scheduler.step_done(micro_batch)
+        if after_step is not None:
+            after_step()
         if not scheduler.has_unfinished():
             return most
     raise AssertionError("the requests did not finish")

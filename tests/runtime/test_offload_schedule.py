@@ -19,6 +19,7 @@ from pipemax.runtime.sampling import SamplingParams
 from pipemax.runtime.scheduler import Scheduler
 from pipemax.runtime.sequence import Sequence
 from pipemax.runtime.step_plan import RecordingKVManager, apply_kv_ops
+from tests.runtime.test_offload import run_to_completion
 
 
 class LinearCost:
@@ -130,22 +131,12 @@ def test_the_stage_never_frees_a_chunk_the_scheduler_still_counts():
     for seq_id in range(5):
         scheduler.add(Sequence(seq_id, list(range(1, 12)), SamplingParams(max_tokens=6)))
     stage = KVManager(8, 64, 8)
-    for step in range(200):
-        if not scheduler.has_unfinished():
-            break
-        micro_batch = step % 2
-        plan = scheduler.schedule(micro_batch)
-        for entry in plan.scheduled:
-            entry.seq.num_computed_tokens = entry.end
-            if entry.samples:
-                entry.seq.token_ids.append(3)
-        for seq in list(scheduler.groups[micro_batch]):
-            if seq.num_output_tokens >= seq.params.max_tokens:
-                scheduler.finish(seq)
-        scheduler.step_done(micro_batch)
+
+    def replay():
         apply_kv_ops(stage, kv.take_log())
         assert stage.gpu.states == kv.gpu.states and stage.host.states == kv.host.states
-    assert not scheduler.has_unfinished()
+
+    run_to_completion(scheduler, 2, after_step=replay)
     try:
         stage.gpu.check_available(8)
     except PoolExhaustedError:
