@@ -29,11 +29,13 @@ import torch
 
 from .kv_manager import KVManager, RowCopy
 from .kv_pool import KVPool
+from .step_plan import apply_kv_ops
 
 
 class KVTransfers:
     def __init__(self, pool: KVPool):
         self.pool = pool
+        self.enabled = pool.num_host_chunks > 0  # offload on: without a host pool this is all a no-op
         self.cuda = pool.device.type == "cuda"
         if self.cuda:
             self.h2d = torch.cuda.Stream(device=pool.device)
@@ -41,6 +43,7 @@ class KVTransfers:
         self.last_compute: dict[int, object] = {}  # seq_id -> event ending its last step
         self.last_to_host: dict[int, object] = {}  # seq_id -> event ending its last copy to the host
         self.chunk_busy: dict[int, list] = {}  # freed GPU chunk -> events to wait for before writing it
+        self.claimed: dict[int, list] = {}  # chunk handed out this plan -> its busy events (till compute)
         self.compute_waits: list = []  # events the next step's compute must wait for
         self.chunk_bytes = pool.spec.chunk_bytes
         self.row_bytes = pool.spec.chunk_bytes // pool.spec.chunk_tokens
@@ -55,6 +58,9 @@ class KVTransfers:
     # ---- replaying a plan's KV operations ----------------------------------------------------
     def replay(self, kv: KVManager, ops) -> None:
         """Apply the scheduler's KV operations to this stage's manager, with their copies."""
+        if not self.enabled:  # no host pool: no copies, nothing to order
+            apply_kv_ops(kv, ops)
+            return
         for op, seq_id, tokens in ops:
             if op == "allocate":
                 self._claim(kv.allocate(seq_id, tokens))
@@ -89,14 +95,19 @@ class KVTransfers:
             return
         events = [e for e in (self.last_compute.get(seq_id), self.last_to_host.get(seq_id)) if e is not None]
         for chunk in gpu_chunks:
-            self.chunk_busy[chunk] = events
+            # Taken and freed again before any compute (a preemption in the same plan): the copies
+            # of its earlier owner may still be running, and the next writer must wait for them too.
+            self.chunk_busy[chunk] = events + self.claimed.pop(chunk, [])
 
     def _claim(self, gpu_chunks: list[int]) -> None:
         """Chunks handed to a sequence whose step will write them: that compute waits for them."""
         if not self.cuda:
             return
         for chunk in gpu_chunks:
-            self.compute_waits += self.chunk_busy.pop(chunk, ())
+            events = self.chunk_busy.pop(chunk, [])
+            if events:
+                self.claimed[chunk] = events
+                self.compute_waits += events
 
     # ---- copies --------------------------------------------------------------------------
     def prefetch(self, seq_id: int, pairs: list[tuple[int, int]]) -> None:
@@ -108,7 +119,7 @@ class KVTransfers:
         waits = [self.last_to_host.get(seq_id)]  # its host copy's last rows must have landed
         if self.cuda:
             for chunk in gpu_ids:
-                waits += self.chunk_busy.pop(chunk, ())
+                waits += self.chunk_busy.pop(chunk, []) + self.claimed.pop(chunk, [])
         with self._copy("h2d", "prefetch", waits) as scope:
             self.pool.prefetch(host_ids, gpu_ids)
         if self.cuda:
@@ -142,6 +153,7 @@ class KVTransfers:
     # ---- the compute stream ------------------------------------------------------------------
     def before_compute(self) -> None:
         """The step's compute waits for its prefetches and for the chunks it was handed."""
+        self.claimed = {}  # this compute waits for them: later writers come after it on this stream
         if not self.cuda or not self.compute_waits:
             self.compute_waits = []
             return
@@ -152,7 +164,7 @@ class KVTransfers:
 
     def after_compute(self, seq_ids: list[int]) -> None:
         """Marks the end of a step's compute for its sequences' later copies and chunk reuse."""
-        if not self.cuda:
+        if not self.cuda or not self.enabled:
             return
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.pool.device))
@@ -164,6 +176,7 @@ class KVTransfers:
         self.last_compute.clear()
         self.last_to_host.clear()
         self.compute_waits = []
+        self.claimed = {}
         if self.cuda:  # a later step must not overwrite chunks that copies still read
             torch.cuda.current_stream(self.pool.device).wait_stream(self.h2d)
             torch.cuda.current_stream(self.pool.device).wait_stream(self.d2h)
@@ -174,9 +187,13 @@ class KVTransfers:
         """Totals since this stage was built: bytes moved, and the copies' own time (CUDA: summed
         from completed events, no waiting)."""
         if self.cuda:
-            done = [m for m in self.marks if m[1].query()]
-            self.copy_seconds += sum(start.elapsed_time(end) / 1000 for start, end in done)
-            self.marks = [m for m in self.marks if m not in done]
+            pending = []
+            for start, end in self.marks:
+                if end.query():
+                    self.copy_seconds += start.elapsed_time(end) / 1000
+                else:
+                    pending.append((start, end))
+            self.marks = pending
         return {"bytes_prefetched": self.bytes_prefetched, "bytes_offloaded": self.bytes_offloaded,
                 "bytes_written_back": self.bytes_written_back, "copy_seconds": self.copy_seconds}
 

@@ -55,6 +55,7 @@ class ScheduledSequence:
     seq: Sequence
     start: int  # first position computed in this step
     num_tokens: int
+    preemptions: int = 0  # the sequence's preemption count when scheduled: a later preemption voids it
 
     @property
     def end(self) -> int:
@@ -112,6 +113,10 @@ class Scheduler:
         self.num_preemptions = 0
         self._admissions = 0  # global admission counter: the preemption order across groups
         self._must_shed: set[int] = set()  # groups to preempt their newest sequence at their next turn
+        # Groups whose running sequences could not grow and wait for another group to shed: until
+        # they have had their turn, nobody admits new requests (a shed sequence re-admitted at once
+        # would take the chunks back, and the older sequence would wait forever).
+        self._starved: set[int] = set()
 
     @property
     def running(self) -> list[Sequence]:
@@ -130,6 +135,8 @@ class Scheduler:
         for seq in self.waiting:
             seq.status = SequenceStatus.FINISHED
         self.waiting.clear()
+        self._must_shed.clear()
+        self._starved.clear()
 
     def finish(self, seq: Sequence) -> None:
         self.groups[seq.micro_batch].remove(seq)
@@ -140,6 +147,7 @@ class Scheduler:
     def schedule(self, micro_batch: int = 0) -> StepPlan:
         """The next step of one micro-batch (empty when it has nothing it can run now)."""
         group = self.groups[micro_batch]
+        self._starved.discard(micro_batch)  # its turn: it tries to grow again
         if micro_batch in self._must_shed:
             self._must_shed.discard(micro_batch)
             holding = [s for s in group if self._on_gpu(s)]
@@ -154,9 +162,10 @@ class Scheduler:
             self._schedule_prefills(group, micro_batch, plan, self.max_num_batched_tokens)
             if not plan.prefill:
                 self._schedule_decodes(group, plan, self.max_num_batched_tokens)
-        # Scheduling grows KV as it goes: drop entries whose sequence a later entry preempted.
-        plan.decode = [s for s in plan.decode if s.seq.status is SequenceStatus.RUNNING]
-        plan.prefill = [s for s in plan.prefill if s.seq.status is SequenceStatus.RUNNING]
+        # Scheduling grows KV as it goes: drop entries whose sequence a later entry preempted (even
+        # if it was admitted again since: its new entry is the one that counts).
+        plan.decode = [s for s in plan.decode if self._still_valid(s)]
+        plan.prefill = [s for s in plan.prefill if self._still_valid(s)]
         if self.offload != "off":
             for entry in plan.scheduled:
                 self._last_run[entry.seq.seq_id] = self._steps
@@ -171,14 +180,18 @@ class Scheduler:
             )
         return plan
 
+    @staticmethod
+    def _still_valid(entry: ScheduledSequence) -> bool:
+        return entry.seq.status is SequenceStatus.RUNNING and entry.preemptions == entry.seq.num_preemptions
+
     def step_done(self, micro_batch: int) -> None:
-        """A micro-batch's step has come back: it may hand a sequence to a lighter micro-batch;
-        under offload, its sequences go to the host."""
-        self._balance(micro_batch)
+        """A micro-batch's step has come back: under offload, its sequences go to the host; under
+        auto, it may also hand a sequence to a lighter micro-batch."""
         if self.offload == "off":
             return
         if self.offload == "auto":
             self._rebalance(micro_batch)
+            self._balance(micro_batch)
             return
         for seq in self.groups[micro_batch]:
             residency = self.kv.residency(seq.seq_id)
@@ -193,11 +206,7 @@ class Scheduler:
 
     def predicted_step(self, micro_batch: int) -> float | None:
         """The cost model's time for the micro-batch's next step, from what it holds now."""
-        if self.cost_model is None or not self.cost_model.ready:
-            return None
-        group = self.groups[micro_batch]
-        tokens = min(self.max_num_batched_tokens, sum(max(1, seq.num_uncomputed_tokens) for seq in group))
-        return self.cost_model.predict(tokens, sum(len(seq.token_ids) for seq in group)) if group else 0.0
+        return self._predict(self._load(micro_batch))
 
     def _balance(self, micro_batch: int) -> None:
         """Inter-batch balancing: a micro-batch whose next step is predicted to take clearly longer
@@ -206,34 +215,42 @@ class Scheduler:
         micro-batch; one move per step avoids churn."""
         if len(self.groups) < 2:
             return
-        times = [self.predicted_step(m) for m in range(len(self.groups))]
+        loads = [self._load(m) for m in range(len(self.groups))]
+        times = [self._predict(load) for load in loads]
         if times[micro_batch] is None:
             return
         lightest = min(range(len(self.groups)), key=lambda m: times[m])
         gap = times[micro_batch] - times[lightest]
-        if lightest == micro_batch or gap <= 0.1 * times[micro_batch]:
-            return
         target = self.groups[lightest]
-        if len(target) >= self.max_num_seqs:
+        if lightest == micro_batch or gap <= 0.1 * times[micro_batch] or len(target) >= self.max_num_seqs:
             return
+        (tokens, context), (target_tokens, target_context) = loads[micro_batch], loads[lightest]
         best, best_after = None, gap
-        for seq in self.groups[micro_batch]:
+        for seq in self.groups[micro_batch]:  # a decoding sequence moves one token and its context
             if not seq.is_decoding:
                 continue
-            self.groups[micro_batch].remove(seq)
-            target.append(seq)
-            after = abs(self.predicted_step(micro_batch) - self.predicted_step(lightest))
-            target.remove(seq)
-            self.groups[micro_batch].append(seq)
+            length = len(seq.token_ids)
+            after = abs(self._predict((tokens - 1, context - length))
+                        - self._predict((target_tokens + 1, target_context + length)))
             if after < best_after:
                 best, best_after = seq, after
         if best is not None:
             self.groups[micro_batch].remove(best)
-            target.append(best)  # admission order is kept by seq.admission, not by list position
-            target.sort(key=lambda seq: seq.admission)
-            self.groups[micro_batch].sort(key=lambda seq: seq.admission)
+            target.append(best)
+            target.sort(key=lambda seq: seq.admission)  # groups stay in admission order (preemption)
             best.micro_batch = lightest
             self.num_moves += 1
+
+    def _load(self, micro_batch: int) -> tuple[int, int]:
+        """(tokens, context tokens) of the micro-batch's next step, from what it holds now."""
+        group = self.groups[micro_batch]
+        tokens = min(self.max_num_batched_tokens, sum(max(1, seq.num_uncomputed_tokens) for seq in group))
+        return tokens, sum(len(seq.token_ids) for seq in group)
+
+    def _predict(self, load: tuple[int, int]) -> float | None:
+        if self.cost_model is None or not self.cost_model.ready:
+            return None
+        return self.cost_model.predict(*load) if load[0] > 0 else 0.0
 
     def _rebalance(self, micro_batch: int) -> None:
         """auto: fit the micro-batch's host-resident KV to its prefetch budget, then release the
@@ -251,7 +268,8 @@ class Scheduler:
                 self.kv.make_gpu_resident(seq.seq_id)
                 on_host -= chunks_of[seq.seq_id] + 1
         if self.blocked:  # requests wait for GPU chunks: move what the budget hides, the longest first
-            candidates = [seq for seq in group if self.kv.residency(seq.seq_id) is Residency.GPU]
+            candidates = [seq for seq in group
+                          if seq.is_decoding and self.kv.residency(seq.seq_id) is Residency.GPU]
             for seq in sorted(candidates, key=lambda seq: -chunks_of[seq.seq_id]):
                 cost = chunks_of[seq.seq_id] + 1
                 if on_host + cost > budget or self.kv.host.num_free < cost:
@@ -267,14 +285,16 @@ class Scheduler:
         """Prefetch the group's host-resident sequences into staging chunks while they fit, the
         longest waiting first (so none starves when not all fit)."""
         host_resident = [seq for seq in group if self.kv.residency(seq.seq_id) is Residency.HOST]
-        staged = 0
+        room = self.kv.gpu.num_free
         for seq in sorted(host_resident, key=lambda seq: self._last_run.get(seq.seq_id, -1)):
-            # Leave a chunk per staged sequence for this step's new tokens: staging one that then
-            # cannot grow would only evict another.
-            if self.kv.gpu.num_free - len(self.kv.sequence(seq.seq_id).host_chunks) < staged + 1:
-                break  # the rest wait for a later step
+            # Its chunks and the one its next token may open: staging one that then cannot grow
+            # would only evict another. One that does not fit waits; smaller ones may go first.
+            held = self.kv.sequence(seq.seq_id)
+            needed = max(len(held.host_chunks), self.kv.chunks_for(held.num_tokens + 1))
+            if needed > room:
+                continue
             self.kv.prefetch(seq.seq_id)
-            staged += 1
+            room -= needed
 
     def _on_gpu(self, seq: Sequence) -> bool:
         return self.kv.residency(seq.seq_id) is not Residency.HOST
@@ -286,7 +306,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding or not self._on_gpu(seq):
                 continue  # preempted meanwhile, still prefilling, or not staged this step
             if self._grow(group, seq, 1):
-                plan.decode.append(ScheduledSequence(seq, seq.num_computed_tokens, 1))
+                plan.decode.append(ScheduledSequence(seq, seq.num_computed_tokens, 1, seq.num_preemptions))
                 budget -= 1
         return budget
 
@@ -298,25 +318,27 @@ class Scheduler:
                 continue
             count = min(seq.num_uncomputed_tokens, budget)
             if self._grow(group, seq, count):
-                plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count))
+                plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count, seq.num_preemptions))
                 budget -= count
         share = -(-(len(self.waiting) + sum(len(g) for g in self.groups)) // len(self.groups))
-        self.blocked = False
-        while self.waiting and budget > 0 and len(group) < min(self.max_num_seqs, share):
+        if not self.waiting:
+            self.blocked = False
+        while self.waiting and budget > 0 and len(group) < min(self.max_num_seqs, share) and not self._starved:
             seq = self.waiting[0]
             count = min(seq.num_uncomputed_tokens, budget)
             try:
                 self.kv.allocate(seq.seq_id, count)
             except PoolExhaustedError:
-                self.blocked = True
+                self.blocked = True  # until a later admission succeeds or nothing waits
                 break  # wait for running sequences to finish and free their chunks
+            self.blocked = False
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.micro_batch = micro_batch
             seq.admission = self._admissions
             self._admissions += 1
             group.append(seq)
-            plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count))
+            plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count, seq.num_preemptions))
             budget -= count
         return budget
 
@@ -327,11 +349,15 @@ class Scheduler:
             try:
                 self.kv.append(seq.seq_id, count)
                 return True
-            except PoolExhaustedError:
+            except PoolExhaustedError as error:
+                if error.pool == "host":  # a staged sequence cannot grow its host copy: keep it on the GPU
+                    self.kv.make_gpu_resident(seq.seq_id)
+                    continue
                 # The newest sequence that holds GPU chunks: a host-resident one frees none.
                 newest = max((s for g in self.groups for s in g if self._on_gpu(s)), key=lambda s: s.admission)
                 if newest.micro_batch != seq.micro_batch:  # its group may be in flight: it sheds at its turn
                     self._must_shed.add(newest.micro_batch)
+                    self._starved.add(seq.micro_batch)
                     return False
                 self._preempt(group, newest)
                 if newest is seq:

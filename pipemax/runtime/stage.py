@@ -109,8 +109,9 @@ class StageExecutor:
             out = self._sample(plan, out)
         if clock is not None:
             clock.add(self.index, start, clock.now())
-        self.transfers.after_compute(plan.seq_ids)
-        self._write_through(plan)  # on its own stream, after the step's stores
+        if self.transfers.enabled:
+            self.transfers.after_compute(plan.seq_ids)
+            self._write_through(plan)  # on its own stream, after the step's stores
         return out, batch
 
     def _write_through(self, plan: StagePlan) -> None:

@@ -70,12 +70,14 @@ def hidden_fraction(intervals: list[tuple[str, str, float, float]]) -> float | N
     total = sum(e - s for s, e in copies)
     if total <= 0:
         return None
-    hidden = 0.0
-    for start, end in copies:
-        for c_start, c_end in compute:
-            if c_start >= end:
-                break
-            hidden += max(0.0, min(end, c_end) - max(start, c_start))
+    hidden, first = 0.0, 0  # one sweep: copies by start, compute spans disjoint and sorted
+    for start, end in sorted(copies):
+        while first < len(compute) and compute[first][1] <= start:
+            first += 1
+        index = first
+        while index < len(compute) and compute[index][0] < end:
+            hidden += max(0.0, min(end, compute[index][1]) - max(start, compute[index][0]))
+            index += 1
     return hidden / total
 
 

@@ -279,12 +279,16 @@ def test_hidden_fraction_counts_copy_time_under_compute():
     assert hidden_fraction(intervals[:2]) is None
 
 
-def test_a_heavy_micro_batch_hands_a_sequence_to_the_lightest():
+def test_under_auto_a_heavy_micro_batch_hands_a_sequence_to_the_lightest():
     from pipemax.runtime.cost_model import StepCostModel
 
-    kv = RecordingKVManager(num_gpu_chunks=64, num_host_chunks=0, chunk_tokens=8)
+    from pipemax.runtime.prefetch_budget import PrefetchBudget
+
+    kv = RecordingKVManager(num_gpu_chunks=64, num_host_chunks=16, chunk_tokens=8)
     model = StepCostModel(seed=(0.0, 1e-3, 0.0))  # step time = 1 ms per context token
-    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=256, num_micro_batches=2, cost_model=model)
+    budget = PrefetchBudget(FixedCost(0.0), bytes_per_second=1.0, chunk_bytes=1, num_micro_batches=2)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=256, num_micro_batches=2, offload="auto",
+                          budget=budget, cost_model=model)
     seqs = [make_seq(i, length, max_tokens=50) for i, length in enumerate([60, 50, 40, 8])]
     for seq in seqs:
         scheduler.add(seq)
@@ -307,3 +311,16 @@ def test_a_heavy_micro_batch_hands_a_sequence_to_the_lightest():
     gap = abs(scheduler.predicted_step(0) - scheduler.predicted_step(1))
     scheduler.step_done(light)  # a move only ever narrows the gap
     assert abs(scheduler.predicted_step(0) - scheduler.predicted_step(1)) <= gap
+
+
+def test_a_shed_sequence_does_not_take_its_chunks_back_from_the_older_one():
+    # Two sequences that do not fit the pool together, in two micro-batches: the newer one, in
+    # chunked prefill, is shed for the older one to grow; re-admitting it at once took the chunks
+    # back every time, and the older one never finished.
+    kv = RecordingKVManager(num_gpu_chunks=7, num_host_chunks=0, chunk_tokens=8)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=32, num_micro_batches=2)
+    seqs = [make_seq(0, 19, max_tokens=7), make_seq(1, 33, max_tokens=1)]
+    for seq in seqs:
+        scheduler.add(seq)
+    run_to_completion(scheduler, 2, steps=100)
+    assert [seq.num_output_tokens for seq in seqs] == [7, 1]
