@@ -21,6 +21,10 @@ tests_rc=$?
 timeout 90 "$PY" bench/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
 kernels_rc=$?
 
+# Issue 7: the host's time to prepare a decode step, device-resident chunk tables against the rebuild.
+timeout 30 "$PY" bench/host_step_build.py > "$OUT/host_step_build.log" 2>&1
+host_rc=$?
+
 # The issue-3 target: Llama-3-8B shapes, 128 x 512 in / 256 out, 32 GiB cap, against transformers;
 # with it the issue-7 question (P = 1, M = 1 against M = 2: how long the device waits for the host).
 timeout 120 "$PY" bench/throughput.py --model llama-3-8b --workload fixed --num-prompts 128 --input-len 512 \
@@ -38,5 +42,6 @@ offload_rc=$?
 echo
 echo "== GPU tests: exit $tests_rc"; tail -n 3 "$OUT/gpu_tests.log"
 echo "== kernels: exit $kernels_rc"; tail -n 23 "$OUT/kernels.log"
+echo "== host step build: exit $host_rc"; tail -n 4 "$OUT/host_step_build.log"
 echo "== throughput 8B vs transformers, M = 1 and 2: exit $e2e_rc"; tail -n 7 "$OUT/throughput_8b.log"
 echo "== offload 8B LongBench, 24 GiB: exit $offload_rc"; tail -n 9 "$OUT/offload_8b.log"

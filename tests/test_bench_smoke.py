@@ -30,3 +30,10 @@ def test_throughput_benchmark_smoke(tmp_path):
 
     report = json.loads(out.read_text())
     assert all(r["generated_tokens"] == 6 * 8 for r in report["results"])
+
+
+def test_host_step_build_benchmark_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "host_step_build.py"), "--batch", "8", "--context",
+                             "40", "--steps", "5"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "device tables (now)" in result.stdout and "ratio" in result.stdout
