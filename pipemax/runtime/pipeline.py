@@ -163,5 +163,5 @@ def describe_run(stats: dict) -> str:
             line += f", {hidden:.0%} of copy time hidden behind compute"
     error = stats.get("cost_model", {}).get("mean_relative_error")
     if error is not None:
-        line += f"; step time predicted within {error:.0%}"
+        line += f"; step-time model error {error:.0%} (mean, on steps it had not seen)"
     return line
