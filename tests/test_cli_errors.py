@@ -268,17 +268,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def read_proc(pid, name: str) -> bytes | None:
+    """A process's /proc file, None once the process is gone."""
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes()
+    except OSError:
+        return None
+
+
 def stage_processes(pid: int) -> list[int]:
     """The job's stage processes (spawned workers), not multiprocessing's resource tracker."""
-    found = []
-    for child in descendants(pid):
-        try:
-            command = (Path("/proc") / str(child) / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"spawn_main" in command:
-            found.append(child)
-    return found
+    return [child for child in descendants(pid) if b"spawn_main" in (read_proc(child, "cmdline") or b"")]
 
 
 def alive(pid: int) -> bool:

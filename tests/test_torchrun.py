@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_batch_job import ROOT, chat, completion, read_results, write_lines
-from tests.test_cli_errors import alive
+from tests.test_cli_errors import alive, read_proc
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 NODES, RANKS_PER_NODE = 2, 2
@@ -107,13 +107,7 @@ def rank_pid(run_id: str, rank: int) -> int | None:
     """The process torchrun started as `rank` of this run (found by its environment)."""
     wanted = {f"TORCHELASTIC_RUN_ID={run_id}".encode(), f"RANK={rank}".encode()}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = set((entry / "environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if wanted <= environ:
+        if entry.name.isdigit() and wanted <= set((read_proc(entry.name, "environ") or b"").split(b"\0")):
             return int(entry.name)
     return None
 

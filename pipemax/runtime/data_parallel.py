@@ -17,6 +17,7 @@ group. The hand-out, the results and the failure rules are the same.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -232,10 +233,8 @@ class DataParallelEngine:
         if not self.broken:
             for replica in self.replicas:
                 if replica.failure() is None:
-                    try:
+                    with contextlib.suppress(StageFailure):  # one that is gone already needs no stop
                         replica.send(None)
-                    except StageFailure:
-                        pass  # it is gone already
         deadline = time.monotonic() + (0 if self.broken else 10)
         for replica in self.replicas:
             replica.join(max(0.0, deadline - time.monotonic()))
@@ -285,10 +284,8 @@ def serve_batches(index: int, make_engine, next_batch, send) -> None:
         send((index, "error", f"{type(error).__name__}: {error}"))
     finally:
         engine.close()
-    try:
+    with contextlib.suppress(RuntimeError):  # whoever handed out the batches may have left
         send((index, "closed"))
-    except RuntimeError:
-        pass  # whoever handed out the batches has left
 
 
 def replica_main(index: int, config: EngineConfig, tokenizer, inbox, outbox, parent_pid: int, replicas: int) -> None:

@@ -38,6 +38,8 @@ class DeviceChunkTables:
 
     def reset(self) -> None:
         """Forget every row (after an abort, or when another stage's batch was used instead)."""
+        if not self.row_of:
+            return  # nothing to forget (a stage that shares another's batch every step)
         self.row_of = {}
         self.free_rows = list(range(self.table.shape[0]))
         self.mirror = [[] for _ in range(self.table.shape[0])]

@@ -19,6 +19,7 @@ last words or as a broken connection, and torchrun ends every rank.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pickle
@@ -501,11 +502,9 @@ def serve_stage_rank(cluster) -> None:
     spec = replace(message[1], device=str(cluster.device()))
 
     def report(words: str) -> None:  # last words go to the head, which names this rank
-        try:
+        with contextlib.suppress(RuntimeError):  # the head may be gone too
             cluster.mailbox.send(("error", words), cluster.head)
             cluster.mailbox.flush(timeout=5)
-        except RuntimeError:
-            pass  # the head is gone too
 
     serve_stage(spec, cluster.mailbox, report)
 

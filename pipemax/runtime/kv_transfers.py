@@ -57,40 +57,12 @@ class KVTransfers:
 
     # ---- replaying a plan's KV operations ----------------------------------------------------
     def replay(self, kv: KVManager, ops) -> None:
-        """Apply the scheduler's KV operations to this stage's manager, with their copies."""
-        if not self.enabled:  # no host pool: no copies, nothing to order
-            apply_kv_ops(kv, ops)
-            return
-        for op, seq_id, tokens in ops:
-            if op == "allocate":
-                self._claim(kv.allocate(seq_id, tokens))
-            elif op == "append":
-                before = len(kv.sequence(seq_id).gpu_chunks)
-                kv.append(seq_id, tokens)
-                self._claim(kv.sequence(seq_id).gpu_chunks[before:])
-            elif op == "free":
-                self._freeing(seq_id, kv.sequence(seq_id).gpu_chunks)
-                kv.free(seq_id)
-                self.last_compute.pop(seq_id, None)
-                self.last_to_host.pop(seq_id, None)
-            elif op == "offload":
-                pairs = kv.begin_offload(seq_id)
-                self.offload(seq_id, pairs)
-                self._freeing(seq_id, [gpu for gpu, _ in pairs])
-                kv.finish_offload(seq_id)
-            elif op == "prefetch":
-                pairs = kv.begin_prefetch(seq_id)
-                self.prefetch(seq_id, pairs)
-                kv.finish_prefetch(seq_id)
-            elif op == "release_staging":
-                self._freeing(seq_id, kv.sequence(seq_id).gpu_chunks)
-                kv.release_staging(seq_id)
-            elif op == "make_gpu_resident":
-                kv.make_gpu_resident(seq_id)
-            else:
-                raise ValueError(f"unknown KV operation {op!r}")
+        """Apply the scheduler's KV operations to this stage's manager, with their copies (no
+        host pool: no copies, nothing to order)."""
+        apply_kv_ops(kv, ops, self if self.enabled else None)
 
-    def _freeing(self, seq_id: int, gpu_chunks: list[int]) -> None:
+    def freeing(self, seq_id: int, gpu_chunks: list[int], finished: bool = False) -> None:
+        """The sequence's GPU chunks are about to be freed: each remembers what last used it."""
         if not self.cuda:
             return
         events = [e for e in (self.last_compute.get(seq_id), self.last_to_host.get(seq_id)) if e is not None]
@@ -98,8 +70,11 @@ class KVTransfers:
             # Taken and freed again before any compute (a preemption in the same plan): the copies
             # of its earlier owner may still be running, and the next writer must wait for them too.
             self.chunk_busy[chunk] = events + self.claimed.pop(chunk, [])
+        if finished:
+            self.last_compute.pop(seq_id, None)
+            self.last_to_host.pop(seq_id, None)
 
-    def _claim(self, gpu_chunks: list[int]) -> None:
+    def claim(self, gpu_chunks: list[int]) -> None:
         """Chunks handed to a sequence whose step will write them: that compute waits for them."""
         if not self.cuda:
             return

@@ -34,6 +34,7 @@ class StageClock:
         self.marks: deque = deque()  # (stage, start, end), not yet folded
         self.busy = [0.0] * num_stages
         self.timeline = None  # timeline.Timeline, when the run keeps one
+        self.step: tuple | None = None  # (start, end) of the current step's work in this process
         self.first_start = None
         self.last_end = None
 
@@ -45,12 +46,11 @@ class StageClock:
         return event
 
     def begin_step(self) -> None:
-        self.step_marks: list = []
+        self.step = None
 
     def step_span(self):
         """(start, end) of this process's device work for the step begun last (None if none)."""
-        marks = getattr(self, "step_marks", None)
-        return (marks[0][0], marks[-1][1]) if marks else None
+        return self.step
 
     def span_seconds(self, span) -> float | None:
         """A step's device seconds once its work has run (None while it has not: no waiting)."""
@@ -60,8 +60,7 @@ class StageClock:
         return self._seconds(start, end)
 
     def add(self, stage: int, start, end) -> None:
-        if hasattr(self, "step_marks"):
-            self.step_marks.append((start, end))
+        self.step = (start if self.step is None else self.step[0], end)
         if self.timeline is not None:
             self.timeline.add(f"stage {stage} compute", "step", start, end)
         if self.first_start is None:

@@ -153,7 +153,8 @@ class Scheduler:
             holding = [s for s in group if self._on_gpu(s)]
             if holding:
                 self._preempt(group, holding[-1])
-        self._stage_in(group)
+        if self.offload != "off":
+            self._stage_in(group)
         plan = StepPlan([], [])
         if self.prefill_mode == "mixed":
             budget = self._schedule_decodes(group, plan, self.max_num_batched_tokens)
@@ -194,15 +195,12 @@ class Scheduler:
             self._balance(micro_batch)
             return
         for seq in self.groups[micro_batch]:
-            residency = self.kv.residency(seq.seq_id)
-            try:
-                if residency is Residency.STAGED:
-                    self.kv.release_staging(seq.seq_id)
-                elif residency is Residency.GPU:
-                    self.kv.offload(seq.seq_id)
-                    self.host_resident_ids.add(seq.seq_id)
-            except PoolExhaustedError:
-                pass  # the host pool is full: it stays on the GPU
+            held = self.kv.sequence(seq.seq_id)
+            if held.residency is Residency.STAGED:
+                self.kv.release_staging(seq.seq_id)
+            elif held.residency is Residency.GPU and len(held.gpu_chunks) <= self.kv.host.num_free:
+                self.kv.offload(seq.seq_id)  # (a full host pool leaves it on the GPU)
+                self.host_resident_ids.add(seq.seq_id)
 
     def predicted_step(self, micro_batch: int) -> float | None:
         """The cost model's time for the micro-batch's next step, from what it holds now."""
@@ -297,7 +295,7 @@ class Scheduler:
             room -= needed
 
     def _on_gpu(self, seq: Sequence) -> bool:
-        return self.kv.residency(seq.seq_id) is not Residency.HOST
+        return self.offload == "off" or self.kv.residency(seq.seq_id) is not Residency.HOST
 
     def _schedule_decodes(self, group: list[Sequence], plan: StepPlan, budget: int) -> int:
         for seq in list(group):

@@ -108,23 +108,39 @@ class RecordingKVManager(KVManager):
         return log
 
 
-def apply_kv_ops(kv: KVManager, ops: list[KVOp]) -> None:
-    """Replay the scheduler's KV decisions on a KV manager, without copies (a stage replays them
-    through kv_transfers.KVTransfers.replay, which also runs the copies)."""
+def apply_kv_ops(kv: KVManager, ops: list[KVOp], copies=None) -> None:
+    """Replay the scheduler's KV decisions on a KV manager. On a stage with a host pool, `copies`
+    (kv_transfers.KVTransfers) runs the copies of residency changes and orders chunk reuse."""
     for op, seq_id, tokens in ops:
         if op == "allocate":
-            kv.allocate(seq_id, tokens)
+            chunks = kv.allocate(seq_id, tokens)
+            if copies is not None:
+                copies.claim(chunks)
         elif op == "append":
-            kv.append(seq_id, tokens)
+            if copies is None:
+                kv.append(seq_id, tokens)
+            else:
+                before = len(kv.sequence(seq_id).gpu_chunks)
+                kv.append(seq_id, tokens)
+                copies.claim(kv.sequence(seq_id).gpu_chunks[before:])
         elif op == "free":
+            if copies is not None:
+                copies.freeing(seq_id, kv.sequence(seq_id).gpu_chunks, finished=True)
             kv.free(seq_id)
         elif op == "offload":
-            kv.begin_offload(seq_id)
+            pairs = kv.begin_offload(seq_id)
+            if copies is not None:
+                copies.offload(seq_id, pairs)
+                copies.freeing(seq_id, [gpu for gpu, _ in pairs])
             kv.finish_offload(seq_id)
         elif op == "prefetch":
-            kv.begin_prefetch(seq_id)
+            pairs = kv.begin_prefetch(seq_id)
+            if copies is not None:
+                copies.prefetch(seq_id, pairs)
             kv.finish_prefetch(seq_id)
         elif op == "release_staging":
+            if copies is not None:
+                copies.freeing(seq_id, kv.sequence(seq_id).gpu_chunks)
             kv.release_staging(seq_id)
         elif op == "make_gpu_resident":
             kv.make_gpu_resident(seq_id)
