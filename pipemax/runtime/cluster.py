@@ -70,7 +70,7 @@ def join_cluster(pipeline_parallel: int, data_parallel: int, device: str = "auto
     global _cluster
     if _cluster is not None:
         return _cluster
-    from .distributed import MAILBOX_TIMEOUT, Mailbox, share_cpu_cores
+    from .distributed import MAILBOX_TIMEOUT, Mailbox, init_world, share_cpu_cores
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -91,8 +91,8 @@ def join_cluster(pipeline_parallel: int, data_parallel: int, device: str = "auto
         share_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     # The job's own watchdog is the head's --stage-timeout; the transport only needs to outlast
     # the slowest start (a large model loading on another node).
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(hours=2))
+    init_world(backend, init_method="env://", rank=rank, world_size=world,
+               timeout=timedelta(hours=2))
     cluster.mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
     _cluster = cluster
     return cluster

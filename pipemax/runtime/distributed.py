@@ -48,6 +48,19 @@ from .step_plan import SampledTokens, StagePlan
 MAILBOX_TIMEOUT = timedelta(days=365)
 
 
+def init_world(backend: str, **kwargs) -> None:
+    """init_process_group, with NCCL's communication on high-priority streams: activations
+    between stages are on every stage's critical path, ahead of KV prefetch and write-back
+    (kv_transfers.py)."""
+    dist.init_process_group(backend, pg_options=process_group_options(backend), **kwargs)
+
+
+def process_group_options(backend: str):
+    if backend != "nccl":
+        return None
+    return dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+
+
 class StageFailure(RuntimeError):
     """A stage process died or stopped answering: the job cannot go on."""
 
@@ -254,8 +267,8 @@ class DistributedPipeline:
             process.start()
             self.processes.append(process)
         try:
-            dist.init_process_group(backend, init_method=specs[0].init_method, rank=0,
-                                    world_size=self.world_size, timeout=timedelta(seconds=self.stage_timeout))
+            init_world(backend, init_method=specs[0].init_method, rank=0,
+                       world_size=self.world_size, timeout=timedelta(seconds=self.stage_timeout))
             self.mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
         except Exception as error:  # a stage that died at start leaves the rendezvous waiting
             try:
@@ -487,8 +500,8 @@ def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
         share_cpu_cores(spec.world_size)
     else:
         torch.cuda.set_device(torch.device(spec.device))  # before NCCL binds this rank to a device
-    dist.init_process_group(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
-                            timeout=timedelta(seconds=spec.stage_timeout))
+    init_world(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
+               timeout=timedelta(seconds=spec.stage_timeout))
     mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
     serve_stage(spec, mailbox, lambda words: errors.put((spec.rank, words)))
     dist.destroy_process_group()

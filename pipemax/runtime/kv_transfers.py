@@ -19,6 +19,11 @@ more than the chunks involved need:
 So no chunk is written before every copy and step touching its previous contents has run,
 though the KV manager hands freed ids out at once. On the CPU the copies run at once, in order,
 and nothing needs waiting for.
+
+Priorities (CUDA stream priorities, lower is more urgent): activations between stages first
+(NCCL's high-priority streams, distributed.init_world), then the prefetch for the next
+micro-batch, then write-back, which nothing waits for until its sequence's next prefetch.
+Priorities only order the blocks waiting for an SM; they never preempt running work.
 """
 
 from __future__ import annotations
@@ -32,14 +37,18 @@ from .kv_pool import KVPool
 from .step_plan import apply_kv_ops
 
 
+PREFETCH_PRIORITY = -1  # ahead of write-back and of compute kernels' waiting blocks
+WRITE_BACK_PRIORITY = 0  # the default priority: behind everything more urgent
+
+
 class KVTransfers:
     def __init__(self, pool: KVPool):
         self.pool = pool
         self.enabled = pool.num_host_chunks > 0  # offload on: without a host pool this is all a no-op
         self.cuda = pool.device.type == "cuda"
         if self.cuda:
-            self.h2d = torch.cuda.Stream(device=pool.device)
-            self.d2h = torch.cuda.Stream(device=pool.device)
+            self.h2d = torch.cuda.Stream(device=pool.device, priority=PREFETCH_PRIORITY)
+            self.d2h = torch.cuda.Stream(device=pool.device, priority=WRITE_BACK_PRIORITY)
         self.last_compute: dict[int, object] = {}  # seq_id -> event ending its last step
         self.last_to_host: dict[int, object] = {}  # seq_id -> event ending its last copy to the host
         self.chunk_busy: dict[int, list] = {}  # freed GPU chunk -> events to wait for before writing it

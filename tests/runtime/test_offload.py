@@ -324,3 +324,9 @@ def test_a_shed_sequence_does_not_take_its_chunks_back_from_the_older_one():
         scheduler.add(seq)
     run_to_completion(scheduler, 2, steps=100)
     assert [seq.num_output_tokens for seq in seqs] == [7, 1]
+
+
+def test_only_nccl_gets_process_group_options():
+    from pipemax.runtime.distributed import process_group_options
+
+    assert process_group_options("gloo") is None

@@ -30,3 +30,17 @@ def test_copies_overlap_compute_and_change_nothing(tmp_path, cuda_graphs):
     assert stats["transfers"]["bytes_prefetched"] > 0 and stats["transfers"]["bytes_written_back"] > 0
     # One micro-batch's prefetch runs while the other computes: part of the copy time is hidden.
     assert stats["copy_time_hidden_fraction"] > 0.2, stats
+
+
+def test_prefetch_outranks_write_back_and_nccl_streams_are_high_priority():
+    import torch.distributed as dist
+
+    from pipemax.runtime.distributed import process_group_options
+    from pipemax.runtime.kv_pool import KVPool, KVPoolSpec
+    from pipemax.runtime.kv_transfers import KVTransfers
+
+    pool = KVPool(KVPoolSpec(1, 1, 16, 16, torch.float16), 2, 2, "cuda")
+    transfers = KVTransfers(pool)
+    assert transfers.h2d.priority < transfers.d2h.priority  # lower is more urgent
+    if dist.is_nccl_available():
+        assert process_group_options("nccl").is_high_priority_stream
