@@ -41,12 +41,17 @@ class ChunkedAttention:
         self.kv_pool = kv_pool
         self.backend = backend
         self.scale = scale
+        # Called with the layer index right after each layer's K/V are stored, in eager steps
+        # only (the runtime writes KV through to the host from there); None: nothing to call.
+        self.after_store = None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q [tokens, heads, dim], k/v [tokens, kv_heads, dim]; layer is the index within the stage."""
         triton_backend = self.backend == "triton"
         store = kernels.store_kv if triton_backend else kernels.store_kv_ref
         store(k, v, self.kv_pool, layer, meta.slot_mapping)
+        if self.after_store is not None:
+            self.after_store(layer)
         num_decode = meta.num_decode_tokens
         out = torch.empty_like(q)
         if num_decode:

@@ -350,7 +350,10 @@ class LLMEngine:
         self.last_run_stats["cost_model"] = self.cost_model.stats()
         if timeline is not None:
             intervals = timeline.intervals()  # the run is over: one wait for the device
-            self.last_run_stats["copy_time_hidden_fraction"] = hidden_fraction(intervals)
+            # On the CPU a copy runs on the thread that computes (inside a step, for write-through
+            # by layer): nothing runs beside it.
+            self.last_run_stats["copy_time_hidden_fraction"] = hidden_fraction(
+                intervals, concurrent=self.device.type == "cuda")
             if self.config.trace:
                 timeline.write_trace(self.config.trace, intervals)
         if self.config.offload != "off":

@@ -189,6 +189,23 @@ class KVManager:
         self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.GPU, gpu_chunks=chunks)
         return list(chunks)
 
+    def allocate_staged(self, seq_id: int, num_tokens: int) -> list[int]:
+        """A new host-resident sequence, staged for its first step: its KV is computed into
+        staging chunks and written through to its host chunks as it is produced, so after the
+        step the staging goes without an offload copy. Returns its (staging) chunk table."""
+        if seq_id in self.sequences:
+            raise KVStateError(f"sequence {seq_id} already has KV chunks")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        count = self.chunks_for(num_tokens)
+        self.gpu.check_available(count)
+        self.host.check_available(count)
+        host_chunks = self.host.allocate(count, ChunkState.OWNED)
+        gpu_chunks = self.gpu.allocate(count, ChunkState.STAGING)
+        self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.STAGED, gpu_chunks=gpu_chunks,
+                                            host_chunks=host_chunks)
+        return list(gpu_chunks)
+
     def append(self, seq_id: int, count: int = 1) -> None:
         """Room for `count` more tokens. A staged sequence grows its host copy in step."""
         seq = self._expect(seq_id, Residency.GPU, Residency.STAGED)

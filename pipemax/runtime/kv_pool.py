@@ -130,18 +130,24 @@ class KVPool:
         num_layers: int | None = None,
     ) -> None:
         """Write-through of single token rows (K and V, layers [layer_start, +num_layers)) to host."""
-        num_layers = self.spec.num_layers - layer_start if num_layers is None else num_layers
+        self.write_rows(self.row_ids(gpu_chunk_ids, host_chunk_ids, rows), layer_start, num_layers)
+
+    def row_ids(self, gpu_chunk_ids: Sequence[int], host_chunk_ids: Sequence[int], rows: Sequence[int]):
+        """Checked (GPU chunk, host chunk, row) id tensors on the device, for write_rows: built
+        once when a step writes its rows through layer by layer."""
         self._check_ids(gpu_chunk_ids, self.num_gpu_chunks, "GPU")
         self._check_ids(host_chunk_ids, self.num_host_chunks, "host")
         if any(not 0 <= row < self.spec.chunk_tokens for row in rows):
             raise IndexError(f"a row is outside [0, {self.spec.chunk_tokens})")
         if not len(gpu_chunk_ids) == len(host_chunk_ids) == len(rows):
             raise ValueError("write_back needs as many GPU chunk ids, host chunk ids and rows")
+        return self._ids(gpu_chunk_ids), self._ids(host_chunk_ids), self._ids(rows)
+
+    def write_rows(self, ids, layer_start: int = 0, num_layers: int | None = None) -> None:
+        """The write-through of rows given by row_ids, for layers [layer_start, +num_layers)."""
+        num_layers = self.spec.num_layers - layer_start if num_layers is None else num_layers
         impl = kernels.copy_rows if self.backend == "triton" else kernels.copy_rows_ref
-        impl(
-            self.gpu, self.host, self._ids(gpu_chunk_ids), self._ids(host_chunk_ids), self._ids(rows),
-            layer_start, num_layers,
-        )
+        impl(self.gpu, self.host, *ids, layer_start, num_layers)
 
     # ---- new tokens --------------------------------------------------------------------------
     def store(self, k: torch.Tensor, v: torch.Tensor, layer: int, slot_mapping: torch.Tensor) -> None:

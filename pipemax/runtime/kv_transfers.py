@@ -121,8 +121,8 @@ class KVTransfers:
             self.last_to_host[seq_id] = scope.end
 
     def write_back(self, rows_of: dict[int, list[RowCopy]]) -> None:
-        """New rows of staged sequences (seq_id -> rows) to their host copies, after this step's
-        compute (call after_compute first)."""
+        """New rows of staged sequences (seq_id -> rows) to their host copies, all layers at once
+        after this step's compute (call after_compute first): a decode step's few rows."""
         rows = [row for seq_rows in rows_of.values() for row in seq_rows]
         if not rows:
             return
@@ -133,6 +133,31 @@ class KVTransfers:
         if self.cuda:
             for seq_id in rows_of:
                 self.last_to_host[seq_id] = scope.end
+
+    def write_back_by_layer(self, rows_of: dict[int, list[RowCopy]]):
+        """For a step whose staged sequences carry prefill rows: the hook the attention calls
+        right after storing each layer's KV. Each call copies that layer's rows to the host on
+        the write-back stream, after an event at that point of the compute stream, so a
+        prefill's KV reaches the host while the following layers compute. None without rows."""
+        rows = [row for seq_rows in rows_of.values() for row in seq_rows]
+        if not rows:
+            return None
+        ids = self.pool.row_ids([r.gpu_chunk for r in rows], [r.host_chunk for r in rows], [r.row for r in rows])
+        layer_bytes = len(rows) * self.row_bytes // self.pool.spec.num_layers
+
+        def after_store(layer: int) -> None:
+            self.bytes_written_back += layer_bytes
+            stored = None
+            if self.cuda:
+                stored = torch.cuda.Event()
+                stored.record(torch.cuda.current_stream(self.pool.device))
+            with self._copy("d2h", f"write rows L{layer}", [stored]) as scope:
+                self.pool.write_rows(ids, layer, 1)
+            if self.cuda:
+                for seq_id in rows_of:
+                    self.last_to_host[seq_id] = scope.end
+
+        return after_store
 
     # ---- the compute stream ------------------------------------------------------------------
     def before_compute(self) -> None:

@@ -61,13 +61,17 @@ class ModelRunner:
     def upload_long(self, values: list[int]) -> torch.Tensor:
         return self.to_device(torch.tensor(values, dtype=torch.int64))
 
+    def runs_graph(self, plan: StagePlan) -> bool:
+        """The step replays a captured decode graph (no Python runs between its layers)."""
+        return self.decode_graphs is not None and plan.num_decode == len(plan.seq_ids)
+
     @torch.inference_mode()
     def forward(self, plan: StagePlan, batch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """The stage's device work on a batch from build_batch: hidden states [tokens, hidden] for
         the next stage, or on the last stage the logits [sampling sequences, vocab] float32."""
         input_ids, positions, meta, sample_rows = batch
         inputs = input_ids if self.model.is_first else hidden_in
-        if self.decode_graphs is not None and plan.num_decode == len(plan.seq_ids):
+        if self.runs_graph(plan):
             hidden = self.decode_graphs.run(inputs, positions, meta.slot_mapping, meta.decode_chunk_tables,
                                             meta.decode_seq_lens)
         else:

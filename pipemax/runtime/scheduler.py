@@ -24,16 +24,18 @@ another group (whose step may be in flight, reading its KV), the blocked sequenc
 that group sheds its newest sequence at its next turn; groups evicting each other in turn could
 otherwise go on forever.
 
-Offload (offload="force"): after each of its steps, a micro-batch's sequences become
-host-resident (their KV moves to the host pool: offload, or for a staged sequence just the
-release of its staging chunks, since its new rows were written through); before its next step,
-they are prefetched into staging chunks. The GPU pool then holds only the micro-batches that
+Offload (offload="force"): every request is admitted host-resident: its KV is computed into
+staging chunks and written through to its host chunks as each layer produces it, so after the
+step its staging chunks are simply released (a sequence that had to stay on the GPU, the host
+pool being full, is offloaded after its step when room appears); before its next step, it is
+prefetched into staging chunks again. The GPU pool then holds only the micro-batches that
 run, and admission is bounded by the host pool. A sequence that cannot be staged (the GPU pool
 is full) waits for a later step; preemption only picks sequences that hold GPU chunks.
 
 offload="auto" makes sequences host-resident only while requests wait for lack of GPU chunks,
 and only as much KV per micro-batch as its prefetch budget (prefetch_budget.py) lets come back
-while the other micro-batches compute: the longest sequences first. A micro-batch over its
+while the other micro-batches compute: new requests the budget covers are admitted
+host-resident (as under force), and decoding sequences are offloaded, the longest first. A micro-batch over its
 budget (the predictions moved) takes staged sequences back onto the GPU. Without a budget
 nothing moves, so auto costs nothing where offload cannot pay.
 """
@@ -255,10 +257,9 @@ class Scheduler:
         staging of what stays on the host."""
         group = self.groups[micro_batch]
         budget = self.budget.budget_chunks(micro_batch)
-        chunks_of = {seq.seq_id: len(self.kv.sequence(seq.seq_id).host_chunks or self.kv.sequence(seq.seq_id).gpu_chunks)
-                     for seq in group}
+        chunks_of = {seq.seq_id: self._chunks_held(seq) for seq in group}
         host = [seq for seq in group if self.kv.residency(seq.seq_id) in (Residency.STAGED, Residency.HOST)]
-        on_host = sum(chunks_of[seq.seq_id] + 1 for seq in host)  # + its growth until the next step
+        on_host = self._host_load(micro_batch)
         for seq in sorted(host, key=lambda seq: chunks_of[seq.seq_id]):  # over budget: back to the GPU
             if on_host <= budget:
                 break
@@ -325,11 +326,11 @@ class Scheduler:
             seq = self.waiting[0]
             count = min(seq.num_uncomputed_tokens, budget)
             try:
-                self.kv.allocate(seq.seq_id, count)
+                on_host = self._allocate_new(seq, micro_batch, count)
             except PoolExhaustedError:
                 self.blocked = True  # until a later admission succeeds or nothing waits
                 break  # wait for running sequences to finish and free their chunks
-            self.blocked = False
+            self.blocked = self.blocked and on_host  # a GPU admission shows chunks free up again
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.micro_batch = micro_batch
@@ -339,6 +340,42 @@ class Scheduler:
             plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count, seq.num_preemptions))
             budget -= count
         return budget
+
+    def _allocate_new(self, seq: Sequence, micro_batch: int, count: int) -> bool:
+        """KV for a request being admitted. One that will be host-resident is allocated staged
+        (host chunks, and staging chunks for this step), so that its prefill KV is written
+        through to the host as each layer produces it, overlapped with the following layers,
+        rather than offloaded after the step. True if it went to the host."""
+        if self._admits_to_host(seq, micro_batch):
+            try:
+                self.kv.allocate_staged(seq.seq_id, count)
+                self.host_resident_ids.add(seq.seq_id)
+                return True
+            except PoolExhaustedError as error:
+                if error.pool != "host":
+                    raise
+        self.kv.allocate(seq.seq_id, count)  # (a full host pool leaves it on the GPU)
+        return False
+
+    def _admits_to_host(self, seq: Sequence, micro_batch: int) -> bool:
+        """force: every request. auto: while requests wait for GPU chunks, one whose whole KV
+        (+ its growth) the micro-batch's prefetch budget still covers."""
+        if self.offload == "force":
+            return True
+        if self.offload != "auto" or not self.blocked:
+            return False
+        cost = self.kv.chunks_for(len(seq.token_ids)) + 1
+        return self._host_load(micro_batch) + cost <= self.budget.budget_chunks(micro_batch)
+
+    def _host_load(self, micro_batch: int) -> int:
+        """Chunks the micro-batch's host-resident sequences prefetch before its next step (each
+        + the one its growth may open)."""
+        return sum(self._chunks_held(seq) + 1 for seq in self.groups[micro_batch]
+                   if self.kv.residency(seq.seq_id) in (Residency.STAGED, Residency.HOST))
+
+    def _chunks_held(self, seq: Sequence) -> int:
+        held = self.kv.sequence(seq.seq_id)
+        return len(held.host_chunks or held.gpu_chunks)
 
     def _grow(self, group: list[Sequence], seq: Sequence, count: int) -> bool:
         """Room for `count` more tokens of seq, preempting the newest sequences if needed (False:

@@ -102,26 +102,36 @@ class StageExecutor:
             for seq_id, prompt_token_ids, params in plan.new_seqs:
                 self.samplers[seq_id] = SamplerState(params, prompt_token_ids, make_generator(params))
         batch = self.runner.build_batch(plan, shared_batch)
+        rows_of, by_layer = self._write_through_rows(plan) if self.transfers.enabled else ({}, False)
+        if by_layer:
+            self.runner.attention.after_store = self.transfers.write_back_by_layer(rows_of)
         self.transfers.before_compute()
         start = clock.now() if clock is not None else None
-        out = self.runner.forward(plan, batch, hidden_in)
+        try:
+            out = self.runner.forward(plan, batch, hidden_in)
+        finally:
+            self.runner.attention.after_store = None
         if self.is_last:
             out = self._sample(plan, out)
         if clock is not None:
             clock.add(self.index, start, clock.now())
         if self.transfers.enabled:
             self.transfers.after_compute(plan.seq_ids)
-            self._write_through(plan)  # on its own stream, after the step's stores
+            if not by_layer:
+                self.transfers.write_back(rows_of)  # on its own stream, after the step's stores
         return out, batch
 
-    def _write_through(self, plan: StagePlan) -> None:
+    def _write_through_rows(self, plan: StagePlan) -> tuple[dict, bool]:
         """New KV rows of host-resident (staged) sequences go to their host copies as well, so
-        releasing the staging chunks after the step copies nothing back."""
-        rows_of = {}
+        releasing the staging chunks after the step copies nothing back. A step that carries
+        prefill rows of such sequences (and runs eagerly) writes them layer by layer, as they are
+        produced; a decode step's few rows go in one copy after the step. (rows, by layer)."""
+        rows_of, prefill = {}, False
         for seq_id, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
             if self.kv.residency(seq_id) is Residency.STAGED:
                 rows_of[seq_id] = self.kv.write_back_rows(seq_id, start, start + count)
-        self.transfers.write_back(rows_of)
+                prefill = prefill or count > 1
+        return rows_of, prefill and not self.runner.runs_graph(plan)
 
     def reset(self) -> None:
         """No sequence and every chunk free, whatever the last (maybe failed) step left."""

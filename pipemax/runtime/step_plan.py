@@ -8,7 +8,8 @@ KV chunks: the scheduler's KV manager records every allocate / append / free it 
 `kv_ops`; each stage replays them, in plan order, on its own KV manager. Allocation is
 deterministic (lowest free id first), so every stage ends up with the same chunk tables without
 ever sending one. Residency changes travel the same way: "offload" (GPU -> host), "prefetch"
-(host -> staging chunks) and "release_staging"; the scheduler counts them done at once, each
+(host -> staging chunks), "allocate_staged" (a new sequence that lives on the host, computed
+into staging chunks) and "release_staging"; the scheduler counts them done at once, each
 stage runs their copies (kv_transfers.py) and orders later work after them.
 """
 
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 from .kv_manager import KVManager
 from .sampling import SamplingParams
 
-KVOp = tuple[str, int, int]  # (operation, seq_id, tokens): allocate, append, free, offload, prefetch,
-# release_staging, make_gpu_resident
+KVOp = tuple[str, int, int]  # (operation, seq_id, tokens): allocate, allocate_staged, append, free,
+# offload, prefetch, release_staging, make_gpu_resident
 
 
 @dataclass
@@ -71,6 +72,11 @@ class RecordingKVManager(KVManager):
         self.log.append(("allocate", seq_id, num_tokens))
         return chunks
 
+    def allocate_staged(self, seq_id: int, num_tokens: int) -> list[int]:
+        chunks = super().allocate_staged(seq_id, num_tokens)
+        self.log.append(("allocate_staged", seq_id, num_tokens))
+        return chunks
+
     def append(self, seq_id: int, count: int = 1) -> None:
         super().append(seq_id, count)
         self.log.append(("append", seq_id, count))
@@ -112,8 +118,8 @@ def apply_kv_ops(kv: KVManager, ops: list[KVOp], copies=None) -> None:
     """Replay the scheduler's KV decisions on a KV manager. On a stage with a host pool, `copies`
     (kv_transfers.KVTransfers) runs the copies of residency changes and orders chunk reuse."""
     for op, seq_id, tokens in ops:
-        if op == "allocate":
-            chunks = kv.allocate(seq_id, tokens)
+        if op in ("allocate", "allocate_staged"):
+            chunks = kv.allocate(seq_id, tokens) if op == "allocate" else kv.allocate_staged(seq_id, tokens)
             if copies is not None:
                 copies.claim(chunks)
         elif op == "append":

@@ -62,14 +62,17 @@ class Timeline:
         Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 
-def hidden_fraction(intervals: list[tuple[str, str, float, float]]) -> float | None:
+def hidden_fraction(intervals: list[tuple[str, str, float, float]], concurrent: bool = True) -> float | None:
     """The share of copy time that ran while compute ran (on this process's device); None
-    without copies."""
+    without copies. concurrent=False: copies and compute share one thread (the CPU), so a copy
+    inside a compute span still ran alone: none is hidden."""
     compute = _union([(s, e) for track, _, s, e in intervals if track.endswith("compute")])
     copies = [(s, e) for track, _, s, e in intervals if track.endswith(("prefetch", "write-back"))]
     total = sum(e - s for s, e in copies)
     if total <= 0:
         return None
+    if not concurrent:
+        return 0.0
     hidden, first = 0.0, 0  # one sweep: copies by start, compute spans disjoint and sorted
     for start, end in sorted(copies):
         while first < len(compute) and compute[first][1] <= start:

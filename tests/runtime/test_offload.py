@@ -41,7 +41,11 @@ def test_forced_offload_gives_the_ids_of_no_offload(tiny, options):  # noqa: F81
         stats = llm.last_run_stats
         assert stats["offload"]["host_resident_requests"] == len(prompts)
         moved = stats["transfers"]
-        assert moved["bytes_prefetched"] > 0 and moved["bytes_offloaded"] > 0 and moved["bytes_written_back"] > 0
+        assert moved["bytes_prefetched"] > 0
+        # Admitted host-resident: each prompt's KV reached the host by write-through as it was
+        # produced (every stage's layers together make a token's row), never by an offload copy.
+        assert moved["bytes_offloaded"] == 0
+        assert moved["bytes_written_back"] >= sum(map(len, prompts)) * CHUNK_BYTES // 8
         if options.get("pipeline_transport") != "distributed":
             for stage in llm.engine.stages:  # everything released: no chunk leaked on either side
                 assert stage.kv.gpu.num_free == stage.kv.gpu.num_chunks
@@ -61,7 +65,7 @@ def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 4) -> Sequence:
     return Sequence(seq_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
 
 
-def test_force_moves_each_micro_batch_to_the_host_after_its_step_and_back_before_the_next():
+def test_force_keeps_each_micro_batch_on_the_host_between_its_steps():
     kv = RecordingKVManager(num_gpu_chunks=8, num_host_chunks=32, chunk_tokens=8)
     scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload="force")
     for seq_id, length in enumerate([10, 12, 9, 14]):
@@ -79,7 +83,10 @@ def test_force_moves_each_micro_batch_to_the_host_after_its_step_and_back_before
     assert {e.seq.seq_id for e in second.decode} == {s.seq_id for s in group}
     assert all(kv.residency(s.seq_id) is Residency.STAGED for s in group)
     ops = [op for op, _, _ in kv.log]
-    assert ops.index("offload") < ops.index("prefetch") < max(i for i, op in enumerate(ops) if op == "append")
+    # Admitted host-resident (staged: its prefill written through), released, prefetched, grown.
+    assert "offload" not in ops
+    assert (ops.index("allocate_staged") < ops.index("release_staging") < ops.index("prefetch")
+            < max(i for i, op in enumerate(ops) if op == "append"))
     # A stage replaying the log ends in the same state, chunk for chunk.
     stage = KVManager(8, 32, 8)
     apply_kv_ops(stage, kv.take_log())
@@ -265,7 +272,10 @@ def test_the_trace_shows_every_stream_and_the_hidden_share_is_measured(tiny, tmp
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     steps = llm.last_run_stats["steps"]
     assert sum(e["name"] == "step" for e in spans) == 2 * steps  # each stage's compute of each step
-    # On the CPU copies run between steps, never beside them.
+    # Prompts are written through layer by layer, inside their steps' compute spans.
+    write_rows = [e for e in spans if e["name"].startswith("write rows L")]
+    assert write_rows
+    # On the CPU copies run on the computing thread, never beside compute.
     assert llm.last_run_stats["copy_time_hidden_fraction"] == 0.0
 
 
@@ -277,6 +287,7 @@ def test_hidden_fraction_counts_copy_time_under_compute():
                  ("host", "plan", 0.0, 3.0)]
     assert hidden_fraction(intervals) == pytest.approx((0.5 + 0.25) / (1.0 + 0.25))
     assert hidden_fraction(intervals[:2]) is None
+    assert hidden_fraction(intervals, concurrent=False) == 0.0  # one thread: nothing ran beside
 
 
 def test_under_auto_a_heavy_micro_batch_hands_a_sequence_to_the_lightest():
@@ -330,3 +341,64 @@ def test_only_nccl_gets_process_group_options():
     from pipemax.runtime.distributed import process_group_options
 
     assert process_group_options("gloo") is None
+
+
+def test_prefill_rows_are_written_through_layer_by_layer_exactly():
+    from pipemax.runtime.kv_manager import RowCopy
+
+    spec = KVPoolSpec(num_layers=3, num_kv_heads=2, head_dim=16, chunk_tokens=8, dtype=torch.bfloat16)
+    pool = KVPool(spec, 4, 4, "cpu", backend="torch")
+    pool.gpu.copy_(torch.randn(pool.gpu.shape).to(spec.dtype))
+    host_before = pool.host.clone()
+    transfers = KVTransfers(pool)
+    rows = {5: [RowCopy(2, 1, row) for row in range(8)] + [RowCopy(0, 3, 0), RowCopy(0, 3, 1)]}
+    after_store = transfers.write_back_by_layer(rows)
+    after_store(0)  # layer 0's K/V were stored: only layer 0 goes to the host
+    assert torch.equal(pool.host[1, 0], pool.gpu[2, 0]) and torch.equal(pool.host[3, 0, :, :2], pool.gpu[0, 0, :, :2])
+    assert torch.equal(pool.host[1, 1:], host_before[1, 1:]) and torch.equal(pool.host[3, 0, :, 2:], host_before[3, 0, :, 2:])
+    after_store(1)
+    after_store(2)
+    assert torch.equal(pool.host[1], pool.gpu[2]) and torch.equal(pool.host[3, :, :, :2], pool.gpu[0, :, :, :2])
+    assert torch.equal(pool.host[3, :, :, 2:], host_before[3, :, :, 2:])  # nothing past the rows
+    assert transfers.counters()["bytes_written_back"] == 10 * spec.chunk_bytes // 8  # 10 rows, all layers
+    assert transfers.write_back_by_layer({}) is None
+
+
+def test_a_host_resident_request_is_admitted_staged_so_its_prefill_never_needs_an_offload():
+    kv = KVManager(num_gpu_chunks=4, num_host_chunks=4, chunk_tokens=8)
+    chunks = kv.allocate_staged(0, 12)
+    held = kv.sequence(0)
+    assert held.residency is Residency.STAGED and chunks == held.gpu_chunks and len(held.host_chunks) == 2
+    assert [r.host_chunk for r in kv.write_back_rows(0, 0, 12)] == [held.host_chunks[0]] * 8 + [held.host_chunks[1]] * 4
+    kv.release_staging(0)
+    assert kv.gpu.num_free == 4 and kv.residency(0) is Residency.HOST
+    from pipemax.runtime.kv_manager import PoolExhaustedError
+    with pytest.raises(PoolExhaustedError) as error:
+        kv.allocate_staged(1, 24)  # 3 host chunks, 2 free: nothing is taken
+    assert error.value.pool == "host" and kv.gpu.num_free == 4 and 1 not in kv.sequences
+
+
+def test_auto_admits_requests_to_the_host_only_within_the_budget_while_others_wait():
+    from pipemax.runtime.prefetch_budget import PrefetchBudget
+
+    def admitted_staged(seconds):
+        kv = RecordingKVManager(num_gpu_chunks=6, num_host_chunks=64, chunk_tokens=8)
+        budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
+        scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, num_micro_batches=2, offload="auto",
+                              budget=budget)
+        for seq_id in range(8):
+            scheduler.add(make_seq(seq_id, 9, max_tokens=5))
+        staged = set()
+        original = kv.allocate_staged
+
+        def recording(seq_id, tokens):
+            staged.add(seq_id)
+            assert scheduler.blocked  # only while requests wait for GPU chunks
+            return original(seq_id, tokens)
+
+        kv.allocate_staged = recording
+        run_to_completion(scheduler, 2)
+        return staged
+
+    assert not admitted_staged(0.0)  # no budget: no request starts on the host
+    assert admitted_staged(1.0)  # 10 chunks of budget per micro-batch: some do
