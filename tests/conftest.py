@@ -50,3 +50,10 @@ def model_folder(tmp_path_factory):
         if (source / name).exists():
             shutil.copy(source / name, folder / name)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def private_profiles(tmp_path_factory, monkeypatch):
+    """Each test saves and reads step-cost profiles in a folder of its own: a fit one test learned
+    never seeds another's engine (and nothing lands in the user's ~/.cache)."""
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path_factory.mktemp("profiles")))

@@ -26,7 +26,7 @@ from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, model_conf
 
 from .engine_config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-exported)
 from .kv_manager import KVManager
-from .cost_model import StepCostModel
+from .cost_model import StepCostModel, load_step_costs, save_step_costs
 from .kv_pool import KVPool, KVPoolSpec
 from .kv_transfers import measure_copy_bandwidth
 from .prefetch_budget import PrefetchBudget
@@ -159,7 +159,10 @@ class LLMEngine:
         # The scheduler's own KV manager decides; every stage replays its log.
         self.kv = RecordingKVManager(num_chunks, self.num_host_chunks, config.chunk_tokens)
         self.num_micro_batches = config.num_micro_batches
-        self.cost_model = StepCostModel()
+        self.step_cost_key = self._step_cost_key(config)
+        seed, path = load_step_costs(self.step_cost_key)
+        self.cost_model = StepCostModel(seed=seed)
+        self.cost_model_seeded_from = str(path) if seed is not None else None
         budget = None
         if config.offload == "auto":
             # One device's link carries every in-process stage's chunks; a process per stage, its own.
@@ -347,7 +350,9 @@ class LLMEngine:
                                "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
                                "preemptions": self.scheduler.num_preemptions,
                                "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
-        self.last_run_stats["cost_model"] = self.cost_model.stats()
+        self.last_run_stats["cost_model"] = {**self.cost_model.stats(), "seeded_from": self.cost_model_seeded_from}
+        if steps:
+            save_step_costs(self.cost_model, self.step_cost_key)  # the next engine starts from this fit
         if timeline is not None:
             intervals = timeline.intervals()  # the run is over: one wait for the device
             # On the CPU a copy runs on the thread that computes (inside a step, for write-through
@@ -369,6 +374,21 @@ class LLMEngine:
         pending = self.pipeline.submit(self._stage_plan(micro_batch, plan))
         self.num_steps += 1
         return InFlight(micro_batch, plan, pending, self.pipeline.clock.step_span())
+
+    def _step_cost_key(self, config) -> dict:
+        """What a step's time depends on, naming the saved step-cost profile that fits it."""
+        mc = self.model_config
+        if self.device.type == "cuda":
+            hardware = torch.cuda.get_device_name(self.device)
+        else:
+            hardware = f"cpu x {torch.get_num_threads()} threads"
+        return {"device": hardware, "architecture": mc.architecture, "hidden_size": mc.hidden_size,
+                "intermediate_size": mc.intermediate_size, "num_layers": mc.num_layers, "num_heads": mc.num_heads,
+                "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
+                "dtype": str(self.dtype).removeprefix("torch."), "stage_layers": [e - s for s, e in self.stage_ranges],
+                "transport": "distributed" if self.distributed else "inprocess",
+                "attention_backend": config.attention_backend,
+                "cuda_graphs": bool(config.cuda_graphs and self.device.type == "cuda")}
 
     def _measure(self, step: InFlight) -> None:
         """The step's device time, once it has run (no waiting), teaches the cost model."""

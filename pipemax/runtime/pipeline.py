@@ -162,5 +162,6 @@ def describe_run(stats: dict) -> str:
             line += f", {hidden:.0%} of copy time hidden behind compute"
     error = stats.get("cost_model", {}).get("mean_relative_error")
     if error is not None:
-        line += f"; step-time model error {error:.0%} (mean, on steps it had not seen)"
+        seeded = ", seeded from a saved profile" if stats["cost_model"].get("seeded_from") else ""
+        line += f"; step-time model error {error:.0%} (mean, on steps it had not seen{seeded})"
     return line

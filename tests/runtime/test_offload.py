@@ -402,3 +402,49 @@ def test_auto_admits_requests_to_the_host_only_within_the_budget_while_others_wa
 
     assert not admitted_staged(0.0)  # no budget: no request starts on the host
     assert admitted_staged(1.0)  # 10 chunks of budget per micro-batch: some do
+
+
+def test_the_cost_model_is_saved_after_a_run_and_seeds_the_next_engine(tiny, tmp_path, monkeypatch):  # noqa: F811
+    import json
+
+    folder, _, prompts = tiny
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path / "profiles"))
+    options = dict(micro_batches=2, offload="auto", kv_cache_gib=gib(12), host_memory_gib=gib(200))
+    _, first = run(folder, prompts, **options)
+    with first:
+        assert first.last_run_stats["cost_model"]["seeded_from"] is None
+        fitted = first.engine.cost_model.coefficients
+    [saved] = (tmp_path / "profiles").glob("step-costs-*.json")
+    record = json.loads(saved.read_text())
+    assert record["coefficients"] == list(fitted) and record["key"]["stage_layers"] == [3]
+    _, second = run(folder, prompts, **options)
+    with second:
+        assert second.last_run_stats["cost_model"]["seeded_from"] == str(saved)
+    # Another stage split is another setup: its own profile, not this one's.
+    _, split = run(folder, prompts, pipeline_parallel=2, **options)
+    with split:
+        assert split.last_run_stats["cost_model"]["seeded_from"] is None
+    assert len(list((tmp_path / "profiles").glob("step-costs-*.json"))) == 2
+
+
+def test_a_damaged_or_foreign_step_cost_profile_is_ignored(tmp_path, monkeypatch, caplog):
+    import json
+
+    from pipemax.runtime.cost_model import StepCostModel, load_step_costs, save_step_costs, step_costs_path
+
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path))
+    key = {"device": "cpu", "num_layers": 3}
+    assert load_step_costs(key) == (None, step_costs_path(key))
+    model = StepCostModel(seed=(1e-4, 1e-6, 1e-3))
+    assert save_step_costs(model, key) is None  # a seed alone has learned nothing: not saved
+    for tokens in (10, 20, 40, 80):
+        model.observe(tokens, 100 * tokens, 1e-4 * tokens + 1e-3)
+    model.fit()
+    path = save_step_costs(model, key)
+    assert load_step_costs(key)[0] == pytest.approx(model.coefficients)
+    record = json.loads(path.read_text())
+    for damaged in ("{not json", json.dumps({**record, "key": {"device": "H100"}}),
+                    json.dumps({**record, "coefficients": [1.0, -2.0, 0.0]})):
+        path.write_text(damaged)
+        assert load_step_costs(key)[0] is None
+    assert "ignoring the step-cost profile" in caplog.text
