@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .kv_manager import KVManager, PoolExhaustedError, Residency
+from .residency_plan import GPU, HOST, STAGED, ResidencyState, SeqState, plan_residency
 from .sequence import Sequence, SequenceStatus
 
 PREFILL_MODES = ("mixed", "separate")
@@ -119,6 +120,7 @@ class Scheduler:
         # they have had their turn, nobody admits new requests (a shed sequence re-admitted at once
         # would take the chunks back, and the older sequence would wait forever).
         self._starved: set[int] = set()
+        self._in_flight: set[int] = set()  # micro-batches scheduled and not yet back (step_done)
 
     @property
     def running(self) -> list[Sequence]:
@@ -139,6 +141,7 @@ class Scheduler:
         self.waiting.clear()
         self._must_shed.clear()
         self._starved.clear()
+        self._in_flight.clear()
 
     def finish(self, seq: Sequence) -> None:
         self.groups[seq.micro_batch].remove(seq)
@@ -173,6 +176,8 @@ class Scheduler:
             for entry in plan.scheduled:
                 self._last_run[entry.seq.seq_id] = self._steps
             self._steps += 1
+        if plan.scheduled:
+            self._in_flight.add(micro_batch)
         if self.budget is not None and plan.scheduled:
             self.budget.record(micro_batch, plan.num_tokens, sum(entry.end for entry in plan.scheduled))
         if not plan.scheduled and self.waiting and not any(self.groups):
@@ -189,12 +194,12 @@ class Scheduler:
 
     def step_done(self, micro_batch: int) -> None:
         """A micro-batch's step has come back: under offload, its sequences go to the host; under
-        auto, it may also hand a sequence to a lighter micro-batch."""
+        auto, plan_residency decides what moves (residency_plan.py)."""
+        self._in_flight.discard(micro_batch)
         if self.offload == "off":
             return
         if self.offload == "auto":
-            self._rebalance(micro_batch)
-            self._balance(micro_batch)
+            self._apply_residency_plan(micro_batch)
             return
         for seq in self.groups[micro_batch]:
             held = self.kv.sequence(seq.seq_id)
@@ -208,38 +213,40 @@ class Scheduler:
         """The cost model's time for the micro-batch's next step, from what it holds now."""
         return self._predict(self._load(micro_batch))
 
-    def _balance(self, micro_batch: int) -> None:
-        """Inter-batch balancing: a micro-batch whose next step is predicted to take clearly longer
-        than the lightest one's hands that one a decoding sequence (its step is back, so none of
-        its KV is in use), the one that best evens the two. Every stage waits for the slowest
-        micro-batch; one move per step avoids churn."""
-        if len(self.groups) < 2:
-            return
-        loads = [self._load(m) for m in range(len(self.groups))]
-        times = [self._predict(load) for load in loads]
-        if times[micro_batch] is None:
-            return
-        lightest = min(range(len(self.groups)), key=lambda m: times[m])
-        gap = times[micro_batch] - times[lightest]
-        target = self.groups[lightest]
-        if lightest == micro_batch or gap <= 0.1 * times[micro_batch] or len(target) >= self.max_num_seqs:
-            return
-        (tokens, context), (target_tokens, target_context) = loads[micro_batch], loads[lightest]
-        best, best_after = None, gap
-        for seq in self.groups[micro_batch]:  # a decoding sequence moves one token and its context
-            if not seq.is_decoding:
-                continue
-            length = len(seq.token_ids)
-            after = abs(self._predict((tokens - 1, context - length))
-                        - self._predict((target_tokens + 1, target_context + length)))
-            if after < best_after:
-                best, best_after = seq, after
-        if best is not None:
-            self.groups[micro_batch].remove(best)
-            target.append(best)
-            target.sort(key=lambda seq: seq.admission)  # groups stay in admission order (preemption)
-            best.micro_batch = lightest
+    def residency_state(self, micro_batch: int) -> ResidencyState:
+        """What plan_residency needs, as plain data: micro_batch's step is back."""
+        names = {Residency.GPU: GPU, Residency.HOST: HOST, Residency.STAGED: STAGED}
+        seqs = tuple(
+            SeqState(seq.seq_id, group, self._chunks_held(seq), len(seq.token_ids), max(1, seq.num_uncomputed_tokens),
+                     seq.is_decoding, names[self.kv.residency(seq.seq_id)], seq.admission)
+            for group, members in enumerate(self.groups) for seq in members)
+        return ResidencyState(seqs, micro_batch, frozenset(self._in_flight),
+                              tuple(self.budget.budget_chunks(m) for m in range(len(self.groups))),
+                              self.kv.host.num_free, self.blocked, self.max_num_seqs, self.max_num_batched_tokens)
+
+    def _apply_residency_plan(self, micro_batch: int) -> None:
+        """auto: fit the micro-batch's host-resident KV to its prefetch budget, balance the
+        micro-batches, then release the staging of what stays on the host."""
+        plan = plan_residency(self.residency_state(micro_batch), self._predict_seconds)
+        for seq_id in plan.to_gpu:
+            self.kv.make_gpu_resident(seq_id)
+        for seq_id in plan.to_host:
+            self.kv.offload(seq_id)
+            self.host_resident_ids.add(seq_id)
+        by_id = {seq.seq_id: seq for seq in self.running}
+        for seq_id, target in plan.moves:
+            seq = by_id[seq_id]
+            self.groups[seq.micro_batch].remove(seq)
+            self.groups[target].append(seq)
+            self.groups[target].sort(key=lambda s: s.admission)  # groups stay in admission order (preemption)
+            seq.micro_batch = target
             self.num_moves += 1
+        for seq in self.groups[micro_batch]:
+            if self.kv.residency(seq.seq_id) is Residency.STAGED:
+                self.kv.release_staging(seq.seq_id)
+
+    def _predict_seconds(self, tokens: int, context: int) -> float | None:
+        return self._predict((tokens, context))
 
     def _load(self, micro_batch: int) -> tuple[int, int]:
         """(tokens, context tokens) of the micro-batch's next step, from what it holds now."""
@@ -251,34 +258,6 @@ class Scheduler:
         if self.cost_model is None or not self.cost_model.ready:
             return None
         return self.cost_model.predict(*load) if load[0] > 0 else 0.0
-
-    def _rebalance(self, micro_batch: int) -> None:
-        """auto: fit the micro-batch's host-resident KV to its prefetch budget, then release the
-        staging of what stays on the host."""
-        group = self.groups[micro_batch]
-        budget = self.budget.budget_chunks(micro_batch)
-        chunks_of = {seq.seq_id: self._chunks_held(seq) for seq in group}
-        host = [seq for seq in group if self.kv.residency(seq.seq_id) in (Residency.STAGED, Residency.HOST)]
-        on_host = self._host_load(micro_batch)
-        for seq in sorted(host, key=lambda seq: chunks_of[seq.seq_id]):  # over budget: back to the GPU
-            if on_host <= budget:
-                break
-            if self.kv.residency(seq.seq_id) is Residency.STAGED:
-                self.kv.make_gpu_resident(seq.seq_id)
-                on_host -= chunks_of[seq.seq_id] + 1
-        if self.blocked:  # requests wait for GPU chunks: move what the budget hides, the longest first
-            candidates = [seq for seq in group
-                          if seq.is_decoding and self.kv.residency(seq.seq_id) is Residency.GPU]
-            for seq in sorted(candidates, key=lambda seq: -chunks_of[seq.seq_id]):
-                cost = chunks_of[seq.seq_id] + 1
-                if on_host + cost > budget or self.kv.host.num_free < cost:
-                    continue
-                self.kv.offload(seq.seq_id)
-                self.host_resident_ids.add(seq.seq_id)
-                on_host += cost
-        for seq in group:
-            if self.kv.residency(seq.seq_id) is Residency.STAGED:
-                self.kv.release_staging(seq.seq_id)
 
     def _stage_in(self, group: list[Sequence]) -> None:
         """Prefetch the group's host-resident sequences into staging chunks while they fit, the

@@ -227,7 +227,7 @@ def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
     run_to_completion(none, 2)
     assert not none.host_resident_ids  # a zero budget: exactly offload off
     roomy = scheduler(1.0)  # 10 chunks of budget per micro-batch
-    original = roomy._rebalance
+    original = roomy._apply_residency_plan
 
     def checked(micro_batch):
         original(micro_batch)
@@ -236,7 +236,7 @@ def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
         assert sum(len(roomy.kv.sequence(s.seq_id).host_chunks) + 1 for s in host) <= \
             roomy.budget.budget_chunks(micro_batch)
 
-    roomy._rebalance = checked
+    roomy._apply_residency_plan = checked
     most = run_to_completion(roomy, 2)
     assert roomy.host_resident_ids and most > 2  # more than the 4-chunk GPU pool holds at once
 
