@@ -4,8 +4,10 @@
     kv_manager.py    counts: chunk ids per sequence, residency (GPU / host / in flight), no tensors
     kv_pool.py       owns the KV tensors (GPU pool, pinned host pool) and runs copies between them
     kv_transfers.py  a stage's prefetch / offload / write-back copies on their own streams, by events
-    cost_model.py    a step's predicted time (alpha tokens + beta context + delta), fitted online
+    cost_model.py    a step's predicted time (alpha tokens + beta context + delta), fitted online,
+                     saved after a run and seeding the next (step-cost profiles)
     prefetch_budget.py  how much KV offload=auto may keep on the host per micro-batch
+    residency_plan.py   offload=auto's decisions as a pure function: greedy fill, refinement
     timeline.py      what ran when: the hidden share of copy time, and --trace
     device_tables.py a stage's chunk tables on its device, updated by changed chunks only;
                      one packed upload per step, positions and slots derived on the device
