@@ -8,6 +8,7 @@
                      saved after a run and seeding the next (step-cost profiles)
     prefetch_budget.py  how much KV offload=auto may keep on the host per micro-batch
     residency_plan.py   offload=auto's decisions as a pure function: greedy fill, refinement
+    offload_schedule.py the engine's whole schedule without tensors: workload in, rounds out
     timeline.py      what ran when: the hidden share of copy time, and --trace
     device_tables.py a stage's chunk tables on its device, updated by changed chunks only;
                      one packed upload per step, positions and slots derived on the device

@@ -1,33 +1,26 @@
-"""The offload schedule without tensors: the scheduler (pure Python) driven through random
-workloads, costs and budgets, with micro-batches in flight as the engine keeps them, while a
-stage replays every plan's KV log. Properties:
+"""The offload schedule without tensors: plan_schedule (a pure function: workload and settings
+in, the engine's rounds out) over random workloads, costs and budgets, with steps coming back
+in random numbers per round, while a stage replays every step's KV operations. Properties:
 
-- a sequence computes only when its KV is on the GPU (its prefetch came before the step);
+- a request computes only when its KV is on the GPU (its prefetch came before the step);
 - the chunks of a step in flight are never handed to another sequence until that step is back
   (no staging chunk is overwritten while in use, no chunk is reused under a copy);
-- auto keeps each micro-batch's host-resident KV within its prefetch budget, and with no budget
-  moves nothing;
-- every request finishes, and both pools end empty, on the scheduler and on the stage.
+- auto with no budget moves nothing to the host (its budgets themselves are property-tested on
+  plan_residency, tests/runtime/test_residency_plan.py);
+- every request finishes with all its tokens, and both pools end empty;
+- the same inputs give the same schedule.
 """
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipemax.runtime.kv_manager import KVManager, PoolExhaustedError, Residency
-from pipemax.runtime.prefetch_budget import PrefetchBudget
+from pipemax.runtime.offload_schedule import ScheduleSettings, plan_schedule
 from pipemax.runtime.sampling import SamplingParams
 from pipemax.runtime.scheduler import Scheduler
 from pipemax.runtime.sequence import Sequence
 from pipemax.runtime.step_plan import RecordingKVManager, apply_kv_ops
 from tests.runtime.test_offload import run_to_completion
-
-
-class LinearCost:
-    def __init__(self, per_token: float, per_context: float, fixed: float):
-        self.per_token, self.per_context, self.fixed = per_token, per_context, fixed
-
-    def predict(self, batch_tokens, context_tokens):
-        return self.per_token * batch_tokens + self.per_context * context_tokens + self.fixed
 
 
 def gpu_chunks_of(kv: KVManager, seq_ids) -> set[int]:
@@ -44,92 +37,53 @@ def gpu_chunks_of(kv: KVManager, seq_ids) -> set[int]:
     prompts=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=10),
     budget_seconds=st.sampled_from([0.0, 1e-4, 1e-2]),
     max_tokens_per_step=st.sampled_from([8, 32, 128]),
-    data=st.data(),
+    returns=st.lists(st.integers(1, 3), max_size=400),
 )
 def test_offload_schedules_keep_their_promises(mode, micro_batches, gpu_chunks, host_chunks, chunk_tokens, prompts,
-                                               budget_seconds, max_tokens_per_step, data):
-    from pipemax.runtime.cost_model import StepCostModel
-
-    kv = RecordingKVManager(gpu_chunks, host_chunks if mode != "off" else 0, chunk_tokens)
-    budget = None
-    if mode == "auto":
-        budget = PrefetchBudget(LinearCost(0, 0, budget_seconds), bytes_per_second=1e6, chunk_bytes=1000,
-                                num_micro_batches=micro_batches)
-    cost = StepCostModel(seed=(1e-4, 1e-6, 1e-3))  # balancing moves sequences between micro-batches (auto)
-    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=max_tokens_per_step,
-                          num_micro_batches=micro_batches, offload=mode, budget=budget, cost_model=cost)
-    longest = chunk_tokens * gpu_chunks  # a sequence may fill the whole GPU pool
-    seqs = []
-    for seq_id, (prompt, outputs) in enumerate(prompts):
-        prompt = min(prompt, longest - outputs) if longest > outputs else 1
-        seq = Sequence(seq_id, list(range(1, prompt + 1)), SamplingParams(max_tokens=min(outputs, longest - prompt)))
-        seqs.append(seq)
-        scheduler.add(seq)
-    stage = KVManager(gpu_chunks, kv.host.num_chunks, chunk_tokens)
-    in_flight = {}  # micro-batch -> (plan, the GPU chunks its step reads and writes), in launch order
-
-    def complete(micro_batch):
-        plan, _ = in_flight.pop(micro_batch)
-        for entry in plan.scheduled:
-            if entry.samples:
-                entry.seq.token_ids.append(3)
-            if entry.seq.num_output_tokens >= entry.seq.params.max_tokens:
-                scheduler.finish(entry.seq)
-        scheduler.step_done(micro_batch)
-        if mode == "auto":
-            host = [s for s in scheduler.groups[micro_batch] if kv.residency(s.seq_id) is Residency.HOST]
-            on_host = sum(len(kv.sequence(s.seq_id).host_chunks) + 1 for s in host)
-            if budget.budget_chunks(micro_batch) == 0:
-                assert not host
-            else:
-                # What auto moved fits the budget (it may only exceed it by what it cannot take back).
-                moved = [s for s in host if s.seq_id in scheduler.host_resident_ids]
-                assert on_host <= budget.budget_chunks(micro_batch) or len(moved) == len(host)
-
-    for tick in range(2000):
-        if not scheduler.has_unfinished():
-            break
-        launched = False
-        for micro_batch in range(micro_batches):
-            if micro_batch in in_flight:
-                continue
-            try:
-                plan = scheduler.schedule(micro_batch)
-            except RuntimeError:
-                raise
-            for entry in plan.scheduled:
-                entry.seq.num_computed_tokens = entry.end
-            apply_kv_ops(stage, kv.take_log())
-            if not plan.scheduled:
-                continue
-            launched = True
-            running = [e.seq.seq_id for e in plan.scheduled]
-            assert len(set(running)) == len(running), "a sequence scheduled twice in one step"
-            for seq_id in running:  # its KV is on the GPU when the step computes
+                                               budget_seconds, max_tokens_per_step, returns):
+    longest = chunk_tokens * gpu_chunks  # a request may fill the whole GPU pool
+    requests = []
+    for prompt, outputs in prompts:
+        prompt = max(1, min(prompt, longest - outputs))
+        requests.append((prompt, max(1, min(outputs, longest - prompt))))
+    # Step time = budget_seconds (the budget: a chunk of 1000 bytes at 1 MB/s per ms of it), or
+    # the balancing's cost model when no budget is wanted.
+    step_cost = (0.0, 0.0, budget_seconds) if budget_seconds else (1e-4, 1e-6, 1e-3)
+    config = ScheduleSettings(gpu_chunks, host_chunks if mode != "off" else 0, chunk_tokens, max_num_seqs=4,
+                              max_num_batched_tokens=max_tokens_per_step, num_micro_batches=micro_batches,
+                              offload=mode, step_cost=step_cost,
+                              bytes_per_second=1e6 if budget_seconds else 0.0, chunk_bytes=1000)
+    schedule = plan_schedule(requests, config, returns)
+    assert plan_schedule(requests, config, returns) == schedule  # a pure function
+    stage = KVManager(gpu_chunks, config.num_host_chunks, chunk_tokens)
+    in_flight = {}  # step index -> the GPU chunks it reads and writes
+    computed = [0] * len(requests)
+    for round_ in schedule.rounds:
+        for step in round_.launched:
+            apply_kv_ops(stage, step.kv_ops)
+            running = [seq_id for seq_id, _, _ in step.computes]
+            assert len(set(running)) == len(running), "a request scheduled twice in one step"
+            for seq_id, start, count in step.computes:  # its KV is on the GPU when the step computes
                 assert stage.residency(seq_id) in (Residency.GPU, Residency.STAGED)
-                assert stage.sequence(seq_id) == kv.sequence(seq_id)
+                assert start + count <= stage.sequence(seq_id).num_tokens
+                computed[seq_id] = max(computed[seq_id], start + count)
+            assert set(step.host_resident) == {i for i in running if stage.residency(i) is Residency.STAGED}
             chunks = gpu_chunks_of(stage, running)
-            for other, (_, held) in in_flight.items():  # steps in flight keep their chunks
-                assert not (held & chunks), f"micro-batch {micro_batch} reuses chunks micro-batch {other} is using"
-            in_flight[micro_batch] = (plan, chunks)
-        if in_flight:
-            # Steps come back in the order they were launched (every stage runs them in order);
-            # how many come back before the host plans again is the workload's choice.
-            for _ in range(data.draw(st.integers(1, len(in_flight)), label="completions")):
-                complete(next(iter(in_flight)))
-        elif not launched and scheduler.has_unfinished():
-            continue  # a group waits for another to shed: the next round schedules again
-    else:
-        raise AssertionError("the requests did not finish")
-    while in_flight:
-        complete(next(iter(in_flight)))
-    apply_kv_ops(stage, kv.take_log())
-    assert all(seq.num_output_tokens == seq.params.max_tokens for seq in seqs)
-    for manager in (kv, stage):
-        assert manager.gpu.num_free == gpu_chunks and manager.host.num_free == kv.host.num_chunks
-        assert not manager.sequences
-    if mode == "off":
-        assert not scheduler.host_resident_ids
+            for other, held in in_flight.items():  # steps in flight keep their chunks
+                assert not (held & chunks), f"step {step.index} reuses chunks step {other} is using"
+            in_flight[step.index] = chunks
+        for index in round_.returned:
+            del in_flight[index]
+    apply_kv_ops(stage, schedule.final_kv_ops)
+    assert not in_flight
+    assert computed == [prompt + outputs - 1 for prompt, outputs in requests]  # every token, to the last
+    assert {seq_id for round_ in schedule.rounds for seq_id in round_.finished} == set(range(len(requests)))
+    assert stage.gpu.num_free == gpu_chunks and stage.host.num_free == config.num_host_chunks
+    assert not stage.sequences
+    if mode == "off" or (mode == "auto" and (micro_batches == 1 or not budget_seconds)):  # no budget: nothing moves
+        assert schedule.host_resident_requests == 0
+    if mode == "force":
+        assert schedule.host_resident_requests > 0
 
 
 def test_the_stage_never_frees_a_chunk_the_scheduler_still_counts():
