@@ -20,6 +20,9 @@ Kernels (see each module's docstring for shapes):
     store_kv           write new tokens' K/V into their slots at one layer
     copy_chunks        whole chunks between pools (host->GPU, GPU->host, GPU->GPU)
     copy_rows          single token rows at some layers (write-through to the host copy)
+    rms_norm           RMSNorm of rows, fused with the residual add before it
+    rope_store_kv      rotary embedding of q and k (Qwen3's q/k norm too) fused with the KV store
+    silu_and_mul       SiLU(gate) x up over the fused gate|up projection
 Each has a `<name>_ref` in pure torch with the same arguments.
 
 Dtypes float32, float16 and bfloat16; head_dim up to 256 (64, 80, 96, 128 tested).
@@ -39,7 +42,10 @@ if not torch.cuda.is_available():
 
 from .decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from .kv_copy import copy_chunks, copy_chunks_ref, copy_rows, copy_rows_ref  # noqa: E402
+from .activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from .kv_store import store_kv, store_kv_ref  # noqa: E402
+from .norm import rms_norm, rms_norm_ref  # noqa: E402
+from .rope import rope_store_kv, rope_store_kv_ref  # noqa: E402
 from .prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
 
 __all__ = [
@@ -51,6 +57,12 @@ __all__ = [
     "decode_attention_ref",
     "prefill_attention",
     "prefill_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_store_kv",
+    "rope_store_kv_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
     "store_kv",
     "store_kv_ref",
 ]

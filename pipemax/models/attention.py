@@ -32,6 +32,17 @@ class AttentionMetadata:
     prefill_max_q_len: int
 
 
+class LayerOps:
+    """The element-wise work of a decoder layer, fused: Triton kernels, or their torch
+    references (the unfused model code) on the torch backend."""
+
+    def __init__(self, backend: str):
+        triton_backend = backend == "triton"
+        self.rms_norm = kernels.rms_norm if triton_backend else kernels.rms_norm_ref
+        self.silu_and_mul = kernels.silu_and_mul if triton_backend else kernels.silu_and_mul_ref
+        self.rope_store_kv = kernels.rope_store_kv if triton_backend else kernels.rope_store_kv_ref
+
+
 class ChunkedAttention:
     """Store new K/V, then decode and prefill attention, over one stage's GPU pool."""
 
@@ -41,19 +52,36 @@ class ChunkedAttention:
         self.kv_pool = kv_pool
         self.backend = backend
         self.scale = scale
+        self.ops = LayerOps(backend)
         # Called with the layer index right after each layer's K/V are stored, in eager steps
         # only (the runtime writes KV through to the host from there); None: nothing to call.
         self.after_store = None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q [tokens, heads, dim], k/v [tokens, kv_heads, dim]; layer is the index within the stage."""
-        triton_backend = self.backend == "triton"
-        store = kernels.store_kv if triton_backend else kernels.store_kv_ref
+        store = kernels.store_kv if self.backend == "triton" else kernels.store_kv_ref
         store(k, v, self.kv_pool, layer, meta.slot_mapping)
         if self.after_store is not None:
             self.after_store(layer)
+        return self.attend(layer, q, meta)
+
+    def rotate_store_attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            num_heads: int, meta: AttentionMetadata, q_norm_weight=None, k_norm_weight=None,
+                            eps: float = 1e-6) -> torch.Tensor:
+        """A layer's attention from its fused qkv projection [tokens, (heads + 2 kv_heads) * dim]:
+        rotary embedding (and q/k norm) fused with the KV store in one launch, then attention.
+        Returns [tokens, heads * dim], the o_proj input."""
+        q = self.ops.rope_store_kv(qkv, cos, sin, self.kv_pool, layer, meta.slot_mapping, num_heads,
+                                   q_norm_weight, k_norm_weight, eps)
+        if self.after_store is not None:
+            self.after_store(layer)
+        return self.attend(layer, q, meta).view(qkv.shape[0], -1)
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Decode and prefill attention of q [tokens, heads, dim] over the stored KV."""
+        triton_backend = self.backend == "triton"
         num_decode = meta.num_decode_tokens
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if num_decode:
             if triton_backend:
                 out[:num_decode] = kernels.decode_attention(

@@ -3,14 +3,17 @@
 stage also holds the embedding, the last the final norm and the LM head.
 
 Projections are fused (q|k|v, gate|up) for fewer, larger matmuls; the loader concatenates the
-checkpoint's separate weights. Numerics follow transformers (RMSNorm in float32, rope cos/sin in
-float32 then cast), so float32 outputs match it closely.
+checkpoint's separate weights. Between the matmuls a layer launches three fused kernels (layer
+ops, see models/attention.py): residual add + RMSNorm (twice), rotary embedding + q/k norm + KV
+store, SiLU x up; the residual travels beside the hidden state and is added inside the next
+norm. cos/sin rows are gathered once per step for all layers. Numerics follow transformers
+(RMSNorm in float32, rope cos/sin in float32 then cast, each op rounded to the dtype), so float32
+outputs match it closely.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionMetadata, ChunkedAttention
@@ -47,24 +50,21 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=config.mlp_bias, **factory)
         self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias, **factory)
 
-    def forward(self, layer, hidden, positions, rotary, attention: ChunkedAttention, meta: AttentionMetadata):
-        config = self.config
-        tokens = hidden.shape[0]
-        residual = hidden
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
-        q, k, v = qkv.split([config.q_size, config.kv_size, config.kv_size], dim=-1)
-        q = q.view(tokens, config.num_heads, config.head_dim)
-        k = k.view(tokens, config.num_kv_heads, config.head_dim)
-        v = v.view(tokens, config.num_kv_heads, config.head_dim)
-        if config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        attn = attention(layer, q, k.contiguous(), v, meta)
-        hidden = residual + self.o_proj(attn.view(tokens, config.q_size))
-
-        residual = hidden
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return residual + self.down_proj(F.silu(gate) * up)
+    def forward(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, meta: AttentionMetadata):
+        """(hidden, residual) in and out, the residual add fused into the next norm: the layer's
+        output is hidden + residual. residual None: hidden is the layer's whole input."""
+        config, ops, eps = self.config, attention.ops, self.config.rms_norm_eps
+        if residual is None:
+            residual = hidden
+            normed = ops.rms_norm(hidden, self.input_layernorm.weight, eps)
+        else:  # residual <- hidden + residual; normed <- norm(residual), written over hidden
+            normed = ops.rms_norm(hidden, self.input_layernorm.weight, eps, residual, out=hidden)
+        qkv = self.qkv_proj(normed)
+        norms = (self.q_norm.weight, self.k_norm.weight) if config.qk_norm else (None, None)
+        attn = attention.rotate_store_attend(layer, qkv, cos, sin, config.num_heads, meta, *norms, eps=eps)
+        hidden = self.o_proj(attn)
+        normed = ops.rms_norm(hidden, self.post_attention_layernorm.weight, eps, residual, out=hidden)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(normed))), residual
 
 
 class LlamaFamilyModel(nn.Module):
@@ -118,9 +118,13 @@ class LlamaFamilyModel(nn.Module):
         """inputs: token ids [tokens] on the first stage, hidden states [tokens, hidden] elsewhere.
         Returns hidden states; on the last stage after the final norm."""
         hidden = self.embed_tokens(inputs) if self.is_first else inputs
+        cos, sin = self.rotary.rows(positions)  # once per step, for every layer
+        residual = None
         for layer, module in enumerate(self.layers):
-            hidden = module(layer, hidden, positions, self.rotary, attention, meta)
-        return self.norm(hidden) if self.is_last else hidden
+            hidden, residual = module(layer, hidden, residual, cos, sin, attention, meta)
+        if self.is_last:  # the final norm takes the last residual add
+            return attention.ops.rms_norm(hidden, self.norm.weight, self.config.rms_norm_eps, residual, out=hidden)
+        return hidden if residual is None else hidden + residual  # the next stage gets the whole state
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -33,6 +33,10 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", (angles.cos() * scaling).to(device), persistent=False)
         self.register_buffer("sin", (angles.sin() * scaling).to(device), persistent=False)
 
+    def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [tokens, head_dim] float32 of the step's positions, for the fused kernel."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] -> rotated copies."""
         cos = self.cos[positions].to(q.dtype)[:, None, :]

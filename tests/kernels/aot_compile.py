@@ -22,9 +22,9 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 import importlib  # noqa: E402
 
 # The package re-exports launchers under their modules' names, so fetch the modules themselves.
-decode_attention, prefill_attention, kv_store, kv_copy = (
+decode_attention, prefill_attention, kv_store, kv_copy, norm, activation, rope = (
     importlib.import_module(f"pipemax.kernels.{name}")
-    for name in ("decode_attention", "prefill_attention", "kv_store", "kv_copy")
+    for name in ("decode_attention", "prefill_attention", "kv_store", "kv_copy", "norm", "activation", "rope")
 )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,7 +65,29 @@ def compile_launch(kernel, args, constexprs, target):
     assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"
     shared = compiled.metadata.shared
     assert shared <= SHARED_MEMORY_LIMIT, f"{kernel.__name__} {constexprs}: {shared} bytes of shared memory"
+    registers, spills = ptxas_resources(compiled.asm["ptx"], target.arch)
+    if spills: print("SPILL", target.arch, kernel.__name__, constexprs, spills, registers, [getattr(a, "dtype", None) for a in args[:1]])
+    assert registers * 32 * options.num_warps <= 65536, f"{kernel.__name__}: {registers} registers a thread"
     return compiled
+
+
+def ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) that ptxas reports for the kernel."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        report = subprocess.run([str(ptxas), f"-arch={arch}", "-v", source.name, "-o", "/dev/null"],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return registers, spills
 
 
 def record_launches():
@@ -78,6 +100,9 @@ def record_launches():
         (kv_store, "_store_kv_kernel"),
         (kv_copy, "_copy_chunks_kernel"),
         (kv_copy, "_copy_rows_kernel"),
+        (norm, "_rms_norm_kernel"),
+        (activation, "_silu_and_mul_kernel"),
+        (rope, "_rope_store_kv_kernel"),
     ]:
         recorders[name] = Recorder(getattr(module, name))
         setattr(module, name, recorders[name])
@@ -99,6 +124,17 @@ def record_launches():
             ids = torch.zeros(2, dtype=torch.int32)
             kv_copy.copy_chunks(pool, pool.clone(), ids, ids)
             kv_copy.copy_rows(pool, pool.clone(), ids, ids, ids, 0, layers)
+            heads = num_kv_heads * group
+            qkv = torch.zeros(3, (heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+            rows = torch.zeros(3, head_dim, dtype=torch.float32)
+            for norm_weight in (None, torch.zeros(head_dim, dtype=dtype)):  # Llama; Qwen3's q/k norm
+                rope.rope_store_kv(qkv, rows, rows, pool, 1, torch.zeros(3, dtype=torch.int64), heads,
+                                   norm_weight, norm_weight)
+        for hidden in (2048, 4096, 8192):  # the layer's element-wise kernels at model widths
+            x = torch.zeros(3, hidden, dtype=dtype)
+            norm.rms_norm(x, torch.zeros(hidden, dtype=dtype), 1e-6)
+            norm.rms_norm(x, torch.zeros(hidden, dtype=dtype), 1e-6, residual=x.clone(), out=x)
+            activation.silu_and_mul(torch.zeros(3, 2 * hidden, dtype=dtype))
     return [(rec.kernel, args, constexprs) for rec in recorders.values() for args, constexprs in rec.launches]
 
 

@@ -1,0 +1,193 @@
+"""Rotary embedding fused with the KV store: one launch per layer rotates q in place, rotates k
+and writes it with v into their slots of the chunked pool; Qwen3's per-head q/k RMSNorm runs in
+the same pass.
+
+Interface
+    rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads,
+                  q_norm_weight=None, k_norm_weight=None, eps=1e-6) -> q
+    qkv           [tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows contiguous: the layer's
+                  fused q|k|v projection. Its q part is overwritten with the rotated q.
+    cos, sin      [tokens, head_dim] float32: each token's rotary row (attention scaling folded
+                  in), gathered once per step for every layer
+    kv_pool       [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]   (written)
+    slot_mapping  [tokens] int32/int64, chunk_id * chunk_tokens + row; negative: not stored
+    q/k_norm_weight  [head_dim] or None: RMSNorm over each head before the rotation (Qwen3)
+    returns       q, a [tokens, num_heads, head_dim] view of qkv
+
+Rotate-half convention (Llama, Qwen): out = x * cos + rotate_half(x) * sin, with cos and sin cast
+to the dtype first and each product rounded to the dtype, as transformers computes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_index_tensor, check_kv_pool, check_layer, device_guard, next_power_of_2
+from .kv_store import store_kv_ref
+
+
+@triton.jit
+def _rotate_half(x1, x2, row_cos_ptr, row_sin_ptr, half_offsets, mask, HALF: tl.constexpr, dtype: tl.constexpr):
+    """(x1, x2) float32 halves -> rotated halves, float32, each step rounded to dtype."""
+    c1 = tl.load(row_cos_ptr + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    c2 = tl.load(row_cos_ptr + HALF + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    s1 = tl.load(row_sin_ptr + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    s2 = tl.load(row_sin_ptr + HALF + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
+    out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
+    return out1, out2
+
+
+@triton.jit
+def _head_rms_norm(x1, x2, weight_ptr, half_offsets, mask, eps, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                   dtype: tl.constexpr):
+    mean_square = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM
+    rstd = tl.math.rsqrt(mean_square + eps)
+    w1 = tl.load(weight_ptr + half_offsets, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(weight_ptr + HALF + half_offsets, mask=mask, other=0.0).to(tl.float32)
+    x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit(do_not_specialize=["layer"])
+def _rope_store_kv_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    kv_pool_ptr,
+    slot_mapping_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    layer,
+    eps,
+    stride_qkv,
+    stride_cos,
+    stride_pool_chunk,
+    stride_pool_layer,
+    stride_pool_kv,
+    stride_pool_token,
+    stride_pool_head,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    CHUNK_TOKENS: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # q heads first, then kv heads (k rotated, v copied)
+    dtype = qkv_ptr.dtype.element_ty
+    half_offsets = tl.arange(0, BLOCK_HALF)
+    mask = half_offsets < HALF
+    row = qkv_ptr + token * stride_qkv
+    row_cos, row_sin = cos_ptr + token * stride_cos, sin_ptr + token * stride_cos
+    source = row + head * HEAD_DIM
+    x1 = tl.load(source + half_offsets, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(source + HALF + half_offsets, mask=mask, other=0.0).to(tl.float32)
+    if head < NUM_HEADS:
+        if HAS_QK_NORM:
+            x1, x2 = _head_rms_norm(x1, x2, q_norm_ptr, half_offsets, mask, eps, HEAD_DIM, HALF, dtype)
+        out1, out2 = _rotate_half(x1, x2, row_cos, row_sin, half_offsets, mask, HALF, dtype)
+        tl.store(source + half_offsets, out1, mask=mask)
+        tl.store(source + HALF + half_offsets, out2, mask=mask)
+    else:
+        kv_head = head - NUM_HEADS
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:
+            if HAS_QK_NORM:
+                x1, x2 = _head_rms_norm(x1, x2, k_norm_ptr, half_offsets, mask, eps, HEAD_DIM, HALF, dtype)
+            out1, out2 = _rotate_half(x1, x2, row_cos, row_sin, half_offsets, mask, HALF, dtype)
+            destination = (kv_pool_ptr + (slot // CHUNK_TOKENS) * stride_pool_chunk + layer * stride_pool_layer
+                           + (slot % CHUNK_TOKENS) * stride_pool_token + kv_head * stride_pool_head)
+            tl.store(destination + half_offsets, out1, mask=mask)
+            tl.store(destination + HALF + half_offsets, out2, mask=mask)
+            value = row + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
+            v1 = tl.load(value + half_offsets, mask=mask, other=0.0)
+            v2 = tl.load(value + HALF + half_offsets, mask=mask, other=0.0)
+            tl.store(destination + stride_pool_kv + half_offsets, v1, mask=mask)
+            tl.store(destination + stride_pool_kv + HALF + half_offsets, v2, mask=mask)
+
+
+def _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight, k_norm_weight) -> tuple[int, int]:
+    check_kv_pool(kv_pool)
+    check_layer(layer, kv_pool)
+    num_kv_heads, head_dim = kv_pool.shape[4], kv_pool.shape[5]
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [tokens, {width}] with contiguous rows, got {tuple(qkv.shape)}")
+    if qkv.dtype != kv_pool.dtype or qkv.device != kv_pool.device:
+        raise TypeError(f"qkv ({qkv.dtype}, {qkv.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    tokens = qkv.shape[0]
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.shape != (tokens, head_dim) or table.dtype != torch.float32 or table.device != qkv.device:
+            raise ValueError(f"{name} must be [{tokens}, {head_dim}] float32 on {qkv.device}, got "
+                             f"{tuple(table.shape)} {table.dtype}")
+    if cos.stride() != sin.stride() or cos.stride(1) != 1:
+        raise ValueError("cos and sin must share a layout with contiguous rows")
+    check_index_tensor(slot_mapping, "slot_mapping", 1, qkv.device)
+    if slot_mapping.shape[0] != tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {tokens} tokens")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight go together")
+    for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if weight is not None and (weight.shape != (head_dim,) or weight.dtype != qkv.dtype
+                                   or weight.device != qkv.device):
+            raise ValueError(f"{name} must be [{head_dim}] {qkv.dtype} on {qkv.device}")
+    return num_kv_heads, head_dim
+
+
+def rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight=None, k_norm_weight=None,
+                  eps: float = 1e-6) -> torch.Tensor:
+    num_kv_heads, head_dim = _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight,
+                                    k_norm_weight)
+    tokens = qkv.shape[0]
+    q = qkv[:, :num_heads * head_dim].view(tokens, num_heads, head_dim)
+    if tokens == 0:
+        return q
+    half = head_dim // 2
+    has_norm = q_norm_weight is not None
+    with device_guard(qkv):
+        _rope_store_kv_kernel[(tokens, num_heads + num_kv_heads)](
+            qkv, cos, sin, kv_pool, slot_mapping, q_norm_weight if has_norm else qkv,
+            k_norm_weight if has_norm else qkv, layer, eps, qkv.stride(0), cos.stride(0),
+            kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+            BLOCK_HALF=next_power_of_2(half), CHUNK_TOKENS=kv_pool.shape[3], HAS_QK_NORM=has_norm,
+            num_warps=1 if head_dim <= 128 else 2,
+        )
+    return q
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _head_norm(x, weight, eps):
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def rope_store_kv_ref(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight=None, k_norm_weight=None,
+                      eps: float = 1e-6) -> torch.Tensor:
+    num_kv_heads, head_dim = _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight,
+                                    k_norm_weight)
+    tokens = qkv.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(tokens, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(tokens, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].view(tokens, num_kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q, k = _head_norm(q, q_norm_weight, eps), _head_norm(k, k_norm_weight, eps)
+    cos, sin = cos.to(qkv.dtype)[:, None, :], sin.to(qkv.dtype)[:, None, :]
+    rotated_q = _rotate(q, cos, sin)
+    store_kv_ref(_rotate(k, cos, sin).contiguous(), v.contiguous(), kv_pool, layer, slot_mapping)
+    qkv[:, :q_size] = rotated_q.reshape(tokens, q_size)
+    return qkv[:, :q_size].view(tokens, num_heads, head_dim)
