@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -20,16 +21,57 @@ def next_power_of_2(value: int) -> int:
     return triton.next_power_of_2(max(1, int(value)))
 
 
-def attention_tiles(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and pipeline depth whose shared memory fits 99 KiB per block: the limit of
-    sm_86/sm_89 cards (RTX 3090/4090, A6000, L40S), the smallest we target. Wide rows (float32 at
-    head_dim >= 128, or head_dim 256) get narrower key tiles and a two-stage pipeline."""
-    row_bytes = next_power_of_2(head_dim) * torch.tensor([], dtype=dtype).element_size()
-    if row_bytes >= 1024:  # float32 x 256
-        return {"block_m": 32, "block_n": 16, "num_stages": 2}
-    if row_bytes >= 512:  # float32 x 128, 16-bit x 256
-        return {"block_m": 64, "block_n": 32, "num_stages": 2}
-    return {"block_m": 64, "block_n": 64, "num_stages": 3}
+# Shared memory per block (opt-in maximum) by compute capability; others get the smallest we
+# target: 99 KiB, sm_86/sm_89/sm_120 cards (RTX 3090/4090/5090, A6000, L40S, L20).
+SHARED_MEMORY_PER_BLOCK = {(8, 0): 166_912, (8, 7): 166_912, (9, 0): 232_448, (10, 0): 232_448}
+SMALLEST_SHARED_MEMORY = 101_376
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of device, None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def shared_memory_per_block(capability: tuple[int, int] | None) -> int:
+    return SHARED_MEMORY_PER_BLOCK.get(capability, SMALLEST_SHARED_MEMORY)
+
+
+def prefill_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
+    """block_m x block_n tiles, warps and pipeline depth for prefill attention, per GPU
+    generation: the largest tiles whose shared memory fits the card and whose registers do not
+    spill (checked by ptxas in tests/kernels/aot_compile.py for sm_90, sm_80 and sm_86)."""
+    wide = next_power_of_2(head_dim) > 128
+    if dtype == torch.float32:  # the equality tests' dtype: correctness first (256 spills regardless)
+        if head_dim <= 64:
+            return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+        return {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2}
+    shared = shared_memory_per_block(capability)
+    if shared >= 200_000:  # sm_90 / sm_100: 227 KiB
+        if wide:
+            return {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3}
+        return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+    if shared >= 160_000:  # sm_80: 163 KiB
+        if wide:
+            return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+        return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+    if wide:
+        return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+    return {"block_m": 64, "block_n": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
+
+
+def decode_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
+    """Key positions per iteration, warps and pipeline depth for decode attention (one query
+    row group per program: the tile is [BLOCK_G, BLOCK_N]); fits 99 KiB without spills."""
+    if dtype == torch.float32:
+        return {"block_n": 16, "num_warps": 4, "num_stages": 2}
+    return {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 
 def device_guard(tensor: torch.Tensor):

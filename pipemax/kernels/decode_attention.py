@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    attention_tiles,
+    decode_tiles,
+    device_capability,
     check_attention_inputs,
     check_block,
     check_index_tensor,
@@ -188,7 +189,7 @@ def decode_attention(
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
     if chunk_tables.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(f"chunk_tables and seq_lens need {batch} rows, q's batch")
-    tiles = attention_tiles(head_dim, q.dtype)
+    tiles = decode_tiles(head_dim, q.dtype, device_capability(q.device))
     block_n = block_n or tiles["block_n"]
     check_block("block_n", block_n)
 
@@ -219,6 +220,7 @@ def decode_attention(
             HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK_TOKENS=chunk_tokens,
             GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)), BLOCK_N=block_n,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
+            num_warps=tiles["num_warps"],
         )
         _decode_attention_merge_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,

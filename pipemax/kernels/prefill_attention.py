@@ -26,14 +26,15 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    attention_tiles,
     check_attention_inputs,
     check_block,
     check_index_tensor,
+    device_capability,
     device_guard,
     dot_precision,
     needs_upcast,
     next_power_of_2,
+    prefill_tiles,
 )
 from .attention_core import load_kv_tile, online_softmax_step
 from .decode_attention import LOG2_E, gather_sequence_kv
@@ -139,7 +140,7 @@ def prefill_attention(
     batch = seq_lens.shape[0]
     if cu_seqlens_q.shape[0] != batch + 1 or chunk_tables.shape[0] != batch:
         raise ValueError(f"cu_seqlens_q needs {batch + 1} entries and chunk_tables {batch} rows")
-    tiles = attention_tiles(head_dim, q.dtype)
+    tiles = prefill_tiles(head_dim, q.dtype, device_capability(q.device))
     block_m, block_n = block_m or tiles["block_m"], block_n or tiles["block_n"]
     check_block("block_m", block_m)
     check_block("block_n", block_n)
@@ -160,6 +161,7 @@ def prefill_attention(
             HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), CHUNK_TOKENS=chunk_tokens,
             GROUP_SIZE=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
+            num_warps=tiles["num_warps"],
         )
     return out
 
