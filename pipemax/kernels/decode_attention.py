@@ -15,7 +15,8 @@ GQA: query head h reads KV head h // (num_heads // num_kv_heads). Softmax is onl
 
 Long contexts with few sequences would leave most of the GPU idle, so each sequence's positions
 are split across `num_splits` programs (split-K). Each writes a partial output normalised by its
-own softmax sum plus the log-sum-exp; a second small kernel merges the splits.
+own softmax sum plus the log-sum-exp; a second small kernel merges the splits. With one split
+the split kernel writes the output itself and no merge is launched.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ def _decode_attention_split_kernel(
     seq_lens_ptr,  # [batch] int32
     partial_out_ptr,  # [batch, num_heads, num_splits, head_dim] float32
     partial_lse_ptr,  # [batch, num_heads, num_splits] float32, log2 domain
+    out_ptr,  # [batch, num_heads, head_dim]: written directly when there is one split
     layer,
     scale_log2,  # softmax scale * log2(e): the kernel works with exp2
     tokens_per_split,
     stride_q_batch,
     stride_q_head,
+    stride_out_batch,
+    stride_out_head,
     stride_pool_chunk,
     stride_pool_layer,
     stride_pool_kv,
@@ -70,6 +74,7 @@ def _decode_attention_split_kernel(
     BLOCK_N: tl.constexpr,  # positions per iteration
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # compute in float32: the CPU interpreter cannot do bf16 arithmetic
+    DIRECT: tl.constexpr,  # one split: normalise and write the output, no merge kernel
 ):
     tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     sequence = tl.program_id(0)
@@ -112,6 +117,11 @@ def _decode_attention_split_kernel(
     # A split past the end of a short sequence saw no position: weight zero in the merge.
     has_positions = running_sum > 0
     safe_sum = tl.where(has_positions, running_sum, 1.0)
+    if DIRECT:  # (a padding row, seq_len 0, comes out as zeros)
+        out_offsets = sequence.to(tl.int64) * stride_out_batch + heads[:, None] * stride_out_head + dims[None, :]
+        tl.store(out_ptr + out_offsets, (acc / safe_sum[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=group_mask[:, None] & dim_mask[None, :])
+        return
     lse = tl.where(has_positions, running_max + tl.log2(safe_sum), float("-inf"))
 
     partial_row = (sequence.to(tl.int64) * num_heads + heads) * num_splits + split
@@ -181,9 +191,12 @@ def decode_attention(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     block_n: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch decode attention; see the module docstring. max_seq_len (a bound on seq_lens)
-    avoids a device sync; block_n defaults to a tile that fits the GPU's shared memory."""
+    avoids a device sync; block_n defaults to a tile that fits the GPU's shared memory; out
+    (q's shape and dtype, contiguous in head_dim) receives the result, e.g. a slice of the
+    o_proj input."""
     chunk_tokens, num_kv_heads, head_dim, num_heads = check_attention_inputs(q, kv_pool, layer, chunk_tables, "batch")
     batch = q.shape[0]
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
@@ -193,7 +206,10 @@ def decode_attention(
     block_n = block_n or tiles["block_n"]
     check_block("block_n", block_n)
 
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, contiguous in head_dim")
     if batch == 0:
         return out
     if max_seq_len is None:
@@ -206,26 +222,31 @@ def decode_attention(
     # Splits hold whole blocks so that only the last block of a sequence is partly masked.
     tokens_per_split = block_n * -(-max_seq_len // (block_n * num_splits))
 
-    partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    if direct:  # nothing to merge: the split kernel writes out itself
+        partial_out = partial_lse = out
+    else:
+        partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     group_size = num_heads // num_kv_heads
     block_d = max(16, next_power_of_2(head_dim))
     with device_guard(q):
         _decode_attention_split_kernel[(batch, num_kv_heads, num_splits)](
-            q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse,
+            q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse, out,
             layer, scale * LOG2_E, tokens_per_split,
-            q.stride(0), q.stride(1),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
             chunk_tables.stride(0), num_heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK_TOKENS=chunk_tokens,
             GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)), BLOCK_N=block_n,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
-            num_warps=tiles["num_warps"],
+            num_warps=tiles["num_warps"], DIRECT=direct,
         )
-        _decode_attention_merge_kernel[(batch, num_heads)](
-            partial_out, partial_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            BLOCK_S=next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        )
+        if not direct:
+            _decode_attention_merge_kernel[(batch, num_heads)](
+                partial_out, partial_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
+                BLOCK_S=next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            )
     return out
 
 

@@ -131,9 +131,12 @@ def prefill_attention(
     max_q_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch prefill attention; see the module docstring. max_q_len (the longest q_len; a smaller
-    value leaves rows unwritten) avoids a device sync; tiles default to ones that fit the GPU."""
+    value leaves rows unwritten) avoids a device sync; tiles default to ones that fit the GPU; out
+    (q's shape and dtype, contiguous in head_dim) receives the result, e.g. a slice of the o_proj
+    input."""
     chunk_tokens, num_kv_heads, head_dim, num_heads = check_attention_inputs(q, kv_pool, layer, chunk_tables, "tokens")
     check_index_tensor(cu_seqlens_q, "cu_seqlens_q", 1, q.device)
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
@@ -145,7 +148,10 @@ def prefill_attention(
     check_block("block_m", block_m)
     check_block("block_n", block_n)
 
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, contiguous in head_dim")
     if batch == 0 or q.shape[0] == 0:
         return out
     if max_q_len is None:

@@ -82,11 +82,12 @@ class ChunkedAttention:
         triton_backend = self.backend == "triton"
         num_decode = meta.num_decode_tokens
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        # The kernels write straight into `out`, the o_proj input (the references return a copy).
         if num_decode:
             if triton_backend:
-                out[:num_decode] = kernels.decode_attention(
+                kernels.decode_attention(
                     q[:num_decode], self.kv_pool, layer, meta.decode_chunk_tables, meta.decode_seq_lens, self.scale,
-                    max_seq_len=meta.decode_max_seq_len,
+                    max_seq_len=meta.decode_max_seq_len, out=out[:num_decode],
                 )
             else:
                 out[:num_decode] = kernels.decode_attention_ref(
@@ -95,9 +96,9 @@ class ChunkedAttention:
         if q.shape[0] > num_decode:
             prefill_q = q[num_decode:]
             if triton_backend:
-                out[num_decode:] = kernels.prefill_attention(
+                kernels.prefill_attention(
                     prefill_q, self.kv_pool, layer, meta.prefill_chunk_tables, meta.prefill_cu_seqlens_q,
-                    meta.prefill_seq_lens, self.scale, max_q_len=meta.prefill_max_q_len,
+                    meta.prefill_seq_lens, self.scale, max_q_len=meta.prefill_max_q_len, out=out[num_decode:],
                     **_interpreter_blocks(q.device),
                 )
             else:

@@ -79,3 +79,36 @@ def test_rejects_layer_outside_pool():
     with pytest.raises(IndexError, match="layer 2"):
         decode_attention(torch.zeros(1, 1, 64), pool, 2, torch.zeros(1, 1, dtype=torch.int32),
                          torch.ones(1, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_writes_into_a_given_output_and_one_split_launches_no_merge(device, num_splits, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("pipemax.kernels.decode_attention")  # (the package shadows its name)
+    merges = []
+    merge = module._decode_attention_merge_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return merge[grid]
+
+    monkeypatch.setattr(module, "_decode_attention_merge_kernel", Counting())
+    generator = torch.Generator().manual_seed(3)
+    num_chunks, tables = random_chunk_tables(generator, [37, 5], 8)
+    pool = torch.randn(num_chunks, 1, 2, 8, 2, 64, generator=generator)
+    q = torch.randn(2, 4, 64, generator=generator)
+    lens = torch.tensor([37, 5], dtype=torch.int32)
+    expected = decode_attention_ref(q, pool, 0, tables, lens, 0.125)
+    # The o_proj input of a mixed step: decode rows first, then other rows left alone.
+    buffer = torch.full((5, 4, 64), 7.0, device=device)
+    result = decode_attention(q.to(device), pool.to(device), 0, tables.to(device), lens.to(device), 0.125,
+                              num_splits=num_splits, block_n=16, out=buffer[:2])
+    assert result.data_ptr() == buffer.data_ptr()
+    assert_close(buffer[:2], expected)
+    assert bool((buffer[2:] == 7.0).all())
+    assert len(merges) == (0 if num_splits == 1 else 1)
+    with pytest.raises(ValueError, match="out must be"):
+        decode_attention(q.to(device), pool.to(device), 0, tables.to(device), lens.to(device), 0.125,
+                         out=buffer[:3])
