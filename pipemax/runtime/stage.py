@@ -10,6 +10,7 @@ and launch another micro-batch meanwhile.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -20,17 +21,26 @@ from .kv_manager import KVManager, Residency
 from .kv_pool import KVPool
 from .kv_transfers import KVTransfers
 from .model_runner import ModelRunner
-from .sampling import SamplingParams, apply_penalties, make_generator, sample_on_device, to_host
+from .sampling import SamplingParams, apply_penalties, device_tensor, row_seed, sample_on_device, to_host
 from .step_plan import SampledTokens, StagePlan
 
 
 @dataclass
 class SamplerState:
-    """What the last stage keeps of a sequence to sample it: parameters, seed, token history."""
+    """What the last stage keeps of a sequence to sample it: parameters and token history (the
+    prompt's ids on the device once penalties need them)."""
     params: SamplingParams
     prompt_token_ids: list[int]
-    generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
+    prompt_on_device: torch.Tensor | None = None
+
+    def prompt_ids(self, device: torch.device) -> list[int] | torch.Tensor:
+        """For repetition_penalty: the prompt's ids, uploaded once per request."""
+        if self.params.repetition_penalty == 1:
+            return self.prompt_token_ids
+        if self.prompt_on_device is None:
+            self.prompt_on_device = device_tensor(self.prompt_token_ids, torch.int64, device)
+        return self.prompt_on_device
 
 
 class PendingTokens:
@@ -79,11 +89,11 @@ class StageExecutor:
         self.transfers = KVTransfers(kv_pool)
         self.transfers.track = f"stage {index}"
         self.is_first, self.is_last = model.is_first, model.is_last
-        # Last stage only: sampling state per sequence, and the shared generator of unseeded rows,
-        # on the device, so sampling costs no host round trip.
+        # Last stage only: sampling state per sequence, and the keys of unseeded rows' noise (a
+        # seeded row's key comes from its seed and step: row_seed).
         self.samplers: dict[int, SamplerState] = {}
         self.eos_token_ids = eos_token_ids or set()
-        self.batch_generator = torch.Generator(device=self.device).manual_seed(seed) if self.is_last else None
+        self.noise_keys = random.Random(seed)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.runner.enable_cuda_graphs(max_batch, max_model_len)
@@ -100,7 +110,7 @@ class StageExecutor:
         if self.is_last:
             self.release(plan.released)
             for seq_id, prompt_token_ids, params in plan.new_seqs:
-                self.samplers[seq_id] = SamplerState(params, prompt_token_ids, make_generator(params))
+                self.samplers[seq_id] = SamplerState(params, prompt_token_ids)
         batch = self.runner.build_batch(plan, shared_batch)
         rows_of, by_layer = self._write_through_rows(plan) if self.transfers.enabled else ({}, False)
         if by_layer:
@@ -150,10 +160,11 @@ class StageExecutor:
         params = [state.params for state in states]
         processed = None
         if any(p.has_penalties for p in params):
-            histories = [(state.prompt_token_ids, state.output_token_ids) for state in states]
+            histories = [(state.prompt_ids(self.device), state.output_token_ids) for state in states]
             processed = apply_penalties(logits, params, histories, self.eos_token_ids)
-        sampled = sample_on_device(logits, params, [state.generator for state in states], self.batch_generator,
-                                   processed)
+        seeds = [row_seed(p.seed, len(state.output_token_ids)) if p.seed is not None else self.noise_keys.getrandbits(63)
+                 for p, state in zip(params, states)]
+        sampled = sample_on_device(logits, params, seeds, processed)
 
         def record(result: SampledTokens) -> None:  # the history that penalties read next step
             for state, token in zip(states, result.tokens):

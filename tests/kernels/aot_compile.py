@@ -22,9 +22,10 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 import importlib  # noqa: E402
 
 # The package re-exports launchers under their modules' names, so fetch the modules themselves.
-decode_attention, prefill_attention, kv_store, kv_copy, norm, activation, rope = (
+decode_attention, prefill_attention, kv_store, kv_copy, norm, activation, rope, sampling_noise = (
     importlib.import_module(f"pipemax.kernels.{name}")
-    for name in ("decode_attention", "prefill_attention", "kv_store", "kv_copy", "norm", "activation", "rope")
+    for name in ("decode_attention", "prefill_attention", "kv_store", "kv_copy", "norm", "activation", "rope",
+                 "sampling_noise")
 )
 
 from pipemax.kernels._common import shared_memory_per_block  # noqa: E402
@@ -111,6 +112,7 @@ def record_launches(capability: tuple[int, int] | None = None):
         (norm, "_rms_norm_kernel"),
         (activation, "_silu_and_mul_kernel"),
         (rope, "_rope_store_kv_kernel"),
+        (sampling_noise, "_gumbel_noise_kernel"),
     ]:
         kernel = getattr(module, name)
         recorders[name] = Recorder(kernel.kernel if isinstance(kernel, Recorder) else kernel)  # called again
@@ -144,6 +146,7 @@ def record_launches(capability: tuple[int, int] | None = None):
             norm.rms_norm(x, torch.zeros(hidden, dtype=dtype), 1e-6)
             norm.rms_norm(x, torch.zeros(hidden, dtype=dtype), 1e-6, residual=x.clone(), out=x)
             activation.silu_and_mul(torch.zeros(3, 2 * hidden, dtype=dtype))
+    sampling_noise.gumbel_noise(torch.zeros(2, dtype=torch.int64), 128_256)
     return [(rec.kernel, args, constexprs) for rec in recorders.values() for args, constexprs in rec.launches]
 
 

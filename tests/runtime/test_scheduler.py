@@ -93,13 +93,12 @@ def test_sampling_params_validation():
 
 def test_top_k_and_top_p_only_sample_allowed_tokens():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]] * 1)
-    generator = torch.Generator().manual_seed(0)
     for params, allowed in [(SamplingParams(temperature=1.0, top_k=2), {0, 1}),
                             (SamplingParams(temperature=1.0, top_p=0.5), {0}),
                             (SamplingParams(temperature=1.0, top_p=0.8), {0, 1})]:
-        seen = {sample(logits, [params], [None], generator)[0][0] for _ in range(200)}
+        seen = {sample(logits, [params], [key])[0][0] for key in range(200)}
         assert seen <= allowed and len(seen) == len(allowed), (params, seen)
-    greedy, logprobs, top = sample(logits, [SamplingParams(temperature=0, top_logprobs=3)], [None], generator)
+    greedy, logprobs, top = sample(logits, [SamplingParams(temperature=0, top_logprobs=3)], [0])
     expected = torch.log_softmax(logits[0], 0)
     assert greedy == [0] and logprobs[0] == pytest.approx(expected[0].item())
     assert [t for t, _ in top[0]] == [0, 1, 2] and top[0][2][1] == pytest.approx(expected[2].item())
