@@ -39,6 +39,7 @@ class StepCostModel:
         self.refit_every = refit_every
         self.coefficients = seed  # (alpha, beta, delta) in seconds
         self._since_fit = 0
+        self.fits = 0  # fits made from this model's own measured steps
         self.abs_errors: deque[float] = deque(maxlen=window)  # |predicted - measured| / measured
 
     @property
@@ -57,7 +58,9 @@ class StepCostModel:
             self.abs_errors.append(abs(predicted - seconds) / seconds)
         self.samples.append((batch_tokens, context_tokens, seconds))
         self._since_fit += 1
-        if self._since_fit >= self.refit_every or (self.coefficients is None and len(self.samples) >= 3):
+        # The first fit as soon as there are 3 steps (a seed from a saved profile included: it
+        # only stands in until the run's own steps speak), then every refit_every steps.
+        if self._since_fit >= self.refit_every or (not self.fits and len(self.samples) >= 3):
             self.fit()
 
     def fit(self) -> None:
@@ -78,6 +81,7 @@ class StepCostModel:
         if alpha == beta == delta == 0.0:
             return
         self.coefficients = (alpha, beta, delta)
+        self.fits += 1
 
     def mean_error(self) -> float | None:
         """Mean relative error of the predictions made so far (None before the first)."""
@@ -116,7 +120,8 @@ def load_step_costs(key: dict) -> tuple[tuple[float, float, float] | None, Path]
         return None, path
     coefficients = saved.get("coefficients")
     if (not isinstance(coefficients, list) or len(coefficients) != 3
-            or not all(isinstance(c, (int, float)) and math.isfinite(c) and c >= 0 for c in coefficients)):
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
+                       for c in coefficients)):
         log.warning("ignoring the step-cost profile %s: its coefficients are not three costs >= 0", path)
         return None, path
     return tuple(float(c) for c in coefficients), path
@@ -125,7 +130,7 @@ def load_step_costs(key: dict) -> tuple[tuple[float, float, float] | None, Path]
 def save_step_costs(model: StepCostModel, key: dict) -> Path | None:
     """Saves a fit learned from at least a few measured steps (atomically: a reader never sees
     half a file). A failure to write costs the next run only its head start: logged, not raised."""
-    if model.coefficients is None or len(model.samples) < 3:
+    if model.coefficients is None or not model.fits:  # a seed alone has learned nothing here
         return None
     path = step_costs_path(key)
     record = {"kind": PROFILE_KIND, "key": key, "coefficients": list(model.coefficients),

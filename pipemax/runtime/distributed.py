@@ -56,9 +56,10 @@ def init_world(backend: str, **kwargs) -> None:
 
 
 def process_group_options(backend: str):
-    if backend != "nccl":
+    nccl = getattr(dist, "ProcessGroupNCCL", None)
+    if backend != "nccl" or nccl is None:  # (a build without NCCL: init_process_group says so)
         return None
-    return dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    return nccl.Options(is_high_priority_stream=True)
 
 
 class StageFailure(RuntimeError):

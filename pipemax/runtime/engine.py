@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
 
+from pipemax import __version__ as PIPEMAX_VERSION
 from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, model_config_at
 
 from .engine_config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-exported)
@@ -387,8 +389,10 @@ class LLMEngine:
                 "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
                 "dtype": str(self.dtype).removeprefix("torch."), "stage_layers": [e - s for s, e in self.stage_ranges],
                 "transport": "distributed" if self.distributed else "inprocess",
-                "attention_backend": config.attention_backend,
-                "cuda_graphs": bool(config.cuda_graphs and self.device.type == "cuda")}
+                "attention_backend": config.attention_backend, "chunk_tokens": config.chunk_tokens,
+                "offload": config.offload,  # (on the CPU, write-through runs inside the timed step)
+                "cuda_graphs": bool(config.cuda_graphs and self.device.type == "cuda"),
+                "pipemax": PIPEMAX_VERSION, "triton": triton.__version__}
 
     def _measure(self, step: InFlight) -> None:
         """The step's device time, once it has run (no waiting), teaches the cost model."""

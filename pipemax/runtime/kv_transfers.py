@@ -143,6 +143,9 @@ class KVTransfers:
         if not rows:
             return None
         ids = self.pool.row_ids([r.gpu_chunk for r in rows], [r.host_chunk for r in rows], [r.row for r in rows])
+        if self.cuda:  # allocated on the compute stream, read by copies on the write-back stream:
+            for tensor in ids:  # the allocator must not hand them out again before those copies ran
+                tensor.record_stream(self.d2h)
         layer_bytes = len(rows) * self.row_bytes // self.pool.spec.num_layers
 
         def after_store(layer: int) -> None:

@@ -57,6 +57,8 @@ class Round:
     launched: tuple[Step, ...]
     returned: tuple[int, ...]  # indices of the steps that came back at its end, oldest first
     finished: tuple[int, ...]  # requests that finished with them
+    moved: tuple[int, ...] = ()  # requests moved to another micro-batch as those steps came back
+    staged: tuple[int, ...] = ()  # requests holding staging chunks after the returns
 
 
 @dataclass
@@ -119,6 +121,7 @@ def plan_schedule(requests: list[tuple[int, int]], settings: ScheduleSettings,
         idle_rounds = 0
         wanted = returns[round_index] if returns is not None and round_index < len(returns) else 1
         returned, finished = [], []
+        groups_before = {seq.seq_id: seq.micro_batch for seq in scheduler.running}
         for _ in range(max(1, min(wanted, len(in_flight)))):
             step, entries = in_flight.popleft()
             for entry in entries:
@@ -129,7 +132,10 @@ def plan_schedule(requests: list[tuple[int, int]], settings: ScheduleSettings,
                         finished.append(entry.seq.seq_id)
             scheduler.step_done(step.micro_batch)
             returned.append(step.index)
-        schedule.rounds.append(Round(tuple(launched), tuple(returned), tuple(finished)))
+        moved = tuple(seq.seq_id for seq in scheduler.running if groups_before.get(seq.seq_id, seq.micro_batch)
+                      != seq.micro_batch)
+        staged = tuple(seq.seq_id for seq in scheduler.running if kv.residency(seq.seq_id) is Residency.STAGED)
+        schedule.rounds.append(Round(tuple(launched), tuple(returned), tuple(finished), moved, staged))
     else:
         raise RuntimeError(f"the schedule did not finish in {max_rounds} rounds")
     schedule.preemptions = scheduler.num_preemptions

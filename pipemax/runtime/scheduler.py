@@ -99,7 +99,6 @@ class Scheduler:
         self.budget = budget  # PrefetchBudget (auto)
         self.cost_model = cost_model  # StepCostModel: balances the micro-batches' step times
         self.num_moves = 0  # sequences moved between micro-batches to balance them
-        self.blocked = False  # requests wait because the GPU pool is full (auto offloads only then)
         self.host_resident_ids: set[int] = set()  # sequences that have been host-resident (for stats)
         self._last_run: dict[int, int] = {}  # seq_id -> the step it last ran in (staging goes oldest first)
         self._steps = 0
@@ -222,12 +221,24 @@ class Scheduler:
             for group, members in enumerate(self.groups) for seq in members)
         return ResidencyState(seqs, micro_batch, frozenset(self._in_flight),
                               tuple(self.budget.budget_chunks(m) for m in range(len(self.groups))),
-                              self.kv.host.num_free, self.blocked, self.max_num_seqs, self.max_num_batched_tokens)
+                              self.kv.host.num_free, self.requests_wait(), self.max_num_seqs,
+                              self.max_num_batched_tokens)
+
+    def requests_wait(self) -> bool:
+        """Requests wait for lack of GPU chunks: the next one's whole KV does not fit the pool now
+        (auto moves KV to the host only then)."""
+        return bool(self.waiting) and not self._fits_gpu(self.waiting[0])
+
+    def _fits_gpu(self, seq: Sequence) -> bool:
+        """The GPU pool has room now for the request's whole KV and its next token."""
+        return self.kv.chunks_for(len(seq.token_ids)) + 1 <= self.kv.gpu.num_free
 
     def _apply_residency_plan(self, micro_batch: int) -> None:
         """auto: fit the micro-batch's host-resident KV to its prefetch budget, balance the
         micro-batches, then release the staging of what stays on the host."""
         plan = plan_residency(self.residency_state(micro_batch), self._predict_seconds)
+        # Its staged sequences, before any moves: one moved away must not keep staging chunks.
+        staged = [seq for seq in self.groups[micro_batch] if self.kv.residency(seq.seq_id) is Residency.STAGED]
         for seq_id in plan.to_gpu:
             self.kv.make_gpu_resident(seq_id)
         for seq_id in plan.to_host:
@@ -241,8 +252,8 @@ class Scheduler:
             self.groups[target].sort(key=lambda s: s.admission)  # groups stay in admission order (preemption)
             seq.micro_batch = target
             self.num_moves += 1
-        for seq in self.groups[micro_batch]:
-            if self.kv.residency(seq.seq_id) is Residency.STAGED:
+        for seq in staged:
+            if self.kv.residency(seq.seq_id) is Residency.STAGED:  # (not made GPU-resident)
                 self.kv.release_staging(seq.seq_id)
 
     def _predict_seconds(self, tokens: int, context: int) -> float | None:
@@ -299,17 +310,13 @@ class Scheduler:
                 plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count, seq.num_preemptions))
                 budget -= count
         share = -(-(len(self.waiting) + sum(len(g) for g in self.groups)) // len(self.groups))
-        if not self.waiting:
-            self.blocked = False
         while self.waiting and budget > 0 and len(group) < min(self.max_num_seqs, share) and not self._starved:
             seq = self.waiting[0]
             count = min(seq.num_uncomputed_tokens, budget)
             try:
-                on_host = self._allocate_new(seq, micro_batch, count)
+                self._allocate_new(seq, micro_batch, count)
             except PoolExhaustedError:
-                self.blocked = True  # until a later admission succeeds or nothing waits
                 break  # wait for running sequences to finish and free their chunks
-            self.blocked = self.blocked and on_host  # a GPU admission shows chunks free up again
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.micro_batch = micro_batch
@@ -320,28 +327,27 @@ class Scheduler:
             budget -= count
         return budget
 
-    def _allocate_new(self, seq: Sequence, micro_batch: int, count: int) -> bool:
+    def _allocate_new(self, seq: Sequence, micro_batch: int, count: int) -> None:
         """KV for a request being admitted. One that will be host-resident is allocated staged
         (host chunks, and staging chunks for this step), so that its prefill KV is written
         through to the host as each layer produces it, overlapped with the following layers,
-        rather than offloaded after the step. True if it went to the host."""
+        rather than offloaded after the step."""
         if self._admits_to_host(seq, micro_batch):
             try:
                 self.kv.allocate_staged(seq.seq_id, count)
                 self.host_resident_ids.add(seq.seq_id)
-                return True
+                return
             except PoolExhaustedError as error:
                 if error.pool != "host":
                     raise
         self.kv.allocate(seq.seq_id, count)  # (a full host pool leaves it on the GPU)
-        return False
 
     def _admits_to_host(self, seq: Sequence, micro_batch: int) -> bool:
-        """force: every request. auto: while requests wait for GPU chunks, one whose whole KV
-        (+ its growth) the micro-batch's prefetch budget still covers."""
+        """force: every request. auto: one whose whole KV (+ its growth) does not fit the GPU pool
+        now (it would wait for chunks) and the micro-batch's prefetch budget still covers."""
         if self.offload == "force":
             return True
-        if self.offload != "auto" or not self.blocked:
+        if self.offload != "auto" or self._fits_gpu(seq):
             return False
         cost = self.kv.chunks_for(len(seq.token_ids)) + 1
         return self._host_load(micro_batch) + cost <= self.budget.budget_chunks(micro_batch)
@@ -380,6 +386,7 @@ class Scheduler:
     def _preempt(self, group: list[Sequence], seq: Sequence) -> None:
         group.remove(seq)
         self.kv.free(seq.seq_id)
+        self._last_run.pop(seq.seq_id, None)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

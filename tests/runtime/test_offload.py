@@ -382,18 +382,19 @@ def test_auto_admits_requests_to_the_host_only_within_the_budget_while_others_wa
     from pipemax.runtime.prefetch_budget import PrefetchBudget
 
     def admitted_staged(seconds):
-        kv = RecordingKVManager(num_gpu_chunks=6, num_host_chunks=64, chunk_tokens=8)
+        kv = RecordingKVManager(num_gpu_chunks=10, num_host_chunks=64, chunk_tokens=8)
         budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
-        scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, num_micro_batches=2, offload="auto",
+        # Prompts of 4 chunks prefilled 2 chunks a step: room for a step's staging, not for a whole request.
+        scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=16, num_micro_batches=2, offload="auto",
                               budget=budget)
         for seq_id in range(8):
-            scheduler.add(make_seq(seq_id, 9, max_tokens=5))
+            scheduler.add(make_seq(seq_id, 30, max_tokens=5))
         staged = set()
         original = kv.allocate_staged
 
         def recording(seq_id, tokens):
             staged.add(seq_id)
-            assert scheduler.blocked  # only while requests wait for GPU chunks
+            assert kv.gpu.num_free < kv.chunks_for(30) + 1  # only a request that would wait for GPU chunks
             return original(seq_id, tokens)
 
         kv.allocate_staged = recording

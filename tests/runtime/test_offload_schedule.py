@@ -5,6 +5,7 @@ in random numbers per round, while a stage replays every step's KV operations. P
 - a request computes only when its KV is on the GPU (its prefetch came before the step);
 - the chunks of a step in flight are never handed to another sequence until that step is back
   (no staging chunk is overwritten while in use, no chunk is reused under a copy);
+- a request moved between micro-batches as its step comes back keeps no staging chunks;
 - auto with no budget moves nothing to the host (its budgets themselves are property-tested on
   plan_residency, tests/runtime/test_residency_plan.py);
 - every request finishes with all its tokens, and both pools end empty;
@@ -27,7 +28,7 @@ def gpu_chunks_of(kv: KVManager, seq_ids) -> set[int]:
     return {chunk for seq_id in seq_ids for chunk in kv.sequence(seq_id).gpu_chunks}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     mode=st.sampled_from(["off", "force", "auto"]),
     micro_batches=st.integers(1, 3),
@@ -35,28 +36,29 @@ def gpu_chunks_of(kv: KVManager, seq_ids) -> set[int]:
     host_chunks=st.sampled_from([6, 12, 256]),  # small host pools fill up
     chunk_tokens=st.sampled_from([8, 16]),
     prompts=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=10),
-    budget_seconds=st.sampled_from([0.0, 1e-4, 1e-2]),
+    bandwidth=st.sampled_from([0.0, 1e6, 1e7]),  # bytes/s a prefetch moves (0: no budget)
+    per_context=st.sampled_from([1e-6, 1e-5, 1e-4]),  # the step time's cost per context token
     max_tokens_per_step=st.sampled_from([8, 32, 128]),
     returns=st.lists(st.integers(1, 3), max_size=400),
 )
 def test_offload_schedules_keep_their_promises(mode, micro_batches, gpu_chunks, host_chunks, chunk_tokens, prompts,
-                                               budget_seconds, max_tokens_per_step, returns):
+                                               bandwidth, per_context, max_tokens_per_step, returns):
     longest = chunk_tokens * gpu_chunks  # a request may fill the whole GPU pool
     requests = []
     for prompt, outputs in prompts:
         prompt = max(1, min(prompt, longest - outputs))
         requests.append((prompt, max(1, min(outputs, longest - prompt))))
-    # Step time = budget_seconds (the budget: a chunk of 1000 bytes at 1 MB/s per ms of it), or
-    # the balancing's cost model when no budget is wanted.
-    step_cost = (0.0, 0.0, budget_seconds) if budget_seconds else (1e-4, 1e-6, 1e-3)
+    # Predicted step times grow with context, so micro-batches differ and balancing moves
+    # requests; the budget is bandwidth x those times, in chunks of 1000 bytes.
     config = ScheduleSettings(gpu_chunks, host_chunks if mode != "off" else 0, chunk_tokens, max_num_seqs=4,
                               max_num_batched_tokens=max_tokens_per_step, num_micro_batches=micro_batches,
-                              offload=mode, step_cost=step_cost,
-                              bytes_per_second=1e6 if budget_seconds else 0.0, chunk_bytes=1000)
+                              offload=mode, step_cost=(1e-4, per_context, 1e-3),
+                              bytes_per_second=bandwidth, chunk_bytes=1000)
     schedule = plan_schedule(requests, config, returns)
     assert plan_schedule(requests, config, returns) == schedule  # a pure function
     stage = KVManager(gpu_chunks, config.num_host_chunks, chunk_tokens)
     in_flight = {}  # step index -> the GPU chunks it reads and writes
+    steps_by_index = {step.index: step for step in schedule.steps}
     computed = [0] * len(requests)
     for round_ in schedule.rounds:
         for step in round_.launched:
@@ -74,13 +76,17 @@ def test_offload_schedules_keep_their_promises(mode, micro_batches, gpu_chunks, 
             in_flight[step.index] = chunks
         for index in round_.returned:
             del in_flight[index]
+        # A request moved to another micro-batch as its step came back keeps no staging chunks
+        # (unless a step in flight computes it).
+        computing = {seq_id for index in in_flight for seq_id, _, _ in steps_by_index[index].computes}
+        assert not (set(round_.moved) & set(round_.staged)) - computing, round_
     apply_kv_ops(stage, schedule.final_kv_ops)
     assert not in_flight
     assert computed == [prompt + outputs - 1 for prompt, outputs in requests]  # every token, to the last
     assert {seq_id for round_ in schedule.rounds for seq_id in round_.finished} == set(range(len(requests)))
     assert stage.gpu.num_free == gpu_chunks and stage.host.num_free == config.num_host_chunks
     assert not stage.sequences
-    if mode == "off" or (mode == "auto" and (micro_batches == 1 or not budget_seconds)):  # no budget: nothing moves
+    if mode == "off" or (mode == "auto" and (micro_batches == 1 or not bandwidth)):  # no budget: nothing moves
         assert schedule.host_resident_requests == 0
     if mode == "force":
         assert schedule.host_resident_requests > 0
