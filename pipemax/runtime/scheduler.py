@@ -120,6 +120,9 @@ class Scheduler:
         # would take the chunks back, and the older sequence would wait forever).
         self._starved: set[int] = set()
         self._in_flight: set[int] = set()  # micro-batches scheduled and not yet back (step_done)
+        # Preempted while planning this step: not admitted again in it (it would only be preempted
+        # again at its next step, and in "separate" mode keep the decodes from ever running).
+        self._preempted_now: set[int] = set()
 
     @property
     def running(self) -> list[Sequence]:
@@ -152,6 +155,7 @@ class Scheduler:
         """The next step of one micro-batch (empty when it has nothing it can run now)."""
         group = self.groups[micro_batch]
         self._starved.discard(micro_batch)  # its turn: it tries to grow again
+        self._preempted_now = set()
         if micro_batch in self._must_shed:
             self._must_shed.discard(micro_batch)
             holding = [s for s in group if self._on_gpu(s)]
@@ -312,6 +316,8 @@ class Scheduler:
         share = -(-(len(self.waiting) + sum(len(g) for g in self.groups)) // len(self.groups))
         while self.waiting and budget > 0 and len(group) < min(self.max_num_seqs, share) and not self._starved:
             seq = self.waiting[0]
+            if seq.seq_id in self._preempted_now:
+                break
             count = min(seq.num_uncomputed_tokens, budget)
             try:
                 self._allocate_new(seq, micro_batch, count)
@@ -387,6 +393,7 @@ class Scheduler:
         group.remove(seq)
         self.kv.free(seq.seq_id)
         self._last_run.pop(seq.seq_id, None)
+        self._preempted_now.add(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

@@ -34,14 +34,16 @@ def gpu_chunks_of(kv: KVManager, seq_ids) -> set[int]:
     micro_batches=st.integers(1, 3),
     gpu_chunks=st.integers(6, 14),
     host_chunks=st.sampled_from([6, 12, 256]),  # small host pools fill up
-    chunk_tokens=st.sampled_from([8, 16]),
+    chunk_tokens=st.sampled_from([4, 8, 16]),
+    prefill_mode=st.sampled_from(["mixed", "separate"]),
     prompts=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=10),
     bandwidth=st.sampled_from([0.0, 1e6, 1e7]),  # bytes/s a prefetch moves (0: no budget)
     per_context=st.sampled_from([1e-6, 1e-5, 1e-4]),  # the step time's cost per context token
     max_tokens_per_step=st.sampled_from([8, 32, 128]),
     returns=st.lists(st.integers(1, 3), max_size=400),
 )
-def test_offload_schedules_keep_their_promises(mode, micro_batches, gpu_chunks, host_chunks, chunk_tokens, prompts,
+def test_offload_schedules_keep_their_promises(mode, micro_batches, gpu_chunks, host_chunks, chunk_tokens, prefill_mode,
+                                               prompts,
                                                bandwidth, per_context, max_tokens_per_step, returns):
     longest = chunk_tokens * gpu_chunks  # a request may fill the whole GPU pool
     requests = []
@@ -52,7 +54,7 @@ def test_offload_schedules_keep_their_promises(mode, micro_batches, gpu_chunks, 
     # requests; the budget is bandwidth x those times, in chunks of 1000 bytes.
     config = ScheduleSettings(gpu_chunks, host_chunks if mode != "off" else 0, chunk_tokens, max_num_seqs=4,
                               max_num_batched_tokens=max_tokens_per_step, num_micro_batches=micro_batches,
-                              offload=mode, step_cost=(1e-4, per_context, 1e-3),
+                              offload=mode, prefill_mode=prefill_mode, step_cost=(1e-4, per_context, 1e-3),
                               bytes_per_second=bandwidth, chunk_bytes=1000)
     schedule = plan_schedule(requests, config, returns)
     assert plan_schedule(requests, config, returns) == schedule  # a pure function
@@ -90,6 +92,16 @@ def test_offload_schedules_keep_their_promises(mode, micro_batches, gpu_chunks, 
         assert schedule.host_resident_requests == 0
     if mode == "force":
         assert schedule.host_resident_requests > 0
+
+
+def test_separate_prefill_never_starves_the_decodes_behind_a_self_preempting_prompt():
+    # 9 chunks of 4 tokens: the prompt being prefilled keeps outgrowing the pool and preempting
+    # itself; re-admitted in the same step it would never let the decoding requests run.
+    requests = [(27, 5), (12, 1), (22, 4), (15, 10), (25, 11), (33, 3)]
+    config = ScheduleSettings(9, 0, 4, max_num_seqs=4, max_num_batched_tokens=8, num_micro_batches=2,
+                              prefill_mode="separate")
+    schedule = plan_schedule(requests, config, max_rounds=2000)
+    assert {seq_id for round_ in schedule.rounds for seq_id in round_.finished} == set(range(len(requests)))
 
 
 def test_the_stage_never_frees_a_chunk_the_scheduler_still_counts():
