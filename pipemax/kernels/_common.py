@@ -59,18 +59,21 @@ def prefill_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int]
         return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
     if shared >= 160_000:  # sm_80: 163 KiB
         if wide:
-            return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+            return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 3}
         return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
-    if wide:
-        return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+    if wide:  # (64 x 32 tiles with two in flight need 100 KiB: just over)
+        return {"block_m": 64, "block_n": 16, "num_warps": 8, "num_stages": 3}
     return {"block_m": 64, "block_n": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
 
 
 def decode_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
     """Key positions per iteration, warps and pipeline depth for decode attention (one query
-    row group per program: the tile is [BLOCK_G, BLOCK_N]); fits 99 KiB without spills."""
+    row group per program: the tile is [BLOCK_G, BLOCK_N]): num_stages - 1 K/V tiles in flight
+    within the card's shared memory, without spills."""
     if dtype == torch.float32:
         return {"block_n": 16, "num_warps": 4, "num_stages": 2}
+    if next_power_of_2(head_dim) > 128 and shared_memory_per_block(capability) < 160_000:
+        return {"block_n": 32, "num_warps": 4, "num_stages": 3}  # two 256-wide K/V tiles in flight
     return {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 

@@ -12,34 +12,22 @@ import triton.language as tl
 
 
 @triton.jit
-def token_row_offsets(
-    chunk_table_row_ptr,  # [max_chunks] int32: this sequence's chunk ids, in position order
-    positions,  # [BLOCK_N] token positions
-    position_mask,  # [BLOCK_N] which positions are real
-    layer,
-    kv_head,
-    stride_pool_chunk,
-    stride_pool_layer,
-    stride_pool_token,
-    stride_pool_head,
-    CHUNK_TOKENS: tl.constexpr,
-):
-    """Element offset of each position's K row (V is one stride_pool_kv further)."""
-    chunk_ids = tl.load(chunk_table_row_ptr + positions // CHUNK_TOKENS, mask=position_mask, other=0)
-    # int64 for the chunk term: a pool of a few GiB has more elements than int32 can index. The
-    # other terms stay inside one chunk, which always fits int32.
-    return (
-        chunk_ids.to(tl.int64) * stride_pool_chunk
-        + layer * stride_pool_layer
-        + (positions % CHUNK_TOKENS) * stride_pool_token
-        + kv_head * stride_pool_head
-    )
+def tile_chunk_ids(chunk_table_row_ptr, positions, position_mask, CHUNK_TOKENS: tl.constexpr):
+    """The chunk id of each position of a tile (0 where masked).
+
+    The attention loops look these up one tile ahead and carry them in registers: a tile's K/V
+    addresses then depend on no load of its own iteration, so the software pipeliner keeps
+    num_stages - 1 tiles of K/V in flight (cp.async.wait_group num_stages - 1 in the loop,
+    checked in the compiled code by tests/kernels/aot_compile.py). Looked up inside the
+    iteration, the ids became async copies themselves and the loop waited for every copy
+    (wait_group 0) at its top: one buffer in effect."""
+    return tl.load(chunk_table_row_ptr + positions // CHUNK_TOKENS, mask=position_mask, other=0)
 
 
 @triton.jit
 def load_kv_tile(
     kv_pool_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
-    chunk_table_row_ptr,  # [max_chunks] int32
+    chunk_ids,  # [BLOCK_N] the chunk of each position (tile_chunk_ids)
     positions,  # [BLOCK_N]
     position_mask,  # [BLOCK_N]
     dims,  # [BLOCK_D]
@@ -55,10 +43,10 @@ def load_kv_tile(
     UPCAST: tl.constexpr,  # float32 tiles: the CPU interpreter cannot do bf16 arithmetic
 ):
     """K and V tiles [BLOCK_N, BLOCK_D] of one KV head; masked positions read as zeros."""
-    rows = token_row_offsets(
-        chunk_table_row_ptr, positions, position_mask, layer, kv_head,
-        stride_pool_chunk, stride_pool_layer, stride_pool_token, stride_pool_head, CHUNK_TOKENS,
-    )
+    # int64 for the chunk term: a pool of a few GiB has more elements than int32 can index. The
+    # other terms stay inside one chunk, which always fits int32.
+    rows = (chunk_ids.to(tl.int64) * stride_pool_chunk + layer * stride_pool_layer
+            + (positions % CHUNK_TOKENS) * stride_pool_token + kv_head * stride_pool_head)
     tile_mask = position_mask[:, None] & dim_mask[None, :]
     k = tl.load(kv_pool_ptr + rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
     v = tl.load(kv_pool_ptr + rows[:, None] + stride_pool_kv + dims[None, :], mask=tile_mask, other=0.0)

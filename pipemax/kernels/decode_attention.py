@@ -36,7 +36,7 @@ from ._common import (
     needs_upcast,
     next_power_of_2,
 )
-from .attention_core import load_kv_tile, online_softmax_step
+from .attention_core import load_kv_tile, online_softmax_step, tile_chunk_ids
 
 LOG2_E = 1.4426950408889634
 
@@ -102,14 +102,18 @@ def _decode_attention_split_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = chunk_tables_ptr + sequence.to(tl.int64) * stride_table_batch
 
+    offsets = tl.arange(0, BLOCK_N)
+    chunk_ids = tile_chunk_ids(table_row, split_start + offsets, split_start + offsets < split_end, CHUNK_TOKENS)
     for block_start in range(split_start, split_end, BLOCK_N):
-        positions = block_start + tl.arange(0, BLOCK_N)
+        positions = block_start + offsets
         position_mask = positions < split_end
         k, v = load_kv_tile(
-            kv_pool_ptr, table_row, positions, position_mask, dims, dim_mask, layer, kv_head,
+            kv_pool_ptr, chunk_ids, positions, position_mask, dims, dim_mask, layer, kv_head,
             stride_pool_chunk, stride_pool_layer, stride_pool_kv, stride_pool_token, stride_pool_head,
             CHUNK_TOKENS, UPCAST,
         )
+        following = positions + BLOCK_N  # the next tile's chunk ids, one tile ahead (see tile_chunk_ids)
+        chunk_ids = tile_chunk_ids(table_row, following, following < split_end, CHUNK_TOKENS)
         running_max, running_sum, acc = online_softmax_step(
             q, k, v, position_mask[None, :], running_max, running_sum, acc, scale_log2, DOT_PRECISION
         )

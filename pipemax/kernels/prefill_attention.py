@@ -36,7 +36,7 @@ from ._common import (
     next_power_of_2,
     prefill_tiles,
 )
-from .attention_core import load_kv_tile, online_softmax_step
+from .attention_core import load_kv_tile, online_softmax_step, tile_chunk_ids
 from .decode_attention import LOG2_E, gather_sequence_kv
 
 
@@ -101,14 +101,18 @@ def _prefill_attention_kernel(
     # new tokens (the grid is sized for the longest sequence) has no work at all.
     key_end = tl.minimum(seq_len, prefix_len + (query_block + 1) * BLOCK_M)
     key_end = tl.where(query_block * BLOCK_M < q_len, key_end, 0)
+    offsets = tl.arange(0, BLOCK_N)
+    chunk_ids = tile_chunk_ids(table_row, offsets, offsets < key_end, CHUNK_TOKENS)
     for block_start in range(0, key_end, BLOCK_N):
-        positions = block_start + tl.arange(0, BLOCK_N)
+        positions = block_start + offsets
         position_mask = positions < key_end
         k, v = load_kv_tile(
-            kv_pool_ptr, table_row, positions, position_mask, dims, dim_mask, layer, kv_head,
+            kv_pool_ptr, chunk_ids, positions, position_mask, dims, dim_mask, layer, kv_head,
             stride_pool_chunk, stride_pool_layer, stride_pool_kv, stride_pool_token, stride_pool_head,
             CHUNK_TOKENS, UPCAST,
         )
+        following = positions + BLOCK_N  # the next tile's chunk ids, one tile ahead (see tile_chunk_ids)
+        chunk_ids = tile_chunk_ids(table_row, following, following < key_end, CHUNK_TOKENS)
         visible = (positions[None, :] <= query_positions[:, None]) & position_mask[None, :]
         running_max, running_sum, acc = online_softmax_step(
             q, k, v, visible, running_max, running_sum, acc, scale_log2, DOT_PRECISION

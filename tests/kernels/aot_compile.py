@@ -69,12 +69,28 @@ def compile_launch(kernel, args, constexprs, target):
     shared = compiled.metadata.shared
     limit = shared_memory_per_block(CAPABILITIES[target.arch])
     assert shared <= limit, f"{kernel.__name__} {constexprs}: {shared} bytes of shared memory, over {limit}"
+    if args[0].dtype != torch.float32:  # (float32 runs IEEE FMA dots, from registers: nothing to pipeline)
+        check_pipelined(kernel, compiled.asm["ptx"], constexprs, options.num_stages)
     registers, spills = ptxas_resources(compiled.asm["ptx"], target.arch)
     # float32 (the equality tests' dtype) at head_dim 256 spills whatever the tiles: allowed there only.
     wide_float32 = args[0].dtype == torch.float32 and constexprs.get("HEAD_DIM", 0) >= 256
     assert spills == 0 or wide_float32, f"{kernel.__name__} {constexprs}: {spills} bytes of register spill stores"
     assert registers * 32 * options.num_warps <= 65536, f"{kernel.__name__}: {registers} registers a thread"
     return compiled
+
+
+PIPELINED_KERNELS = ("_decode_attention_split_kernel", "_prefill_attention_kernel")
+
+
+def check_pipelined(kernel, ptx: str, constexprs: dict, num_stages: int) -> None:
+    """The attention loops keep K/V tiles in flight: inside the loop the kernel waits for all but
+    num_stages - 1 groups of async copies, not for every one (wait_group 0 = one buffer)."""
+    import re
+
+    if kernel.__name__ not in PIPELINED_KERNELS or num_stages < 2:
+        return
+    waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
+    assert waits and max(waits) >= 1, f"{kernel.__name__} {constexprs}: no K/V tile in flight (waits {waits})"
 
 
 def ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
