@@ -51,6 +51,7 @@ def _decode_attention_split_kernel(
     partial_out_ptr,  # [batch, num_heads, num_splits, head_dim] float32
     partial_lse_ptr,  # [batch, num_heads, num_splits] float32, log2 domain
     out_ptr,  # [batch, num_heads, head_dim]: written directly when there is one split
+    split_plan_ptr,  # [2] int32 (splits used, tokens per split) when PLAN_ON_DEVICE
     layer,
     scale_log2,  # softmax scale * log2(e): the kernel works with exp2
     tokens_per_split,
@@ -75,16 +76,22 @@ def _decode_attention_split_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # compute in float32: the CPU interpreter cannot do bf16 arithmetic
     DIRECT: tl.constexpr,  # one split: normalise and write the output, no merge kernel
+    PLAN_ON_DEVICE: tl.constexpr,  # the split plan comes from split_plan_ptr (CUDA graphs)
 ):
     tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     sequence = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    splits_used = num_splits
+    if PLAN_ON_DEVICE:  # the grid holds num_splits programs; this step uses the plan's count
+        splits_used = tl.load(split_plan_ptr)
+        tokens_per_split = tl.load(split_plan_ptr + 1)
     seq_len = tl.load(seq_lens_ptr + sequence)
     split_start = split * tokens_per_split
     # The last split runs to the end of the sequence, so a stale max_seq_len costs speed, never keys.
-    split_end = tl.where(split == num_splits - 1, seq_len, tl.minimum(split_start + tokens_per_split, seq_len))
+    split_end = tl.where(split == splits_used - 1, seq_len, tl.minimum(split_start + tokens_per_split, seq_len))
+    split_end = tl.where(split < splits_used, split_end, split_start)  # an unused split: no keys, weight 0
 
     group = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
@@ -139,6 +146,7 @@ def _decode_attention_merge_kernel(
     partial_out_ptr,  # [batch, num_heads, num_splits, head_dim] float32
     partial_lse_ptr,  # [batch, num_heads, num_splits] float32, log2 domain
     out_ptr,  # [batch, num_heads, head_dim]
+    split_plan_ptr,  # [2] int32 (splits used, tokens per split) when PLAN_ON_DEVICE
     stride_out_batch,
     stride_out_head,
     num_heads,
@@ -146,12 +154,16 @@ def _decode_attention_merge_kernel(
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PLAN_ON_DEVICE: tl.constexpr,
 ):
     sequence = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    split_mask = splits < num_splits
+    splits_used = num_splits
+    if PLAN_ON_DEVICE:
+        splits_used = tl.load(split_plan_ptr)
+    split_mask = splits < splits_used
     dim_mask = dims < HEAD_DIM
 
     row = (sequence.to(tl.int64) * num_heads + head) * num_splits
@@ -178,11 +190,44 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: 
     return max(1, min(wanted, -(-max_seq_len // block_n), 64))
 
 
-def _target_programs(device: torch.device) -> int:
+def decode_split_plan(seq_lens: torch.Tensor, num_kv_heads: int, max_splits: int, block_n: int,
+                      target_programs: int) -> torch.Tensor:
+    """choose_num_splits as device tensor ops on the real lengths, no host sync: [splits used,
+    tokens per split] int32, for a launch of max_splits programs per sequence (CUDA graphs)."""
+    wanted = max(1, min(max_splits, -(-target_programs // max(seq_lens.shape[0] * num_kv_heads, 1))))
+    blocks = (seq_lens.max().clamp(min=1).to(torch.int32) + block_n - 1) // block_n
+    splits = blocks.clamp(max=wanted)
+    return torch.stack([splits, block_n * ((blocks + splits - 1) // splits)]).to(torch.int32)
+
+
+# CTAs of the split kernel one SM holds at once, per (device, tiles), read from the compiled
+# kernel's registers and shared memory after its first launch.
+_ctas_per_sm: dict[tuple, int] = {}
+
+
+def _target_programs(device: torch.device, tiles_key: tuple = ()) -> int:
     if device.type == "cuda":
-        # Two waves of programs per SM hide the latency of the chunk-table loads.
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        # A full wave of programs on every SM hides the latency of the K/V loads.
+        per_sm = _ctas_per_sm.get((device.index, tiles_key), 2)
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # the interpreter runs programs one by one: no reason to split
+
+
+def _record_occupancy(compiled, device: torch.device, tiles_key: tuple) -> None:
+    """CTAs per SM of a launched kernel: the tightest of threads, registers and shared memory."""
+    if device.type != "cuda" or (device.index, tiles_key) in _ctas_per_sm:
+        return
+    try:
+        props = torch.cuda.get_device_properties(device)
+        threads = 32 * compiled.metadata.num_warps
+        limits = [getattr(props, "max_threads_per_multi_processor", 2048) // threads]
+        if getattr(compiled, "n_regs", 0):
+            limits.append(getattr(props, "regs_per_multiprocessor", 65536) // (compiled.n_regs * threads))
+        if compiled.metadata.shared:
+            limits.append(getattr(props, "shared_memory_per_multiprocessor", 233472) // compiled.metadata.shared)
+        _ctas_per_sm[(device.index, tiles_key)] = max(1, min(limits))
+    except (AttributeError, TypeError):  # a Triton without these fields: keep the default
+        _ctas_per_sm[(device.index, tiles_key)] = 2
 
 
 def decode_attention(
@@ -196,11 +241,13 @@ def decode_attention(
     max_seq_len: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
+    split_plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch decode attention; see the module docstring. max_seq_len (a bound on seq_lens)
     avoids a device sync; block_n defaults to a tile that fits the GPU's shared memory; out
     (q's shape and dtype, contiguous in head_dim) receives the result, e.g. a slice of the
-    o_proj input."""
+    o_proj input. split_plan (decode_split_plan, on the device) sets the splits a step uses out
+    of the num_splits launched: how a captured graph follows the real lengths."""
     chunk_tokens, num_kv_heads, head_dim, num_heads = check_attention_inputs(q, kv_pool, layer, chunk_tables, "batch")
     batch = q.shape[0]
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
@@ -221,22 +268,28 @@ def decode_attention(
     if chunk_tables.shape[1] * chunk_tokens < max_seq_len:
         raise ValueError(f"chunk_tables hold {chunk_tables.shape[1]} chunks of {chunk_tokens} tokens, "
                          f"fewer than max_seq_len {max_seq_len}")
+    group_size = num_heads // num_kv_heads
+    tiles_key = (q.dtype, head_dim, group_size, block_n)
+    if split_plan is not None and num_splits is None:
+        raise ValueError("a device split plan needs num_splits, the programs launched per sequence")
     if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, block_n, _target_programs(q.device))
+        num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, block_n,
+                                       _target_programs(q.device, tiles_key))
     # Splits hold whole blocks so that only the last block of a sequence is partly masked.
     tokens_per_split = block_n * -(-max_seq_len // (block_n * num_splits))
 
     direct = num_splits == 1
+    plan_on_device = split_plan is not None and not direct
     if direct:  # nothing to merge: the split kernel writes out itself
         partial_out = partial_lse = out
     else:
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    group_size = num_heads // num_kv_heads
+    plan = split_plan if plan_on_device else seq_lens  # (an unread placeholder without a plan)
     block_d = max(16, next_power_of_2(head_dim))
     with device_guard(q):
-        _decode_attention_split_kernel[(batch, num_kv_heads, num_splits)](
-            q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse, out,
+        compiled = _decode_attention_split_kernel[(batch, num_kv_heads, num_splits)](
+            q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse, out, plan,
             layer, scale * LOG2_E, tokens_per_split,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
@@ -244,12 +297,14 @@ def decode_attention(
             HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK_TOKENS=chunk_tokens,
             GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)), BLOCK_N=block_n,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
-            num_warps=tiles["num_warps"], DIRECT=direct,
+            num_warps=tiles["num_warps"], DIRECT=direct, PLAN_ON_DEVICE=plan_on_device,
         )
+        _record_occupancy(compiled, q.device, tiles_key)
         if not direct:
             _decode_attention_merge_kernel[(batch, num_heads)](
-                partial_out, partial_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
+                partial_out, partial_lse, out, plan, out.stride(0), out.stride(1), num_heads, num_splits,
                 BLOCK_S=next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+                PLAN_ON_DEVICE=plan_on_device,
             )
     return out
 

@@ -30,6 +30,10 @@ class AttentionMetadata:
     prefill_cu_seqlens_q: torch.Tensor  # [num_prefill_seqs + 1] int32, offsets into the prefill tokens
     prefill_seq_lens: torch.Tensor  # [num_prefill_seqs] int32, cached prefix + new tokens
     prefill_max_q_len: int
+    # CUDA graphs: decode attention launches decode_max_splits programs per sequence and uses as
+    # many as the device-side plan, computed each step from the real lengths, says.
+    decode_max_splits: int | None = None
+    decode_split_plan: torch.Tensor | None = None
 
 
 class LayerOps:
@@ -88,6 +92,7 @@ class ChunkedAttention:
                 kernels.decode_attention(
                     q[:num_decode], self.kv_pool, layer, meta.decode_chunk_tables, meta.decode_seq_lens, self.scale,
                     max_seq_len=meta.decode_max_seq_len, out=out[:num_decode],
+                    num_splits=meta.decode_max_splits, split_plan=meta.decode_split_plan,
                 )
             else:
                 out[:num_decode] = kernels.decode_attention_ref(

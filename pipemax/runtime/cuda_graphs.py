@@ -6,16 +6,21 @@ reading its inputs from static buffers; a step with n sequences pads to the next
 rows store nothing, slot -1, and attend over one token of chunk 0; their outputs are dropped).
 
 Only pure-decode steps replay graphs: prefill steps vary in shape and run eagerly. Attention in a
-graph is the Triton kernel with a fixed split count chosen for max_model_len; sequences shorter
-than that leave the later splits empty, which the merge kernel weighs as zero.
+graph launches the split count chosen for max_model_len, but each step computes on the device,
+from its real lengths, how many splits to use and how long each is (decode_split_plan): short
+contexts run on fewer, fuller programs, and the unused ones exit at once.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pipemax.kernels._common import device_guard
+import importlib
+
+from pipemax.kernels._common import decode_tiles, device_capability, device_guard
 from pipemax.models import AttentionMetadata, ChunkedAttention, LlamaFamilyModel
+
+decode_module = importlib.import_module("pipemax.kernels.decode_attention")  # (the package shadows its name)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -59,7 +64,19 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch: int) -> torch.Tensor:
-        return self.model(self.inputs[:batch], self.positions[:batch], self.attention, self.metadata(batch))
+        meta = self.metadata(batch)
+        # The split plan is computed inside the graph from the static lengths: every replay
+        # follows the step's real contexts (one plan per step, shared by all layers).
+        config, dtype = self.model.config, next(self.model.parameters()).dtype
+        block_n = decode_tiles(config.head_dim, dtype, device_capability(self.positions.device))["block_n"]
+        # (after the warm-up launch, from the kernel's real occupancy: see _target_programs)
+        tiles_key = (dtype, config.head_dim, config.num_heads // config.num_kv_heads, block_n)
+        target = decode_module._target_programs(self.positions.device, tiles_key)
+        meta.decode_max_splits = decode_module.choose_num_splits(batch, config.num_kv_heads, self.max_model_len,
+                                                                 block_n, target)
+        meta.decode_split_plan = decode_module.decode_split_plan(self.seq_lens[:batch], config.num_kv_heads,
+                                                                 meta.decode_max_splits, block_n, target)
+        return self.model(self.inputs[:batch], self.positions[:batch], self.attention, meta)
 
     @torch.inference_mode()
     def capture(self) -> None:

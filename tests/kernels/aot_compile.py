@@ -141,8 +141,11 @@ def record_launches(capability: tuple[int, int] | None = None):
             table = torch.zeros(2, 2, dtype=torch.int32)
             lens = torch.full((2,), 20, dtype=torch.int32)
             q = torch.zeros(2, num_kv_heads * group, head_dim, dtype=dtype)
-            for num_splits in (1, 2):  # one split merges a single partial: BLOCK_S == 1
+            for num_splits in (1, 2):  # one split writes the output itself: no merge
                 decode_attention.decode_attention(q, pool, 1, table, lens, 0.1, num_splits=num_splits, max_seq_len=20)
+            plan = torch.tensor([2, 16], dtype=torch.int32)  # under CUDA graphs: the split plan on the device
+            decode_attention.decode_attention(q, pool, 1, table, lens, 0.1, num_splits=4, max_seq_len=20,
+                                              split_plan=plan)
             cu = torch.tensor([0, 5, 9], dtype=torch.int32)
             q_packed = torch.zeros(9, num_kv_heads * group, head_dim, dtype=dtype)
             prefill_attention.prefill_attention(q_packed, pool, 1, table, cu, lens, 0.1, max_q_len=5)

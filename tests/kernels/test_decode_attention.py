@@ -112,3 +112,26 @@ def test_decode_writes_into_a_given_output_and_one_split_launches_no_merge(devic
     with pytest.raises(ValueError, match="out must be"):
         decode_attention(q.to(device), pool.to(device), 0, tables.to(device), lens.to(device), 0.125,
                          out=buffer[:3])
+
+
+@pytest.mark.parametrize("lens", [[1, 3], [37, 5, 90], [200]])
+@pytest.mark.parametrize("max_splits", [2, 5])
+def test_a_device_split_plan_follows_the_real_lengths(device, lens, max_splits):
+    """A captured graph launches max_splits programs per sequence; the plan computed on the
+    device from the step's lengths says how many it uses: outputs equal the reference."""
+    from pipemax.kernels.decode_attention import choose_num_splits, decode_split_plan
+
+    generator = torch.Generator().manual_seed(len(lens))
+    num_chunks, tables = random_chunk_tables(generator, lens, 8)
+    tables = torch.nn.functional.pad(tables, (0, 32 - tables.shape[1]))  # a graph's tables: max_model_len wide
+    pool = torch.randn(num_chunks, 1, 2, 8, 2, 64, generator=generator)
+    q = torch.randn(len(lens), 4, 64, generator=generator)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    plan = decode_split_plan(seq_lens.to(device), 2, max_splits, 16, target_programs=64)
+    splits, per_split = plan.tolist()
+    assert splits == min(max_splits, choose_num_splits(len(lens), 2, max(lens), 16, 64))
+    assert splits * per_split >= max(lens) and per_split % 16 == 0
+    expected = decode_attention_ref(q, pool, 0, tables, seq_lens, 0.125)
+    actual = decode_attention(q.to(device), pool.to(device), 0, tables.to(device), seq_lens.to(device), 0.125,
+                              num_splits=max_splits, max_seq_len=256, block_n=16, split_plan=plan)
+    assert_close(actual, expected)

@@ -29,7 +29,7 @@ class EagerDecodeGraphs(DecodeGraphs):
 
 def test_graph_decode_path_matches_eager(tmp_path, monkeypatch):
     # Many splits per sequence, as on a GPU with 132 SMs: most are empty for short sequences.
-    monkeypatch.setattr(decode_module, "_target_programs", lambda device: 64)
+    monkeypatch.setattr(decode_module, "_target_programs", lambda device, tiles_key=(): 64)
     save_tiny_model("qwen3", tmp_path, max_position_embeddings=256)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 33, 12, 7, 50)]
