@@ -1,7 +1,8 @@
 """Decode steps under CUDA graphs, one graph per batch-size bucket.
 
 A decode step of a small model is dozens of short kernel launches; replaying a captured graph
-removes the launch overhead. Each bucket (1, 2, 4, 8, ... up to max_num_seqs) is captured once,
+removes the launch overhead. On the last stage the graph also holds the LM head and the greedy
+argmax. Each bucket (1, 2, 4, 8, ... up to max_num_seqs) is captured once,
 reading its inputs from static buffers; a step with n sequences pads to the next bucket (padding
 rows store nothing, slot -1, and attend over one token of chunk 0; their outputs are dropped).
 
@@ -76,7 +77,13 @@ class DecodeGraphs:
                                                                  block_n, target)
         meta.decode_split_plan = decode_module.decode_split_plan(self.seq_lens[:batch], config.num_kv_heads,
                                                                  meta.decode_max_splits, block_n, target)
-        return self.model(self.inputs[:batch], self.positions[:batch], self.attention, meta)
+        hidden = self.model(self.inputs[:batch], self.positions[:batch], self.attention, meta)
+        if not self.model.is_last:
+            return hidden
+        # The last stage's LM head and the greedy choice run inside the graph too: every row of a
+        # decode step samples.
+        logits = self.model.compute_logits(hidden)
+        return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -102,12 +109,13 @@ class DecodeGraphs:
         return next(size for size in self.buckets if size >= batch)
 
     @torch.inference_mode()
-    def run(self, inputs, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
-        """Hidden states [batch, hidden] of a decode step, through the bucket's graph."""
+    def run(self, inputs, positions, slot_mapping, chunk_tables, seq_lens):
+        """A decode step through the bucket's graph: hidden states [batch, hidden], or on the last
+        stage (logits [batch, vocab] float32, greedy ids [batch])."""
         with device_guard(self.positions):
             return self._run(inputs, positions, slot_mapping, chunk_tables, seq_lens)
 
-    def _run(self, inputs, positions, slot_mapping, chunk_tables, seq_lens) -> torch.Tensor:
+    def _run(self, inputs, positions, slot_mapping, chunk_tables, seq_lens):
         batch = inputs.shape[0]
         bucket = self.bucket_for(batch)
         self.inputs[:batch].copy_(inputs)
@@ -119,4 +127,7 @@ class DecodeGraphs:
         self.seq_lens[:batch].copy_(seq_lens)
         self.seq_lens[batch:bucket].fill_(1)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:batch]
+        output = self.outputs[bucket]
+        if isinstance(output, tuple):  # last stage: (logits, greedy ids)
+            return tuple(tensor[:batch] for tensor in output)
+        return output[:batch]

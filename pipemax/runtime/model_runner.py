@@ -31,6 +31,7 @@ class ModelRunner:
         self.attention = ChunkedAttention(kv_pool.gpu, attention_backend, scale=model.config.head_dim**-0.5)
         self.decode_graphs = decode_graphs
         self.tables = DeviceChunkTables(self.device)
+        self.greedy_ids: torch.Tensor | None = None  # the last graph step's argmax (last stage)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture decode graphs for every batch bucket up to max_batch (CUDA, Triton backend)."""
@@ -68,14 +69,19 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, plan: StagePlan, batch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """The stage's device work on a batch from build_batch: hidden states [tokens, hidden] for
-        the next stage, or on the last stage the logits [sampling sequences, vocab] float32."""
+        the next stage, or on the last stage the logits [sampling sequences, vocab] float32 (and,
+        from a graph, their argmax in greedy_ids)."""
         input_ids, positions, meta, sample_rows = batch
         inputs = input_ids if self.model.is_first else hidden_in
+        self.greedy_ids = None
         if self.runs_graph(plan):
-            hidden = self.decode_graphs.run(inputs, positions, meta.slot_mapping, meta.decode_chunk_tables,
+            output = self.decode_graphs.run(inputs, positions, meta.slot_mapping, meta.decode_chunk_tables,
                                             meta.decode_seq_lens)
-        else:
-            hidden = self.model(inputs, positions, self.attention, meta)
+            if not self.model.is_last:
+                return output
+            logits, self.greedy_ids = output  # every decode row samples, in order
+            return logits
+        hidden = self.model(inputs, positions, self.attention, meta)
         if not self.model.is_last:
             return hidden
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

@@ -209,7 +209,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
-                     processed_logits: torch.Tensor | None = None) -> SampledOnDevice:
+                     processed_logits: torch.Tensor | None = None,
+                     greedy_ids: torch.Tensor | None = None) -> SampledOnDevice:
     """logits [n, vocab] float32 -> (chosen token per row [n] int64, their logprobs [n] if any row
     asks, and (values, ids) [n, k] of the top alternatives if any row asks), all on the device.
 
@@ -218,13 +219,17 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: 
     otherwise: `seeds`, one per row, ignored for greedy rows), drawn on the device
     (kernels.gumbel_noise). No softmax, and no sort of the vocabulary unless a row asks for top-p
     (top-k alone takes the k largest). The choice is made on processed_logits (penalties applied)
-    when given; logprobs always come from the raw logits.
+    when given; logprobs always come from the raw logits. greedy_ids: the raw logits' argmax when
+    already computed (inside a decode graph).
     """
     logits = logits.float()
     raw_logits = logits
     if processed_logits is not None:
         logits = processed_logits.float()
-    chosen = logits.argmax(dim=-1)
+    if greedy_ids is not None and processed_logits is None:
+        chosen = greedy_ids.clone()  # (a graph's static output: random rows are written below)
+    else:
+        chosen = logits.argmax(dim=-1)
     random_rows = [row for row, p in enumerate(params) if not p.greedy]
     if random_rows:
         device, vocab = logits.device, logits.shape[1]

@@ -164,7 +164,7 @@ class StageExecutor:
             processed = apply_penalties(logits, params, histories, self.eos_token_ids)
         seeds = [row_seed(p.seed, len(state.output_token_ids)) if p.seed is not None else self.noise_keys.getrandbits(63)
                  for p, state in zip(params, states)]
-        sampled = sample_on_device(logits, params, seeds, processed)
+        sampled = sample_on_device(logits, params, seeds, processed, greedy_ids=self.runner.greedy_ids)
 
         def record(result: SampledTokens) -> None:  # the history that penalties read next step
             for state, token in zip(states, result.tokens):

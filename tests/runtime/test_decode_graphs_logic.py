@@ -1,5 +1,6 @@
 """The bookkeeping of decode under CUDA graphs, checked on the CPU: static buffers, bucket padding
-(slot -1, one-token rows), the fixed split plan for max_model_len. A stand-in graph replays the
+(slot -1, one-token rows), the split plan computed on the device per step, the LM head and the
+greedy argmax inside the graph (beside seeded random rows). A stand-in graph replays the
 captured forward eagerly into the same static output, so everything but the capture itself runs."""
 
 import importlib
@@ -24,7 +25,12 @@ class EagerDecodeGraphs(DecodeGraphs):
     def _capture(self):
         for batch in reversed(self.buckets):
             self.outputs[batch] = self._forward(batch)
-            self.graphs[batch] = EagerGraph(lambda batch=batch: self.outputs[batch].copy_(self._forward(batch)))
+            self.graphs[batch] = EagerGraph(lambda batch=batch: self._replay(batch))
+
+    def _replay(self, batch):
+        fresh, static = self._forward(batch), self.outputs[batch]
+        for source, target in zip(fresh, static) if isinstance(static, tuple) else [(fresh, static)]:
+            target.copy_(source)
 
 
 def test_graph_decode_path_matches_eager(tmp_path, monkeypatch):
@@ -34,6 +40,9 @@ def test_graph_decode_path_matches_eager(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 33, 12, 7, 50)]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 9, 14, 3, 17)]
+    # Seeded random rows beside greedy ones: the graph's argmax is the greedy rows' choice only.
+    params[1] = SamplingParams(temperature=0.8, seed=5, max_tokens=9, ignore_eos=True)
+    params[4] = SamplingParams(temperature=1.2, top_k=20, seed=6, max_tokens=17, ignore_eos=True)
     results = []
     for graphs in (False, True):
         llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", attention_backend="triton", max_num_seqs=3,
