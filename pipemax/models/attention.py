@@ -62,30 +62,35 @@ class ChunkedAttention:
         self.after_store = None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
-        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim]; layer is the index within the stage."""
+        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] already rotated; layer is the index
+        within the stage. Returns [tokens, heads, dim]."""
         store = kernels.store_kv if self.backend == "triton" else kernels.store_kv_ref
         store(k, v, self.kv_pool, layer, meta.slot_mapping)
         if self.after_store is not None:
             self.after_store(layer)
-        return self.attend(layer, q, meta)
+        return self.attend(layer, q, meta).view(q.shape)
 
-    def rotate_store_attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            num_heads: int, meta: AttentionMetadata, q_norm_weight=None, k_norm_weight=None,
-                            eps: float = 1e-6) -> torch.Tensor:
-        """A layer's attention from its fused qkv projection [tokens, (heads + 2 kv_heads) * dim]:
-        rotary embedding (and q/k norm) fused with the KV store in one launch, then attention.
-        Returns [tokens, heads * dim], the o_proj input."""
-        q = self.ops.rope_store_kv(qkv, cos, sin, self.kv_pool, layer, meta.slot_mapping, num_heads,
+    def rotate_store(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                     slot_mapping: torch.Tensor, q_norm_weight=None, k_norm_weight=None,
+                     eps: float = 1e-6) -> torch.Tensor:
+        """From a layer's fused qkv projection [tokens, (heads + 2 kv_heads) * dim]: rotary
+        embedding (and q/k norm) fused with the KV store in one launch. Returns q [tokens, heads,
+        dim], rotated in place in qkv."""
+        q = self.ops.rope_store_kv(qkv, cos, sin, self.kv_pool, layer, slot_mapping, num_heads,
                                    q_norm_weight, k_norm_weight, eps)
         if self.after_store is not None:
             self.after_store(layer)
-        return self.attend(layer, q, meta).view(qkv.shape[0], -1)
+        return q
 
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Decode and prefill attention of q [tokens, heads, dim] over the stored KV."""
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode and prefill attention of q [tokens, heads, dim] over the stored KV, into out
+        [tokens, heads * dim] (the o_proj input; a new tensor by default)."""
         triton_backend = self.backend == "triton"
         num_decode = meta.num_decode_tokens
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        result, out = out, out.view(q.shape)
         # The kernels write straight into `out`, the o_proj input (the references return a copy).
         if num_decode:
             if triton_backend:
@@ -111,7 +116,7 @@ class ChunkedAttention:
                     prefill_q, self.kv_pool, layer, meta.prefill_chunk_tables, meta.prefill_cu_seqlens_q,
                     meta.prefill_seq_lens, self.scale,
                 )
-        return out
+        return result
 
 
 def _interpreter_blocks(device: torch.device) -> dict:

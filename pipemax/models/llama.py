@@ -53,6 +53,12 @@ class DecoderLayer(nn.Module):
     def forward(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, meta: AttentionMetadata):
         """(hidden, residual) in and out, the residual add fused into the next norm: the layer's
         output is hidden + residual. residual None: hidden is the layer's whole input."""
+        q, residual = self.before_attention(layer, hidden, residual, cos, sin, attention, meta.slot_mapping)
+        return self.after_attention(attention.attend(layer, q, meta), residual, attention)
+
+    def before_attention(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, slot_mapping):
+        """Norm (with the residual add), the qkv projection, rotary + KV store: (q, residual).
+        Everything here has the step's token count as its only shape: graph-capturable."""
         config, ops, eps = self.config, attention.ops, self.config.rms_norm_eps
         if residual is None:
             residual = hidden
@@ -61,7 +67,11 @@ class DecoderLayer(nn.Module):
             normed = ops.rms_norm(hidden, self.input_layernorm.weight, eps, residual, out=hidden)
         qkv = self.qkv_proj(normed)
         norms = (self.q_norm.weight, self.k_norm.weight) if config.qk_norm else (None, None)
-        attn = attention.rotate_store_attend(layer, qkv, cos, sin, config.num_heads, meta, *norms, eps=eps)
+        return attention.rotate_store(layer, qkv, cos, sin, config.num_heads, slot_mapping, *norms, eps=eps), residual
+
+    def after_attention(self, attn, residual, attention: ChunkedAttention):
+        """The output projection, norm (with the residual add), the MLP: (hidden, residual)."""
+        ops, eps = attention.ops, self.config.rms_norm_eps
         hidden = self.o_proj(attn)
         normed = ops.rms_norm(hidden, self.post_attention_layernorm.weight, eps, residual, out=hidden)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(normed))), residual
@@ -117,14 +127,24 @@ class LlamaFamilyModel(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """inputs: token ids [tokens] on the first stage, hidden states [tokens, hidden] elsewhere.
         Returns hidden states; on the last stage after the final norm."""
-        hidden = self.embed_tokens(inputs) if self.is_first else inputs
-        cos, sin = self.rotary.rows(positions)  # once per step, for every layer
+        hidden, cos, sin = self.begin(inputs, positions)
         residual = None
         for layer, module in enumerate(self.layers):
             hidden, residual = module(layer, hidden, residual, cos, sin, attention, meta)
-        if self.is_last:  # the final norm takes the last residual add
+        return self.finish(hidden, residual, attention)
+
+    def begin(self, inputs: torch.Tensor, positions: torch.Tensor):
+        """(hidden, cos, sin) at the start of the stage: cos/sin rows once per step, for all layers."""
+        hidden = self.embed_tokens(inputs) if self.is_first else inputs
+        cos, sin = self.rotary.rows(positions)
+        return hidden, cos, sin
+
+    def finish(self, hidden: torch.Tensor, residual: torch.Tensor | None, attention: ChunkedAttention):
+        """The stage's output: on the last stage the final norm (taking the last residual add),
+        elsewhere the whole hidden state for the next stage."""
+        if self.is_last:
             return attention.ops.rms_norm(hidden, self.norm.weight, self.config.rms_norm_eps, residual, out=hidden)
-        return hidden if residual is None else hidden + residual  # the next stage gets the whole state
+        return hidden if residual is None else hidden + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

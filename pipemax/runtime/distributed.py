@@ -87,6 +87,7 @@ class StageSpec:
     seed: int
     head_rank: int = 0  # the rank of the pipeline's stage 0 (not 0 for other replicas under torchrun)
     num_host_chunks: int = 0  # the stage's host KV pool (offload)
+    max_num_batched_tokens: int = 0  # CUDA graphs for steps with prefill: token buckets up to this
 
     @property
     def is_last(self) -> bool:
@@ -582,5 +583,5 @@ def build_stage(spec: StageSpec) -> StageExecutor:
     stage = StageExecutor(spec.rank - spec.head_rank, model, pool, kv,
                           spec.attention_backend, spec.eos_token_ids, spec.seed)
     if spec.cuda_graphs and device.type == "cuda" and spec.attention_backend == "triton":
-        stage.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
+        stage.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len, spec.max_num_batched_tokens)
     return stage

@@ -194,7 +194,7 @@ class LLMEngine:
                                              self._eos_token_ids, config.seed))
         if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
             for stage in self.stages:
-                stage.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+                stage.enable_cuda_graphs(config.max_num_seqs, self.max_model_len, config.max_num_batched_tokens)
         if self.distributed:
             self.pipeline.attach(self.stages[0])
         else:
@@ -208,7 +208,8 @@ class LLMEngine:
         specs = [StageSpec(head + stage, world, init_method, config.stage_timeout, str(path), self.stage_ranges[stage],
                            self.stage_devices[stage], self.dtype, config.chunk_tokens, num_chunks, backend,
                            config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
-                           config.seed, head_rank=head, num_host_chunks=self.num_host_chunks)
+                           config.seed, head_rank=head, num_host_chunks=self.num_host_chunks,
+                           max_num_batched_tokens=config.max_num_batched_tokens)
                  for stage in range(1, world)]
         return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device, self.cluster)
 

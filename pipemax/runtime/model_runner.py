@@ -15,6 +15,7 @@ import torch
 from pipemax.models import ChunkedAttention, LlamaFamilyModel
 
 from .cuda_graphs import DecodeGraphs
+from .piecewise_graphs import PiecewiseGraphs
 from .device_tables import DeviceChunkTables, build_step_tensors
 from .kv_manager import KVManager
 from .kv_pool import KVPool
@@ -30,14 +31,20 @@ class ModelRunner:
         self.device = kv_pool.device
         self.attention = ChunkedAttention(kv_pool.gpu, attention_backend, scale=model.config.head_dim**-0.5)
         self.decode_graphs = decode_graphs
+        self.piecewise_graphs: PiecewiseGraphs | None = None  # steps with prefill pieces
         self.tables = DeviceChunkTables(self.device)
         self.greedy_ids: torch.Tensor | None = None  # the last graph step's argmax (last stage)
 
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Capture decode graphs for every batch bucket up to max_batch (CUDA, Triton backend)."""
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_tokens: int = 0) -> None:
+        """Capture decode graphs for every batch bucket up to max_batch, and (max_tokens > 0)
+        piecewise graphs for steps with prefill, for every token bucket up to max_tokens (CUDA,
+        Triton backend)."""
         self.decode_graphs = DecodeGraphs(self.model, self.attention, max_batch, max_model_len,
                                           self.kv_pool.spec.chunk_tokens, self.device)
         self.decode_graphs.capture()
+        if max_tokens:
+            self.piecewise_graphs = PiecewiseGraphs(self.model, self.attention, max_tokens, self.device)
+            self.piecewise_graphs.capture()
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -81,7 +88,13 @@ class ModelRunner:
                 return output
             logits, self.greedy_ids = output  # every decode row samples, in order
             return logits
-        hidden = self.model(inputs, positions, self.attention, meta)
+        pieces = self.piecewise_graphs
+        if pieces is not None and pieces.bucket_for(inputs.shape[0]) is not None:
+            hidden = pieces.run(inputs, positions, meta)
+            if not self.model.is_last:
+                return hidden.clone()  # (a graph's static output: the next step overwrites it)
+        else:
+            hidden = self.model(inputs, positions, self.attention, meta)
         if not self.model.is_last:
             return hidden
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

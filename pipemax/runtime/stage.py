@@ -95,8 +95,8 @@ class StageExecutor:
         self.eos_token_ids = eos_token_ids or set()
         self.noise_keys = random.Random(seed)
 
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        self.runner.enable_cuda_graphs(max_batch, max_model_len)
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_tokens: int = 0) -> None:
+        self.runner.enable_cuda_graphs(max_batch, max_model_len, max_tokens)
 
     def execute(self, plan: StagePlan, hidden_in: torch.Tensor | None = None, clock=None, shared_batch=None):
         """(hidden states for the next stage, or on the last stage the step's PendingTokens; the

@@ -1,0 +1,136 @@
+"""Steps that carry prefill pieces under CUDA graphs, captured piecewise around attention.
+
+A mixed or prefill step's attention follows its sequences (how many, how long, where their KV
+is), but everything else in a layer (norms, projections, rotary + KV store, the MLP) depends on
+the step's token count alone. So for each token bucket (64, 128, ... up to
+max_num_batched_tokens) the work between two attention calls is captured once as a graph
+"piece": L layers make L + 1 pieces,
+
+    piece 0      stage start (embedding, cos/sin rows) + layer 0 up to its KV store
+    piece l      layer l-1 after attention (o_proj, norm, MLP) + layer l up to its KV store
+    piece L      layer L-1 after attention + the stage's end (final norm, or the whole state)
+
+and a step replays them in order with attention launched eagerly in between, on the real token
+count, reading q from the piece before and writing the o_proj input the piece after reads. A
+step of T tokens pads to its bucket: padding tokens have slot -1 (their K/V are not stored),
+position 0 and input 0, and their rows are computed and dropped. About 2 L launches a step
+instead of ~10 L. Pure-decode steps replay whole graphs instead (cuda_graphs.DecodeGraphs).
+
+The per-layer write-through of host-resident KV (KVTransfers.write_back_by_layer) is called
+between the pieces, right after the piece that stored the layer's KV.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from pipemax.kernels._common import device_guard
+from pipemax.models import AttentionMetadata, ChunkedAttention, LlamaFamilyModel
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """64, 128, ... up to max_tokens: few buckets (each is L + 1 graphs to capture at start-up);
+    a step padded to 64 tokens costs what a smaller one does, the weights' reads."""
+    sizes, size = [], 64
+    while size < max_tokens:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_tokens]
+
+
+class PiecewiseGraphs:
+    def __init__(self, model: LlamaFamilyModel, attention: ChunkedAttention, max_tokens: int, device: torch.device):
+        if attention.backend != "triton":
+            raise ValueError("CUDA graphs need the Triton attention backend (the torch references sync with the host)")
+        self.model, self.attention = model, attention
+        self.buckets = token_buckets(max_tokens)
+        config = model.config
+        dtype = next(model.parameters()).dtype
+        if model.is_first:
+            self.inputs = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        else:
+            self.inputs = torch.zeros(max_tokens, config.hidden_size, dtype=dtype, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
+        self.attn_out = torch.zeros(max_tokens, config.num_heads * config.head_dim, dtype=dtype, device=device)
+        self.graphs: dict[int, list] = {}
+        self.states: dict[int, SimpleNamespace] = {}  # per bucket: the tensors the pieces hand on
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.model.layers) + 1
+
+    def piece(self, bucket: int, index: int) -> None:
+        """Run piece `index` of a bucket on its static tensors (eagerly, or while capturing)."""
+        model, attention, state = self.model, self.attention, self.states[bucket]
+        if index == 0:
+            state.hidden, state.cos, state.sin = model.begin(self.inputs[:bucket], self.positions[:bucket])
+            state.residual = None
+        else:
+            state.hidden, state.residual = model.layers[index - 1].after_attention(
+                self.attn_out[:bucket], state.residual, attention)
+        if index < len(model.layers):
+            state.q, state.residual = model.layers[index].before_attention(
+                index, state.hidden, state.residual, state.cos, state.sin, attention, self.slot_mapping[:bucket])
+        else:
+            state.output = model.finish(state.hidden, state.residual, attention)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        with device_guard(self.positions):
+            self._capture()
+
+    def _capture(self) -> None:
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bucket in reversed(self.buckets):  # largest first: later graphs reuse its memory pool
+                self.states[bucket] = SimpleNamespace()
+                for index in range(self.num_pieces):  # warm-up: compiles the kernels outside the capture
+                    self.piece(bucket, index)
+                graphs = []
+                for index in range(self.num_pieces):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        self.piece(bucket, index)
+                    pool = graph.pool()
+                    graphs.append(graph)
+                self.graphs[bucket] = graphs
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def bucket_for(self, tokens: int) -> int | None:
+        return next((size for size in self.buckets if size >= tokens), None)
+
+    @torch.inference_mode()
+    def run(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The stage's output [tokens, hidden] for a step of any kind (its token count within the
+        largest bucket)."""
+        with device_guard(self.positions):
+            return self._run(inputs, positions, meta)
+
+    def _run(self, inputs, positions, meta) -> torch.Tensor:
+        tokens = inputs.shape[0]
+        bucket = self.bucket_for(tokens)
+        self.inputs[:tokens].copy_(inputs)
+        self.inputs[tokens:bucket].zero_()
+        self.positions[:tokens].copy_(positions)
+        self.positions[tokens:bucket].zero_()
+        self.slot_mapping[:tokens].copy_(meta.slot_mapping)
+        self.slot_mapping[tokens:bucket].fill_(-1)
+        attention, state, graphs = self.attention, self.states[bucket], self.graphs[bucket]
+        # The pieces hold no Python: the write-through hook runs here, after each layer's store.
+        after_store, attention.after_store = attention.after_store, None
+        try:
+            for layer in range(self.num_pieces - 1):
+                graphs[layer].replay()
+                if after_store is not None:
+                    after_store(layer)
+                attention.attend(layer, state.q[:tokens], meta, out=self.attn_out[:tokens])
+            graphs[-1].replay()
+        finally:
+            attention.after_store = after_store
+        return state.output[:tokens]
