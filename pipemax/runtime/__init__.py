@@ -14,6 +14,7 @@
                      one packed upload per step, positions and slots derived on the device
     model_runner.py  builds a step's tensors and attention metadata, runs the model
     cuda_graphs.py   decode steps replayed from CUDA graphs, one per batch bucket
+    piecewise_graphs.py  steps with prefill: graphs captured piecewise around attention
     sampling.py      SamplingParams, penalties, the sampler
     step_plan.py     the record a step sends every stage (KV operations replayed, not tables)
     stage.py         one pipeline stage: layers, KV pool and manager, sampler on the last

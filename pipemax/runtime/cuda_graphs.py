@@ -31,6 +31,33 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+class GraphCapture:
+    """Captures CUDA graphs on a side stream, each sharing the memory pool of those before it;
+    the device is synchronised once at the end (start-up, not the step loop)."""
+
+    def __enter__(self):
+        self.pool = None
+        self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        self.context = torch.cuda.stream(self.stream)
+        self.context.__enter__()
+        return self
+
+    def graph(self, work):
+        """(the graph of work(), what work returned: its static output)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            output = work()
+        self.pool = graph.pool()
+        return graph, output
+
+    def __exit__(self, *exc):
+        self.context.__exit__(*exc)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.synchronize()
+        return False
+
+
 class DecodeGraphs:
     def __init__(self, model: LlamaFamilyModel, attention: ChunkedAttention, max_batch: int, max_model_len: int,
                  chunk_tokens: int, device: torch.device):
@@ -91,19 +118,10 @@ class DecodeGraphs:
             self._capture()
 
     def _capture(self) -> None:
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with GraphCapture() as capture:
             for batch in reversed(self.buckets):  # largest first: later graphs reuse its memory pool
                 self._forward(batch)  # warm-up: compiles the kernels outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.outputs[batch] = self._forward(batch)
-                pool = graph.pool()
-                self.graphs[batch] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+                self.graphs[batch], self.outputs[batch] = capture.graph(lambda: self._forward(batch))
 
     def bucket_for(self, batch: int) -> int:
         return next(size for size in self.buckets if size >= batch)

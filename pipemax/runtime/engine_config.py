@@ -54,7 +54,7 @@ class EngineConfig:
     prefill_mode: str = "mixed"  # mixed | separate (see scheduler)
     max_model_len: int | None = None  # tokens per sequence, prompt + output; default: the model's
     seed: int = 0  # for requests without a seed of their own
-    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton backend only)
+    cuda_graphs: bool = True  # every step replays CUDA graphs (CUDA with the Triton backend only)
     pipeline_parallel: int = 1  # pipeline stages
     micro_batches: int | None = None  # micro-batches in flight; default: as many as stages
     pipeline_transport: str = "distributed"  # a process per stage and device, or inprocess (all on one device)

@@ -29,6 +29,8 @@ import torch
 from pipemax.kernels._common import device_guard
 from pipemax.models import AttentionMetadata, ChunkedAttention, LlamaFamilyModel
 
+from .cuda_graphs import GraphCapture
+
 
 def token_buckets(max_tokens: int) -> list[int]:
     """64, 128, ... up to max_tokens: few buckets (each is L + 1 graphs to capture at start-up);
@@ -83,24 +85,13 @@ class PiecewiseGraphs:
             self._capture()
 
     def _capture(self) -> None:
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with GraphCapture() as capture:
             for bucket in reversed(self.buckets):  # largest first: later graphs reuse its memory pool
                 self.states[bucket] = SimpleNamespace()
                 for index in range(self.num_pieces):  # warm-up: compiles the kernels outside the capture
                     self.piece(bucket, index)
-                graphs = []
-                for index in range(self.num_pieces):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        self.piece(bucket, index)
-                    pool = graph.pool()
-                    graphs.append(graph)
-                self.graphs[bucket] = graphs
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+                self.graphs[bucket] = [capture.graph(lambda index=index: self.piece(bucket, index))[0]
+                                       for index in range(self.num_pieces)]
 
     def bucket_for(self, tokens: int) -> int | None:
         return next((size for size in self.buckets if size >= tokens), None)
