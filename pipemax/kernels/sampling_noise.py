@@ -8,8 +8,8 @@ Interface
             (Triton's tl.rand) at counter = column
 
 argmax(logits / temperature + G) draws a token with probability softmax(logits / temperature):
-the Gumbel-max trick, with no softmax and no sort. U = 0 gives G = -inf (that token cannot win
-that draw: probability 2**-31 per element).
+the Gumbel-max trick, with no softmax and no sort. U is clamped to 1e-30 (it is 0 with
+probability 2**-31), so G stays finite and a row left with one allowed token always draws it.
 
 gumbel_noise_ref computes the same Philox in torch integer arithmetic, bit for bit, so the CPU
 path and the GPU draw the same noise for the same seeds.
@@ -28,14 +28,15 @@ MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float for 32-bit draws
+TINY = 1e-30  # U is clamped here: G stays finite, so a row with one allowed token draws it
 
 
 @triton.jit
-def _gumbel_noise_kernel(seeds_ptr, out_ptr, stride_out, vocab, BLOCK: tl.constexpr):
+def _gumbel_noise_kernel(seeds_ptr, out_ptr, stride_out, vocab, TINY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     seed = tl.load(seeds_ptr + row)
-    uniform = tl.rand(seed, columns)
+    uniform = tl.maximum(tl.rand(seed, columns), TINY)  # U = 0 would make G = -inf: see the docstring
     noise = -tl.log(-tl.log(uniform))
     tl.store(out_ptr + row.to(tl.int64) * stride_out + columns, noise, mask=columns < vocab)
 
@@ -57,7 +58,8 @@ def gumbel_noise(seeds: torch.Tensor, vocab: int, out: torch.Tensor | None = Non
         raise ValueError(f"out must be [{rows}, {vocab}] float32 with contiguous rows")
     if rows:
         with device_guard(seeds):
-            _gumbel_noise_kernel[(rows, triton.cdiv(vocab, BLOCK))](seeds, out, out.stride(0), vocab, BLOCK=BLOCK)
+            _gumbel_noise_kernel[(rows, triton.cdiv(vocab, BLOCK))](seeds, out, out.stride(0), vocab, TINY=TINY,
+                                                                    BLOCK=BLOCK)
     return out
 
 
@@ -93,7 +95,7 @@ def gumbel_noise_ref(seeds: torch.Tensor, vocab: int, out: torch.Tensor | None =
         draw = philox_uint32(seed, columns)
         draw = torch.where(draw >= 2**31, draw - 2**32, draw)  # as int32
         draw = torch.where(draw < 0, -draw - 1, draw)
-        uniform = draw.to(torch.float32) * UNIFORM_SCALE
+        uniform = (draw.to(torch.float32) * UNIFORM_SCALE).clamp(min=TINY)
         rows.append(-torch.log(-torch.log(uniform)))
     result = torch.stack(rows) if rows else torch.empty(0, vocab, dtype=torch.float32, device=seeds.device)
     if out is None:

@@ -81,6 +81,7 @@ class DecodeGraphs:
         self.empty_int = torch.zeros(0, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.split_counts: dict[int, int] = {}  # decode splits launched per bucket
 
     def metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -100,8 +101,10 @@ class DecodeGraphs:
         # (after the warm-up launch, from the kernel's real occupancy: see _target_programs)
         tiles_key = (dtype, config.head_dim, config.num_heads // config.num_kv_heads, block_n)
         target = decode_module._target_programs(self.positions.device, tiles_key)
-        meta.decode_max_splits = decode_module.choose_num_splits(batch, config.num_kv_heads, self.max_model_len,
-                                                                 block_n, target)
+        if batch not in self.split_counts:  # fixed at warm-up: the capture must launch the same variant
+            self.split_counts[batch] = decode_module.choose_num_splits(batch, config.num_kv_heads, self.max_model_len,
+                                                                       block_n, target)
+        meta.decode_max_splits = self.split_counts[batch]
         meta.decode_split_plan = decode_module.decode_split_plan(self.seq_lens[:batch], config.num_kv_heads,
                                                                  meta.decode_max_splits, block_n, target)
         hidden = self.model(self.inputs[:batch], self.positions[:batch], self.attention, meta)
@@ -118,6 +121,11 @@ class DecodeGraphs:
             self._capture()
 
     def _capture(self) -> None:
+        # A first launch records the attention kernel's real occupancy (CTAs per SM), which the
+        # split counts are chosen from: each bucket's count is then fixed at its warm-up, so the
+        # capture launches only kernels already compiled (loading one while capturing fails).
+        self._forward(self.buckets[-1])
+        self.split_counts.clear()
         with GraphCapture() as capture:
             for batch in reversed(self.buckets):  # largest first: later graphs reuse its memory pool
                 self._forward(batch)  # warm-up: compiles the kernels outside the capture
@@ -137,6 +145,7 @@ class DecodeGraphs:
         batch = inputs.shape[0]
         bucket = self.bucket_for(batch)
         self.inputs[:batch].copy_(inputs)
+        self.inputs[batch:bucket].zero_()  # (padding rows' residuals would otherwise grow step by step)
         self.positions[:batch].copy_(positions)
         self.slot_mapping[:batch].copy_(slot_mapping)
         self.slot_mapping[batch:bucket].fill_(-1)

@@ -57,6 +57,9 @@ class PiecewiseGraphs:
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
         self.attn_out = torch.zeros(max_tokens, config.num_heads * config.head_dim, dtype=dtype, device=device)
+        # One home for every layer's q: a replay writes the memory its piece was captured with, so
+        # eager attention must read q from a tensor all pieces share, not from the last capture's.
+        self.q = torch.zeros(max_tokens, config.num_heads, config.head_dim, dtype=dtype, device=device)
         self.graphs: dict[int, list] = {}
         self.states: dict[int, SimpleNamespace] = {}  # per bucket: the tensors the pieces hand on
 
@@ -74,8 +77,9 @@ class PiecewiseGraphs:
             state.hidden, state.residual = model.layers[index - 1].after_attention(
                 self.attn_out[:bucket], state.residual, attention)
         if index < len(model.layers):
-            state.q, state.residual = model.layers[index].before_attention(
+            q, state.residual = model.layers[index].before_attention(
                 index, state.hidden, state.residual, state.cos, state.sin, attention, self.slot_mapping[:bucket])
+            self.q[:bucket].copy_(q)
         else:
             state.output = model.finish(state.hidden, state.residual, attention)
 
@@ -113,6 +117,7 @@ class PiecewiseGraphs:
         self.slot_mapping[:tokens].copy_(meta.slot_mapping)
         self.slot_mapping[tokens:bucket].fill_(-1)
         attention, state, graphs = self.attention, self.states[bucket], self.graphs[bucket]
+        # (Only tensors shared by all pieces are read here: state.output is the last piece's.)
         # The pieces hold no Python: the write-through hook runs here, after each layer's store.
         after_store, attention.after_store = attention.after_store, None
         try:
@@ -120,7 +125,7 @@ class PiecewiseGraphs:
                 graphs[layer].replay()
                 if after_store is not None:
                     after_store(layer)
-                attention.attend(layer, state.q[:tokens], meta, out=self.attn_out[:tokens])
+                attention.attend(layer, self.q[:tokens], meta, out=self.attn_out[:tokens])
             graphs[-1].replay()
         finally:
             attention.after_store = after_store

@@ -1,7 +1,8 @@
 """Steps with prefill pieces under piecewise CUDA graphs, checked on the CPU: static buffers, token
 buckets and their padding, attention launched between the pieces on the real token count, the
-per-layer write-through called between them. A stand-in graph re-runs its captured piece eagerly
-(on the same static tensors), so everything but the capture itself runs."""
+per-layer write-through called between them. A stand-in graph re-runs its captured piece
+as a real replay would (into the tensors it was captured with, Python state not re-run), so
+everything but the capture itself runs."""
 
 import torch
 
@@ -10,22 +11,42 @@ from pipemax.runtime.piecewise_graphs import PiecewiseGraphs, token_buckets
 from tests.tiny_models import save_tiny_model
 
 
-class EagerPiece:
-    def __init__(self, replay):
-        self.replay = replay
+class StandInPiece:
+    """A captured piece as a real replay behaves: it reads the tensors bound when it was captured
+    and writes into the tensors it allocated then; the Python attributes it set are not set again
+    (so nothing can read a piece's output through Python state after capture)."""
+
+    def __init__(self, owner, bucket, index):
+        self.owner, self.bucket, self.index = owner, bucket, index
+        state = owner.states[bucket]
+        self.before = dict(vars(state))
+        owner.piece(bucket, index)  # the "capture"
+        self.after = dict(vars(state))
+
+    def replay(self):
+        state = self.owner.states[self.bucket]
+        final = dict(vars(state))
+        vars(state).clear()
+        vars(state).update(self.before)
+        self.owner.piece(self.bucket, self.index)
+        for name, tensor in vars(state).items():
+            captured = self.after.get(name)
+            if isinstance(tensor, torch.Tensor) and captured is not None and tensor is not captured:
+                captured.copy_(tensor)
+        vars(state).clear()
+        vars(state).update(final)
 
 
-class EagerPiecewiseGraphs(PiecewiseGraphs):
+class StandInPiecewiseGraphs(PiecewiseGraphs):
     @torch.inference_mode()
     def _capture(self):
         from types import SimpleNamespace
 
         for bucket in reversed(self.buckets):
             self.states[bucket] = SimpleNamespace()
-            for index in range(self.num_pieces):
+            for index in range(self.num_pieces):  # warm-up
                 self.piece(bucket, index)
-            self.graphs[bucket] = [EagerPiece(lambda bucket=bucket, index=index: self.piece(bucket, index))
-                                   for index in range(self.num_pieces)]
+            self.graphs[bucket] = [StandInPiece(self, bucket, index) for index in range(self.num_pieces)]
 
 
 def test_token_buckets():
@@ -38,7 +59,7 @@ def run(folder, prompts, params, piecewise, **options):
     for stage in llm.engine.stages:
         runner = stage.runner
         if piecewise:
-            runner.piecewise_graphs = EagerPiecewiseGraphs(runner.model, runner.attention, 32, runner.device)
+            runner.piecewise_graphs = StandInPiecewiseGraphs(runner.model, runner.attention, 32, runner.device)
             runner.piecewise_graphs.capture()
             calls = []
             original = runner.piecewise_graphs.run
