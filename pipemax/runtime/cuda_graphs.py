@@ -82,6 +82,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.split_counts: dict[int, int] = {}  # decode splits launched per bucket
+        if model.is_last:
+            self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
 
     def metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -112,7 +114,8 @@ class DecodeGraphs:
             return hidden
         # The last stage's LM head and the greedy choice run inside the graph too: every row of a
         # decode step samples.
-        logits = self.model.compute_logits(hidden)
+        logits = self.logits[:batch]  # one buffer for every bucket (each bucket's own would pile up)
+        logits.copy_(self.model.compute_logits(hidden))
         return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()

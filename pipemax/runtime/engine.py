@@ -255,6 +255,8 @@ class LLMEngine:
         mc, element = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
         per_token = (4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size + 3 * mc.intermediate_size) * element
         activations = config.max_num_batched_tokens * per_token + config.max_num_seqs * mc.vocab_size * 4 * 2
+        if config.cuda_graphs:  # the piecewise graphs' pool keeps the largest step's activations for the run
+            activations += config.max_num_batched_tokens * per_token
         # cuBLAS workspaces, the CUDA-graph pools (one per stage), allocator fragmentation.
         free = budget - weights - activations - (1024 + 512 * len(stage_ranges)) * 2**20
         if free <= 0:
