@@ -23,6 +23,7 @@
     data_parallel.py R replicas of the pipeline, results into one stream
     cluster.py       under torchrun: the world of P x R ranks, rank roles, joining and leaving
     engine.py        the loop: schedule -> run -> sample -> stop checks
+    hardware.py      the server probe (NVML: GPUs, PCIe, NVLink, driver; host memory, cores)
 
 Imports point down: runtime may import models and kernels, never cli or the API.
 """
