@@ -24,6 +24,7 @@
     cluster.py       under torchrun: the world of P x R ranks, rank roles, joining and leaving
     engine.py        the loop: schedule -> run -> sample -> stop checks
     hardware.py      the server probe (NVML: GPUs, PCIe, NVLink, driver; host memory, cores)
+    server_profile.py  autotune's per-server profiles: keyed JSON, refused for another server
 
 Imports point down: runtime may import models and kernels, never cli or the API.
 """
