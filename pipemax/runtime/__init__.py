@@ -25,6 +25,7 @@
     engine.py        the loop: schedule -> run -> sample -> stop checks
     hardware.py      the server probe (NVML: GPUs, PCIe, NVLink, driver; host memory, cores)
     server_profile.py  autotune's per-server profiles: keyed JSON, refused for another server
+    simulator.py     a schedule timed on a modelled server: throughput, stage utilisation, PCIe
 
 Imports point down: runtime may import models and kernels, never cli or the API.
 """

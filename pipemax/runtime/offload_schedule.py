@@ -50,6 +50,21 @@ class Step:
     kv_ops: tuple[KVOp, ...]  # what every stage replays (and copies) before the step computes
     computes: tuple[tuple[int, int, int], ...]  # (request, first position, tokens)
     host_resident: tuple[int, ...]  # requests computed from staging chunks: prefetched, written back
+    prefetch_chunks: int = 0  # chunks every stage copies host -> GPU before this step computes
+
+    @property
+    def tokens(self) -> int:
+        return sum(count for _, _, count in self.computes)
+
+    @property
+    def context_tokens(self) -> int:
+        return sum(start + count for _, start, count in self.computes)
+
+    @property
+    def written_back_rows(self) -> int:
+        """Token rows of host-resident requests written through to the host by this step."""
+        staged = set(self.host_resident)
+        return sum(count for seq_id, _, count in self.computes if seq_id in staged)
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,7 @@ class Round:
 class Schedule:
     rounds: list[Round] = field(default_factory=list)
     final_kv_ops: tuple[KVOp, ...] = ()  # logged by the last returns (frees), with no step to carry them
+    requests: tuple[tuple[int, int], ...] = ()  # (prompt tokens, output tokens) each
     preemptions: int = 0
     host_resident_requests: int = 0
 
@@ -89,7 +105,7 @@ def plan_schedule(requests: list[tuple[int, int]], settings: ScheduleSettings,
         if prompt < 1 or outputs < 1:
             raise ValueError(f"request {seq_id}: needs >= 1 prompt and >= 1 output token, got {prompt}, {outputs}")
         scheduler.add(Sequence(seq_id, [1] * prompt, SamplingParams(max_tokens=outputs, ignore_eos=True)))
-    schedule = Schedule()
+    schedule = Schedule(requests=tuple(requests))
     in_flight: deque[tuple[Step, list]] = deque()
     idle_rounds = step_count = 0
     for round_index in range(max_rounds):
@@ -105,10 +121,14 @@ def plan_schedule(requests: list[tuple[int, int]], settings: ScheduleSettings,
                 continue  # its KV operations ride with the next step, as in the engine
             for entry in plan.scheduled:
                 entry.seq.num_computed_tokens = entry.end
-            step = Step(step_count, micro_batch, tuple(kv.take_log()),
+            ops = tuple(kv.take_log())
+            prefetched = [seq_id for op, seq_id, _ in ops if op == "prefetch"]
+            step = Step(step_count, micro_batch, ops,
                         tuple((e.seq.seq_id, e.start, e.num_tokens) for e in plan.scheduled),
                         tuple(e.seq.seq_id for e in plan.scheduled
-                              if kv.residency(e.seq.seq_id) is Residency.STAGED))
+                              if kv.residency(e.seq.seq_id) is Residency.STAGED),
+                        # (a prefetch copies the chunks holding what was computed before this step)
+                        sum(kv.chunks_for(e.start) for e in plan.scheduled if e.seq.seq_id in prefetched))
             step_count += 1
             launched.append(step)
             in_flight.append((step, plan.scheduled))
