@@ -117,6 +117,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
         kv_cache_gib=args.kv_cache_gib, pipeline_parallel=stages, micro_batches=micro_batches,
         pipeline_transport="inprocess",  # random weights live in this process: stages time-share this device
         offload=offload, host_memory_gib=args.host_memory_gib if offload != "off" else None,
+        cuda_graphs=args.cuda_graphs == "on",
     )
     engine = LLMEngine(engine_config, model=model)
     # Warm-up outside the timed region: the first prefill and sampling steps compile kernels.
@@ -153,7 +154,8 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     del engine, model
     free_memory(device)
     name = (f"pipemax ({prefill_mode}" + (f", P={stages}" if stages > 1 else "") + f", M={stats['micro_batches']}"
-            + (f", offload {offload}" if offload != "off" else "") + ")")
+            + (f", offload {offload}" if offload != "off" else "")
+            + (", no CUDA graphs" if args.cuda_graphs == "off" and device.type == "cuda" else "") + ")")
     return Result(name, seconds, generated, generated + prompt_tokens, note)
 
 
@@ -236,6 +238,8 @@ def main(argv=None) -> int:
                         help="micro-batches in flight; a list such as 1,2 runs each (default: the engine's)")
     parser.add_argument("--offload", default="off", help="comma-separated offload modes to run: off,auto,force")
     parser.add_argument("--host-memory-gib", type=float, default=64.0, help="host KV pool when offloading")
+    parser.add_argument("--cuda-graphs", default="on", choices=["on", "off"],
+                        help="off: every step eager (to measure what the graphs, decode and piecewise, buy)")
     parser.add_argument("--peer-batch", type=int, help="first batch size to try for transformers")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
