@@ -43,7 +43,8 @@ class ModelRunner:
                                           self.kv_pool.spec.chunk_tokens, self.device)
         self.decode_graphs.capture()
         if max_tokens:
-            self.piecewise_graphs = PiecewiseGraphs(self.model, self.attention, max_tokens, self.device)
+            self.piecewise_graphs = PiecewiseGraphs(self.model, self.attention, max_tokens, self.device,
+                                                    max_samples=max_batch)
             self.piecewise_graphs.capture()
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -89,12 +90,13 @@ class ModelRunner:
             logits, self.greedy_ids = output  # every decode row samples, in order
             return logits
         pieces = self.piecewise_graphs
-        if pieces is not None and pieces.bucket_for(inputs.shape[0]) is not None:
-            hidden = pieces.run(inputs, positions, meta)
+        if pieces is not None and pieces.handles(inputs.shape[0], len(plan.sample_rows())):
+            output = pieces.run(inputs, positions, meta, sample_rows)
             if not self.model.is_last:
-                return hidden.clone()  # (a graph's static output: the next step overwrites it)
-        else:
-            hidden = self.model(inputs, positions, self.attention, meta)
+                return output.clone()  # (a graph's static output: the next step overwrites it)
+            logits, self.greedy_ids = output  # (the sampler clones the ids before writing any)
+            return logits
+        hidden = self.model(inputs, positions, self.attention, meta)
         if not self.model.is_last:
             return hidden
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

@@ -8,7 +8,8 @@ max_num_batched_tokens) the work between two attention calls is captured once as
 
     piece 0      stage start (embedding, cos/sin rows) + layer 0 up to its KV store
     piece l      layer l-1 after attention (o_proj, norm, MLP) + layer l up to its KV store
-    piece L      layer L-1 after attention + the stage's end (final norm, or the whole state)
+    piece L      layer L-1 after attention + the stage's end (final norm, or the whole state);
+                 on the last stage also the LM head and greedy argmax of the sampling rows
 
 and a step replays them in order with attention launched eagerly in between, on the real token
 count, reading q from the piece before and writing the o_proj input the piece after reads. A
@@ -43,7 +44,8 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 class PiecewiseGraphs:
-    def __init__(self, model: LlamaFamilyModel, attention: ChunkedAttention, max_tokens: int, device: torch.device):
+    def __init__(self, model: LlamaFamilyModel, attention: ChunkedAttention, max_tokens: int, device: torch.device,
+                 max_samples: int = 0):
         if attention.backend != "triton":
             raise ValueError("CUDA graphs need the Triton attention backend (the torch references sync with the host)")
         self.model, self.attention = model, attention
@@ -60,6 +62,13 @@ class PiecewiseGraphs:
         # One home for every layer's q: a replay writes the memory its piece was captured with, so
         # eager attention must read q from a tensor all pieces share, not from the last capture's.
         self.q = torch.zeros(max_tokens, config.num_heads, config.head_dim, dtype=dtype, device=device)
+        # Last stage: the LM head and the greedy argmax of the sampling rows (at most max_samples,
+        # one per sequence) run in the last piece, over static row indices padded with row 0.
+        self.max_samples = min(max_samples, max_tokens) if model.is_last else 0
+        if self.max_samples:
+            self.sample_rows = torch.zeros(self.max_samples, dtype=torch.int64, device=device)
+            self.logits = torch.zeros(self.max_samples, config.vocab_size, dtype=torch.float32, device=device)
+            self.greedy_ids = torch.zeros(self.max_samples, dtype=torch.int64, device=device)
         self.graphs: dict[int, list] = {}
         self.states: dict[int, SimpleNamespace] = {}  # per bucket: the tensors the pieces hand on
 
@@ -82,6 +91,11 @@ class PiecewiseGraphs:
             self.q[:bucket].copy_(q)
         else:
             state.output = model.finish(state.hidden, state.residual, attention)
+            if self.max_samples:
+                rows = self.sample_rows[:min(bucket, self.max_samples)]
+                logits = self.logits[:rows.shape[0]]
+                logits.copy_(model.compute_logits(state.output.index_select(0, rows)))
+                self.greedy_ids[:rows.shape[0]].copy_(logits.argmax(dim=-1))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -100,16 +114,25 @@ class PiecewiseGraphs:
     def bucket_for(self, tokens: int) -> int | None:
         return next((size for size in self.buckets if size >= tokens), None)
 
-    @torch.inference_mode()
-    def run(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The stage's output [tokens, hidden] for a step of any kind (its token count within the
-        largest bucket)."""
-        with device_guard(self.positions):
-            return self._run(inputs, positions, meta)
+    def handles(self, tokens: int, samples: int) -> bool:
+        """A step this many tokens (and on the last stage, sampling rows) replays the pieces."""
+        return self.bucket_for(tokens) is not None and (not self.max_samples or samples <= self.max_samples)
 
-    def _run(self, inputs, positions, meta) -> torch.Tensor:
+    @torch.inference_mode()
+    def run(self, inputs: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            sample_rows: torch.Tensor | None = None):
+        """The stage's output [tokens, hidden] for a step of any kind (see handles); on the last
+        stage (logits [samples, vocab] float32, greedy ids [samples]) of sample_rows."""
+        with device_guard(self.positions):
+            return self._run(inputs, positions, meta, sample_rows)
+
+    def _run(self, inputs, positions, meta, sample_rows=None):
         tokens = inputs.shape[0]
         bucket = self.bucket_for(tokens)
+        if self.max_samples:
+            samples = sample_rows.shape[0]
+            self.sample_rows[:samples].copy_(sample_rows)
+            self.sample_rows[samples:].zero_()
         self.inputs[:tokens].copy_(inputs)
         self.inputs[tokens:bucket].zero_()
         self.positions[:tokens].copy_(positions)
@@ -129,4 +152,6 @@ class PiecewiseGraphs:
             graphs[-1].replay()
         finally:
             attention.after_store = after_store
+        if self.max_samples:
+            return self.logits[:samples], self.greedy_ids[:samples]
         return state.output[:tokens]

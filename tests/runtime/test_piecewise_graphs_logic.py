@@ -59,7 +59,8 @@ def run(folder, prompts, params, piecewise, **options):
     for stage in llm.engine.stages:
         runner = stage.runner
         if piecewise:
-            runner.piecewise_graphs = StandInPiecewiseGraphs(runner.model, runner.attention, 32, runner.device)
+            runner.piecewise_graphs = StandInPiecewiseGraphs(runner.model, runner.attention, 32, runner.device,
+                                                             max_samples=4)
             runner.piecewise_graphs.capture()
             calls = []
             original = runner.piecewise_graphs.run
