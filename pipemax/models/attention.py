@@ -61,15 +61,6 @@ class ChunkedAttention:
         # only (the runtime writes KV through to the host from there); None: nothing to call.
         self.after_store = None
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
-        """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] already rotated; layer is the index
-        within the stage. Returns [tokens, heads, dim]."""
-        store = kernels.store_kv if self.backend == "triton" else kernels.store_kv_ref
-        store(k, v, self.kv_pool, layer, meta.slot_mapping)
-        if self.after_store is not None:
-            self.after_store(layer)
-        return self.attend(layer, q, meta).view(q.shape)
-
     def rotate_store(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                      slot_mapping: torch.Tensor, q_norm_weight=None, k_norm_weight=None,
                      eps: float = 1e-6) -> torch.Tensor:

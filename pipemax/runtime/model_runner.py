@@ -90,7 +90,8 @@ class ModelRunner:
             logits, self.greedy_ids = output  # every decode row samples, in order
             return logits
         pieces = self.piecewise_graphs
-        if pieces is not None and pieces.handles(inputs.shape[0], len(plan.sample_rows())):
+        samples = sample_rows.shape[0] if sample_rows is not None else 0
+        if pieces is not None and pieces.handles(inputs.shape[0], samples):
             output = pieces.run(inputs, positions, meta, sample_rows)
             if not self.model.is_last:
                 return output.clone()  # (a graph's static output: the next step overwrites it)

@@ -135,13 +135,14 @@ class StageExecutor:
         """New KV rows of host-resident (staged) sequences go to their host copies as well, so
         releasing the staging chunks after the step copies nothing back. A step that carries
         prefill rows of such sequences (and runs eagerly) writes them layer by layer, as they are
-        produced; a decode step's few rows go in one copy after the step. (rows, by layer)."""
+        produced (a decode step, graph or not, carries none); a decode step's few rows go in one
+        copy after the step. (rows, by layer)."""
         rows_of, prefill = {}, False
         for seq_id, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
             if self.kv.residency(seq_id) is Residency.STAGED:
                 rows_of[seq_id] = self.kv.write_back_rows(seq_id, start, start + count)
                 prefill = prefill or count > 1
-        return rows_of, prefill and not self.runner.runs_graph(plan)
+        return rows_of, prefill
 
     def reset(self) -> None:
         """No sequence and every chunk free, whatever the last (maybe failed) step left."""

@@ -211,17 +211,23 @@ def test_the_budget_is_bandwidth_times_the_other_micro_batches_predicted_steps()
     assert PrefetchBudget(FixedCost(None), 50e9, 2**20, 2).budget_chunks(0) == 0  # no model yet: no budget
 
 
-def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
+def auto_scheduler(seconds, gpu_chunks, max_num_seqs, max_tokens_per_step, requests, prompt_len):
+    """offload=auto over two micro-batches, each step predicted to take `seconds` (a budget of
+    seconds x 10 chunks of 100 bytes at 1000 B/s)."""
     from pipemax.runtime.prefetch_budget import PrefetchBudget
 
+    kv = RecordingKVManager(num_gpu_chunks=gpu_chunks, num_host_chunks=64, chunk_tokens=8)
+    budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
+    scheduler = Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_per_step,
+                          num_micro_batches=2, offload="auto", budget=budget)
+    for seq_id in range(requests):
+        scheduler.add(make_seq(seq_id, prompt_len, max_tokens=5))
+    return scheduler
+
+
+def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
     def scheduler(seconds):
-        kv = RecordingKVManager(num_gpu_chunks=4, num_host_chunks=64, chunk_tokens=8)
-        budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
-        scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload="auto",
-                              budget=budget)
-        for seq_id in range(6):
-            scheduler.add(make_seq(seq_id, 9, max_tokens=5))
-        return scheduler
+        return auto_scheduler(seconds, gpu_chunks=4, max_num_seqs=4, max_tokens_per_step=64, requests=6, prompt_len=9)
 
     none = scheduler(0.0)
     run_to_completion(none, 2)
@@ -379,16 +385,11 @@ def test_a_host_resident_request_is_admitted_staged_so_its_prefill_never_needs_a
 
 
 def test_auto_admits_requests_to_the_host_only_within_the_budget_while_others_wait():
-    from pipemax.runtime.prefetch_budget import PrefetchBudget
-
     def admitted_staged(seconds):
-        kv = RecordingKVManager(num_gpu_chunks=10, num_host_chunks=64, chunk_tokens=8)
-        budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
         # Prompts of 4 chunks prefilled 2 chunks a step: room for a step's staging, not for a whole request.
-        scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=16, num_micro_batches=2, offload="auto",
-                              budget=budget)
-        for seq_id in range(8):
-            scheduler.add(make_seq(seq_id, 30, max_tokens=5))
+        scheduler = auto_scheduler(seconds, gpu_chunks=10, max_num_seqs=8, max_tokens_per_step=16, requests=8,
+                                   prompt_len=30)
+        kv = scheduler.kv
         staged = set()
         original = kv.allocate_staged
 
