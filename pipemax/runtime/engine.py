@@ -31,6 +31,7 @@ from .kv_manager import KVManager
 from .cost_model import StepCostModel, load_step_costs, save_step_costs
 from .kv_pool import KVPool, KVPoolSpec
 from .kv_transfers import measure_copy_bandwidth
+from .memory_budget import kv_budget_bytes
 from .prefetch_budget import PrefetchBudget
 from .partition import PartitionError, partition_layers
 from .cluster import current_cluster
@@ -250,16 +251,10 @@ class LLMEngine:
             budget = int(0.9 * (free_now + torch.cuda.memory_allocated(device)))
         else:  # another stage's GPU: asking for its free memory would open a context there from this process
             budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
-        weights = sum(self.model_config.weight_bytes(self.dtype, start, end) for start, end in stage_ranges)
-        # Activations of the largest step: hidden states, q/k/v, the MLP's intermediate, fp32 logits.
-        mc, element = self.model_config, torch.tensor([], dtype=self.dtype).element_size()
-        per_token = (4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size + 3 * mc.intermediate_size) * element
-        activations = config.max_num_batched_tokens * per_token + config.max_num_seqs * mc.vocab_size * 4 * 2
-        if config.cuda_graphs:  # the piecewise graphs' pool keeps the largest step's activations for the run
-            activations += config.max_num_batched_tokens * per_token
-        # cuBLAS workspaces, the CUDA-graph pools (one per stage), allocator fragmentation.
-        free = budget - weights - activations - (1024 + 512 * len(stage_ranges)) * 2**20
+        free = kv_budget_bytes(budget, self.model_config, stage_ranges, self.dtype, config.max_num_batched_tokens,
+                               config.max_num_seqs, config.cuda_graphs)
         if free <= 0:
+            weights = sum(self.model_config.weight_bytes(self.dtype, start, end) for start, end in stage_ranges)
             raise ConfigError("gpu_memory_gib", f"of {budget / 2**30:.1f} leaves no room for a KV cache after "
                                                 f"{weights / 2**30:.1f} GiB of weights on {device}: give PipeMax more "
                                                 "memory")

@@ -176,32 +176,62 @@ def predicted_times(state: ResidencyState, seqs: dict[int, SeqState], predict: P
 
 def _best_move(state: ResidencyState, seqs: dict[int, SeqState], predict: Predict):
     """The move or exchange of decoding sequences that most lowers the slowest predicted step
-    (then the spread), or None when none does so by MARGIN."""
+    (then the spread), or None when none does so by MARGIN. Each candidate is scored from
+    per-micro-batch totals changed by its two sequences (O(micro-batches) per candidate, not a
+    pass over every sequence: the host runs this at every returned step)."""
     times = predicted_times(state, seqs, predict)
     if times is None or len(times) < 2:
         return None
+    totals = _group_totals(seqs, len(times))
     returned = state.returned
     movable = [seq for seq in seqs.values() if seq.group == returned and seq.decoding]
+    by_id = sorted(seqs.values(), key=lambda s: s.seq_id)
     threshold = max(times) - MARGIN * (max(times) - min(times))
     best, best_key = None, (float("inf"), float("inf"))
     for seq in sorted(movable, key=lambda s: s.seq_id):
         for group in range(len(times)):
             if group == returned:
                 continue
-            candidates = [[(seq.seq_id, group)]]
+            candidates = [[(seq, group)]]
             if group not in state.busy:  # an idle micro-batch may give one back
-                candidates += [[(seq.seq_id, group), (other.seq_id, returned)]
-                               for other in sorted(seqs.values(), key=lambda s: s.seq_id)
+                candidates += [[(seq, group), (other, returned)] for other in by_id
                                if other.group == group and other.decoding]
             for move in candidates:
-                after = _apply(seqs, move)
-                if not all(_fits(state, seqs, after, g) for g in (group, returned)):
+                after = {g: list(totals[g]) for g in (group, returned)}
+                for moved, target in move:
+                    for g, sign in ((moved.group, -1), (target, 1)):
+                        after[g][0] += sign * moved.tokens
+                        after[g][1] += sign * moved.length
+                        after[g][2] += sign
+                        after[g][3] += sign * moved.host_load
+                if not all(_fits_totals(state, totals[g], after[g], g) for g in (group, returned)):
                     continue
-                new_times = predicted_times(state, after, predict)
+                new_times = list(times)
+                for g, (tokens, context, _, _) in after.items():
+                    tokens = min(state.max_num_batched_tokens, tokens)
+                    new_times[g] = predict(tokens, context) if tokens else 0.0
                 key = (max(new_times), max(new_times) - min(new_times))
                 if key[0] < threshold and key < best_key:
-                    best, best_key = move, key
+                    best, best_key = [(moved.seq_id, target) for moved, target in move], key
     return best
+
+
+def _group_totals(seqs: dict[int, SeqState], groups: int) -> list[list[int]]:
+    """[tokens, context tokens, sequences, host load] of each micro-batch."""
+    totals = [[0, 0, 0, 0] for _ in range(groups)]
+    for seq in seqs.values():
+        total = totals[seq.group]
+        total[0] += seq.tokens
+        total[1] += seq.length
+        total[2] += 1
+        total[3] += seq.host_load
+    return totals
+
+
+def _fits_totals(state: ResidencyState, before: list[int], after: list[int], group: int) -> bool:
+    """After a move, a micro-batch within its sequence limit, and within its prefetch budget or
+    at least no further over it (predictions move: what is over budget already may stay)."""
+    return after[2] <= state.max_num_seqs and after[3] <= max(state.budgets[group], before[3])
 
 
 def _apply(seqs: dict[int, SeqState], move) -> dict[int, SeqState]:
@@ -209,14 +239,3 @@ def _apply(seqs: dict[int, SeqState], move) -> dict[int, SeqState]:
     for seq_id, group in move:
         after[seq_id] = replace(after[seq_id], group=group)
     return after
-
-
-def _fits(state: ResidencyState, before: dict[int, SeqState], after: dict[int, SeqState], group: int) -> bool:
-    """After a move, a micro-batch within its sequence limit, and within its prefetch budget or
-    at least no further over it (predictions move: what is over budget already may stay)."""
-    members = [seq for seq in after.values() if seq.group == group]
-    if len(members) > state.max_num_seqs:
-        return False
-    load = sum(seq.host_load for seq in members)
-    was = sum(seq.host_load for seq in before.values() if seq.group == group)
-    return load <= max(state.budgets[group], was)
