@@ -30,6 +30,7 @@ from bench.peaks import measure_peaks  # noqa: E402
 from pipemax.models import LlamaFamilyModel, model_config_from_hf  # noqa: E402
 from pipemax.runtime.engine import EngineConfig, LLMEngine  # noqa: E402
 from pipemax.runtime.sampling import SamplingParams  # noqa: E402
+from pipemax.workloads import SYNTHETIC, synthetic_lengths  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -45,8 +46,7 @@ MODEL_SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
 }
-# (mean input, mean output) tokens; lengths are log-normal around these means.
-WORKLOADS = {"sharegpt": (344, 237), "longbench": (2700, 100)}
+WORKLOADS = SYNTHETIC  # (mean input, mean output) tokens; lengths are log-normal around these means
 
 
 @dataclass
@@ -78,15 +78,7 @@ def make_workload(kind: str, num_prompts: int, input_len: int, output_len: int, 
     if kind == "fixed":
         lengths = [(input_len, output_len)] * num_prompts
     else:
-        mean_in, mean_out = WORKLOADS[kind]
-        sigma = 0.6
-
-        def lognormal(mean, low, high):
-            mu = math.log(mean) - sigma**2 / 2
-            values = torch.empty(num_prompts).log_normal_(mu, sigma, generator=generator)
-            return [int(min(max(v, low), high)) for v in values.tolist()]
-
-        lengths = list(zip(lognormal(mean_in, 4, 7000), lognormal(mean_out, 1, 1024)))
+        lengths = synthetic_lengths(kind, num_prompts, seed)
     return [(torch.randint(0, vocab, (n_in,), generator=generator).tolist(), n_out) for n_in, n_out in lengths]
 
 

@@ -1,6 +1,7 @@
 """The `pipemax` command.
 
     pipemax serve-offline [--model PATH] -i requests.jsonl -o results.jsonl [options]
+    pipemax plan --gpus 8 --gpu-memory-gib 32 --pcie-gbs 55 --hbm-tbs 1.8 --tflops 200 --model CONFIG
     pipemax env
 """
 
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "folder name); a request naming another model gets an error record")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(serve)
+    from pipemax.plan_command import add_plan_parser
+
+    add_plan_parser(commands)
     return parser
 
 
@@ -304,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
         exit_now_under_torchrun(rc)
         return rc
+    if args.command == "plan":
+        from pipemax.plan_command import PlanInputError, run_plan
+
+        try:
+            return run_plan(args)
+        except PlanInputError as error:
+            print(f"pipemax: {error}", file=sys.stderr)
+            return 2
     parser.print_help(sys.stderr)
     return 2
 

@@ -60,7 +60,8 @@ class Simulation:
 
     @property
     def pcie_gbs(self) -> float:
-        moved = self.prefetched_bytes + self.written_back_bytes
+        """PCIe traffic of each GPU (a stage per GPU), both directions, GB/s over the run."""
+        moved = (self.prefetched_bytes + self.written_back_bytes) / len(self.stage_busy_seconds)
         return moved / self.seconds / 1e9 if self.seconds else 0.0
 
 
