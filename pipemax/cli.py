@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from pipemax.profile_settings import add_profile_arguments
+
 
 def describe_environment() -> list[str]:
     """Versions and devices, for bug reports and for checking a server before a job."""
@@ -44,7 +46,7 @@ FLAG_OF_OPTION = {
     "pipeline_parallel": "--pipeline-parallel", "micro_batches": "--micro-batches",
     "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers", "stage_timeout": "--stage-timeout",
     "data_parallel": "--data-parallel", "offload": "--offload", "host_memory_gib": "--host-memory-gib",
-    "trace": "--trace",
+    "trace": "--trace", "prefetch_gbs": "--prefetch-gbs",
 }
 
 
@@ -63,14 +65,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     group.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda if available)")
-    group.add_argument("--max-batch", type=int, default=256, help="sequences per step (default 256)")
-    group.add_argument("--max-batched-tokens", type=int, default=2048,
-                       help="tokens per step, decode tokens plus prefill pieces (default 2048)")
+    group.add_argument("--max-batch", type=int, help="sequences per step (default: the server profile's, else 256)")
+    group.add_argument("--max-batched-tokens", type=int,
+                       help="tokens per step, decode tokens plus prefill pieces (default: the server profile's, "
+                            "else 2048)")
     group.add_argument("--gpu-memory-gib", type=float, help="device memory PipeMax may use, weights included, in GiB "
                                                              "(default: 90%% of the GPU)")
     group.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default: what --gpu-memory-gib "
                                                            "leaves; 1 GiB on CPU)")
-    group.add_argument("--chunk-tokens", type=int, default=16, help="tokens per KV chunk, a power of two 8..256")
+    group.add_argument("--chunk-tokens", type=int, help="tokens per KV chunk, a power of two 8..256 (default: the "
+                                                        "server profile's, else 16)")
     group.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt + output (default and "
                                                          "maximum: the model's)")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"],
@@ -78,27 +82,32 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-mode", default="mixed", choices=["mixed", "separate"],
                        help="prefill pieces share steps with decodes (mixed) or get steps of their own")
     group.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
-    group.add_argument("--pipeline-parallel", type=int, default=1, metavar="P",
-                       help="pipeline stages: the layers split into P contiguous ranges (default 1)")
+    group.add_argument("--pipeline-parallel", type=int, metavar="P",
+                       help="pipeline stages: the layers split into P contiguous ranges (default: the server "
+                            "profile's, else 1)")
     group.add_argument("--micro-batches", type=int, metavar="M",
                        help="micro-batches in flight, at least P (default: P, the best measured in process)")
     group.add_argument("--pipeline-transport", default="distributed", choices=["distributed", "inprocess"],
                        help="distributed: a process per stage, one GPU each (CPU processes without GPUs); "
                             "inprocess: every stage in this process on one device, taking turns")
-    group.add_argument("--data-parallel", type=int, default=1, metavar="R",
+    group.add_argument("--data-parallel", type=int, metavar="R",
                        help="replicas of the whole pipeline, each a process of its own on its own GPUs "
                             "(8 GPUs = --pipeline-parallel 4 --data-parallel 2); results land in one file")
     group.add_argument("--stage-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="a stage process silent this long ends the job (default 60)")
     group.add_argument("--stage-layers", metavar="N,N,...",
                        help="layers per stage, e.g. 10,11,11 (default: balanced by cost)")
-    group.add_argument("--offload", default="off", choices=["off", "auto", "force"],
+    group.add_argument("--offload", choices=["off", "auto", "force"],
                        help="KV of micro-batches between their steps: off (stays on the GPU); auto (while "
                             "requests wait for GPU memory, as much as each micro-batch's prefetch can bring "
-                            "back while the others compute); force (every request host-resident, for testing)")
+                            "back while the others compute); force (every request host-resident, for testing). "
+                            "Default: the server profile's, else off")
     group.add_argument("--host-memory-gib", type=float, metavar="GIB",
                        help="host KV pool of offload, every stage of this node together (default: a quarter "
                             "of the host memory available); checked against what is free")
+    group.add_argument("--prefetch-gbs", type=float, metavar="GB/S",
+                       help="host -> GPU bandwidth offload=auto's prefetch budget counts on (default: measured "
+                            "at start; an autotune profile sets it)")
     group.add_argument("--trace", metavar="TRACE.json",
                        help="write a Chrome/Perfetto trace of the run: each stage's compute, prefetch and "
                             "write-back, and the host's planning (open at ui.perfetto.dev)")
@@ -113,7 +122,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         pipeline_parallel=args.pipeline_parallel, micro_batches=args.micro_batches,
         pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers, stage_timeout=args.stage_timeout,
         data_parallel=args.data_parallel, offload=args.offload, host_memory_gib=args.host_memory_gib,
-        trace=str(args.trace) if args.trace else None,
+        trace=str(args.trace) if args.trace else None, prefetch_gbs=args.prefetch_gbs,
     )
 
 
@@ -137,10 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "folder name); a request naming another model gets an error record")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(serve)
+    add_profile_arguments(serve)
+    from pipemax.autotune import add_autotune_parser
     from pipemax.plan_command import add_plan_parser
 
+    add_autotune_parser(commands)
     add_plan_parser(commands)
     return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> list[str]:
+    """Flags, then the server profile, then defaults (profile_settings.py): the lines saying so."""
+    from pipemax.profile_settings import ProfileSettingsError, apply_server_profile
+    from pipemax.runtime.cluster import launched_by_torchrun
+
+    try:
+        return apply_server_profile(args, launched_by_torchrun())
+    except ProfileSettingsError as error:
+        raise JobError(str(error)) from None
 
 
 def preflight(args: argparse.Namespace) -> None:
@@ -191,6 +214,7 @@ def serve_offline(args: argparse.Namespace) -> int:
     from pipemax.results_file import OutputFileError, ResultsFile
     from pipemax.runtime.distributed import StageFailure
 
+    settings = resolve_settings(args)
     preflight(args)
     if serve_as_torchrun_worker(args):  # ranks other than 0 under torchrun: stages and replica heads
         return 0
@@ -198,6 +222,8 @@ def serve_offline(args: argparse.Namespace) -> int:
         results, dropped_errors = ResultsFile.open(args.input_file, args.output_file, args.overwrite)
     except OutputFileError as error:
         raise JobError(str(error)) from None
+    for line in settings:  # after the checks: an error stays alone on its line
+        print(line, file=sys.stderr)
     summary = BatchSummary(retried=dropped_errors)
     llm = None
     try:
@@ -308,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
         exit_now_under_torchrun(rc)
         return rc
+    if args.command == "autotune":
+        from pipemax.autotune import AutotuneError, run_autotune
+
+        try:
+            return run_autotune(args)
+        except AutotuneError as error:
+            print(f"pipemax: {error}", file=sys.stderr)
+            return 2
     if args.command == "plan":
         from pipemax.plan_command import PlanInputError, run_plan
 

@@ -81,7 +81,7 @@ def load_workload(args, model_path: Path):
         if args.workload in SYNTHETIC:
             if args.num_prompts < 1:
                 raise PlanInputError(f"--num-prompts must be at least 1, got {args.num_prompts}")
-            shapes = synthetic_lengths(args.workload, args.num_prompts, args.seed)
+            shapes = synthetic_lengths(args.workload, args.num_prompts, getattr(args, "seed", 0))
         else:
             if not args.workload.endswith(".jsonl") and not Path(args.workload).exists():
                 raise PlanInputError(f"--workload: use {', '.join(SYNTHETIC)} or a .jsonl file, got {args.workload!r}")

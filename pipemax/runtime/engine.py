@@ -170,7 +170,8 @@ class LLMEngine:
         if config.offload == "auto":
             # One device's link carries every in-process stage's chunks; a process per stage, its own.
             link_chunk_bytes = (max if self.distributed else sum)(spec.chunk_bytes for spec in specs)
-            self.copy_bytes_per_second = measure_copy_bandwidth(self.device)
+            self.copy_bytes_per_second = (config.prefetch_gbs * 1e9 if config.prefetch_gbs is not None
+                                          else measure_copy_bandwidth(self.device))
             budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, link_chunk_bytes,
                                     self.num_micro_batches)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,

@@ -63,6 +63,7 @@ class EngineConfig:
     stage_layers: tuple[int, ...] | None = None  # layers per stage; default: balanced by cost
     offload: str = "off"  # off | auto | force: KV of micro-batches between their steps in host memory
     host_memory_gib: float | None = None  # host KV pool, all stages of this node together; offload only
+    prefetch_gbs: float | None = None  # host -> GPU GB/s offload=auto's budget counts on; default: measured at start
     trace: str | None = None  # write a Chrome / Perfetto trace of each run here
 
     def __post_init__(self):
@@ -83,11 +84,11 @@ class EngineConfig:
         if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 2):
             raise ConfigError("max_model_len", f"must be an integer >= 2 (prompt + output tokens), got "
                                                f"{self.max_model_len!r}; leave it out for the model's own limit")
-        for name in ("gpu_memory_gib", "kv_cache_gib", "stage_timeout", "host_memory_gib"):
+        for name in ("gpu_memory_gib", "kv_cache_gib", "stage_timeout", "host_memory_gib", "prefetch_gbs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
-                unit = "seconds" if name == "stage_timeout" else "GiB"
+                unit = {"stage_timeout": "seconds", "prefetch_gbs": "GB/s"}.get(name, "GiB")
                 raise ConfigError(name, f"must be a positive number of {unit}, got {value!r}")
         if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ConfigError("seed", f"must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
@@ -109,6 +110,8 @@ class EngineConfig:
                                                not self.pipeline_parallel <= self.micro_batches <= 64):
             raise ConfigError("micro_batches", f"must be an integer from the number of stages ({self.pipeline_parallel}) "
                                                f"to 64, got {self.micro_batches!r}")
+        if self.prefetch_gbs is not None and self.offload == "off":
+            raise ConfigError("prefetch_gbs", "sets offload's prefetch budget: set offload too")
         if self.host_memory_gib is not None:
             if self.offload == "off":
                 raise ConfigError("host_memory_gib", "sizes the host KV pool of offload: set offload too")

@@ -40,6 +40,13 @@ def profile_key(gpu_name: str, gpu_count: int, model_config, dtype: str) -> dict
             "model": {name: getattr(model_config, name) for name in MODEL_SHAPE_FIELDS}}
 
 
+def this_device_name(device) -> str:
+    """The name a profile is keyed by: the CUDA device's (as the driver names it), or "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def default_profile_path(key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return profiles_dir() / f"server-{digest}.json"
