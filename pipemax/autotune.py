@@ -165,8 +165,10 @@ def run_autotune(args: argparse.Namespace) -> int:
     path = save_profile(profile, args.output)
     memcpy = max(r["gbs"] for r in rates if r["method"] == "memcpy" and r["direction"] == "h2d"
                  and r["chunk_tokens"] == chunk_tokens)
-    print(f"copies: prefetch {prefetch_rate / 1e9:.1f} GB/s with the Triton kernel in {chunk_tokens}-token chunks "
-          f"(cudaMemcpy per chunk {memcpy:.1f} GB/s); both directions at once {both['total_gbs']:.1f} GB/s; beside "
+    kernel, per_chunk = (("the Triton kernel", "cudaMemcpy") if device.type == "cuda" else
+                         ("the engine's CPU copy", "a copy"))
+    print(f"copies: prefetch {prefetch_rate / 1e9:.1f} GB/s with {kernel} in {chunk_tokens}-token chunks "
+          f"({per_chunk} per chunk {memcpy:.1f} GB/s); both directions at once {both['total_gbs']:.1f} GB/s; beside "
           f"matmuls {beside['copy_gbs']:.1f} GB/s, the matmuls {beside['matmul_slowdown']:.2f}x as long"
           + (f"; GPU 0 -> 1 {link / 1e9:.1f} GB/s" if link else ""))
     print(f"step costs per layer: {costs.layer.alpha * 1e6:.2f} us a token, {costs.layer.beta * 1e9:.2f} ns a context "
