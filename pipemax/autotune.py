@@ -76,10 +76,9 @@ def run_autotune(args: argparse.Namespace) -> int:
     from pipemax.runtime.kv_pool import KVPoolSpec
     from pipemax.runtime.memory_budget import kv_budget_bytes
     from pipemax.runtime.partition import PartitionError, partition_layers
-    from pipemax.runtime.server_plan import ComputeCosts, PlanError, ServerFacts, choose_plan, simulate_plan
+    from pipemax.runtime.server_plan import PlanError, ServerFacts, choose_plan, simulate_plan
     from pipemax.runtime.server_profile import ServerProfile, default_profile_path, profile_key, save_profile, \
         this_device_name
-    from pipemax.runtime.simulator import StageCosts
 
     hardware = probe()
     for line in hardware.describe():
@@ -134,7 +133,7 @@ def run_autotune(args: argparse.Namespace) -> int:
                 for layers in depths}
         link = microbench.activation_link(config.hidden_size, dtype) if gpus > 1 else None
         tick()
-    costs = _split_costs(fits, StageCosts, ComputeCosts)
+    costs = microbench.split_layer_costs({layers: fit[0] for layers, fit in fits.items()})
     facts = ServerFacts(gpus, memory, prefetch_rate, link or prefetch_rate, host_bytes, costs, chunk_tokens,
                         this_device_name(device))
     layouts = ("pp_offload", "pp", "dp") if gpus > 1 else ("pp_offload", "pp")
@@ -183,15 +182,6 @@ def run_autotune(args: argparse.Namespace) -> int:
     print(f"next: pipemax serve-offline {'--model ' + str(model_path) + ' ' if args.model else ''}-i requests.jsonl "
           "-o results.jsonl")
     return 0
-
-
-def _split_costs(fits: dict, StageCosts, ComputeCosts):
-    """Per-layer and LM-head costs from fits at two depths: the difference per layer is a layer's,
-    what is left at the shallower depth the head's (clipped at zero: noise)."""
-    (shallow, fit_shallow), (deep, fit_deep) = sorted((layers, fit[0]) for layers, fit in fits.items())
-    layer = [max(0.0, (d - s) / (deep - shallow)) for d, s in zip(fit_deep, fit_shallow)]
-    head = [max(0.0, s - shallow * per) for s, per in zip(fit_shallow, layer)]
-    return ComputeCosts(StageCosts(*layer), StageCosts(*head))
 
 
 @contextlib.contextmanager

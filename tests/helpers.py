@@ -11,13 +11,24 @@ TOLERANCES = {  # (atol, rtol)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-    """Like torch.testing.assert_close, but says how many elements mismatch and the worst one."""
-    atol, rtol = TOLERANCES[dtype or expected.dtype]
+MANTISSA_STEP = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 row_ulps: int = 0) -> None:
+    """Like torch.testing.assert_close, but says how many elements mismatch and the worst one.
+    row_ulps: also allow that many units in the last place of each row's largest value (last
+    dimension), for results that subtract products of similar size (a rotation), where half an
+    ulp of rounding in an input comes out as several ulps of a smaller result."""
+    dtype = dtype or expected.dtype
+    atol, rtol = TOLERANCES[dtype]
     actual, expected = actual.float().cpu(), expected.float().cpu()
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = (actual - expected).abs()
-    bad = ~(error <= atol + rtol * expected.abs())  # NaN counts as bad
+    allowed = atol + rtol * expected.abs()
+    if row_ulps and expected.dim():
+        allowed = allowed + row_ulps * MANTISSA_STEP[dtype] * expected.abs().amax(dim=-1, keepdim=True)
+    bad = ~(error <= allowed)  # NaN counts as bad
     if bad.any():
         worst = int(torch.nan_to_num(error, nan=float("inf")).argmax())
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), error.shape))

@@ -37,3 +37,16 @@ def test_host_step_build_benchmark_smoke():
                              "40", "--steps", "5"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device tables (now)" in result.stdout and "ratio" in result.stdout
+
+
+def test_calibration_benchmark_smoke(tmp_path):
+    out = tmp_path / "calibrate.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "P=1, M=1" in result.stdout and "P=2, M=2 (in process)" in result.stdout
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["device"] == "CPU (smoke)" and len(report["rows"]) == 2
+    assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0 for r in report["rows"])

@@ -220,3 +220,16 @@ def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: to
     del engine, model
     return fit.coefficients or (0.0, 0.0, 0.0), {
         "samples": len(samples), "mean_relative_error": sum(errors) / len(errors) if errors else None}
+
+
+def split_layer_costs(fits: dict[int, tuple[float, float, float]]):
+    """Per-layer and LM-head costs (server_plan.ComputeCosts) from (alpha, beta, delta) fitted at
+    two depths: the difference per layer is a layer's, what is left at the shallower depth the
+    head's and the step's fixed overhead (each clipped at zero: noise)."""
+    from .server_plan import ComputeCosts
+    from .simulator import StageCosts
+
+    (shallow, fit_shallow), (deep, fit_deep) = sorted(fits.items())
+    layer = [max(0.0, (d - s) / (deep - shallow)) for d, s in zip(fit_deep, fit_shallow)]
+    head = [max(0.0, s - shallow * per) for s, per in zip(fit_shallow, layer)]
+    return ComputeCosts(StageCosts(*layer), StageCosts(*head))

@@ -91,9 +91,10 @@ def test_rope_store_kv_matches_reference(device, tokens, kv_heads, group, head_d
     q = rope_store_kv(qkv_dev, cos.to(device), sin.to(device), pool_dev, layer, slot_mapping.to(device), heads,
                       *(n.to(device) if n is not None else None for n in norms))
     assert q.data_ptr() == qkv_dev.data_ptr() and q.shape == (tokens, heads, head_dim)
-    assert_close(q, expected_q, dtype)
-    assert_close(qkv_dev, expected_qkv, dtype)  # k and v untouched, q rotated in place
-    assert_close(pool_dev, expected_pool, dtype)
+    # Rotation subtracts products of similar size (4 ulps of each head's largest value allowed).
+    assert_close(q, expected_q, dtype, row_ulps=4)
+    assert_close(qkv_dev, expected_qkv, dtype, row_ulps=4)  # k and v untouched, q rotated in place
+    assert_close(pool_dev, expected_pool, dtype, row_ulps=4)
     kept = slot_mapping >= 0  # v is copied, not computed: exact
     chunks, rows = slot_mapping[kept] // chunk_tokens, slot_mapping[kept] % chunk_tokens
     assert torch.equal(pool_dev.cpu()[chunks, layer, 1, rows], expected_pool[chunks, layer, 1, rows])
