@@ -23,7 +23,6 @@ import contextlib
 import sys
 from pathlib import Path
 
-OFFLOAD_MARGIN = 1.02  # offload must beat keeping the KV on the GPU by 2% to be chosen (it costs host memory)
 
 
 def add_autotune_parser(commands) -> None:
@@ -76,7 +75,7 @@ def run_autotune(args: argparse.Namespace) -> int:
     from pipemax.runtime.kv_pool import KVPoolSpec
     from pipemax.runtime.memory_budget import kv_budget_bytes
     from pipemax.runtime.partition import PartitionError, partition_layers
-    from pipemax.runtime.server_plan import PlanError, ServerFacts, choose_plan, simulate_plan
+    from pipemax.runtime.server_plan import PlanError, ServerFacts, best_layout, choose_plan, simulate_plan
     from pipemax.runtime.server_profile import ServerProfile, default_profile_path, profile_key, save_profile, \
         this_device_name
 
@@ -92,11 +91,11 @@ def run_autotune(args: argparse.Namespace) -> int:
     model_path = Path(args.model) if args.model else default_model_path()
     try:
         config = model_config_for_plan(model_path)
-        workload, notes = load_workload(args, model_path)
+        workload, notes = load_workload(args, model_path, config.max_model_len)
     except PlanInputError as error:
         raise AutotuneError(str(error)) from None
     visible = torch.cuda.device_count() if device.type == "cuda" else 1
-    gpus = args.gpus or visible
+    gpus = args.gpus if args.gpus is not None else visible
     if gpus < 1 or gpus > visible:
         raise AutotuneError(f"--gpus {gpus}: this machine has {visible} {'GPU' if device.type == 'cuda' else 'CPU'} "
                             f"device(s) to measure")
@@ -137,17 +136,19 @@ def run_autotune(args: argparse.Namespace) -> int:
     facts = ServerFacts(gpus, memory, prefetch_rate, link or prefetch_rate, host_bytes, costs, chunk_tokens,
                         this_device_name(device))
     layouts = ("pp_offload", "pp", "dp") if gpus > 1 else ("pp_offload", "pp")
-    plans = {}
+    plans, refused = {}, []
     for layout in layouts:
         try:
-            plans[layout] = choose_plan(facts, config, dtype, workload, layout)
-        except PlanError:
+            candidate = choose_plan(facts, config, dtype, workload, layout)
+            simulate_plan(candidate, facts, config, dtype, workload)
+        except PlanError as error:
+            refused.append(str(error))
             continue
-        simulate_plan(plans[layout], facts, config, dtype, workload)
+        plans[layout] = candidate
+    if not plans:
+        raise AutotuneError("no layout fits: " + "; ".join(refused))
     rate = {name: plan.simulation["generated_tokens_per_s"] for name, plan in plans.items()}
-    best = max(rate, key=rate.get)
-    if best == "pp_offload" and rate[best] < OFFLOAD_MARGIN * rate.get("pp", 0.0):
-        best = "pp"
+    best = best_layout(plans)
     plan = plans[best]
     measurements = {
         "device": device.type, "gpu_memory_bytes": memory, "pcie_bytes_per_s": prefetch_rate,
@@ -161,7 +162,11 @@ def run_autotune(args: argparse.Namespace) -> int:
         "predicted": {name: {k: p.simulation[k] for k in ("generated_tokens_per_s", "total_tokens_per_s",
                                                           "stage_utilisation", "pcie_gbs")}
                       for name, p in plans.items()}})
-    path = save_profile(profile, args.output)
+    try:
+        path = save_profile(profile, args.output)
+    except OSError as error:
+        raise AutotuneError(f"cannot write the profile to {args.output or default_profile_path(key)}: "
+                            f"{error.strerror or error}") from None
     memcpy = max(r["gbs"] for r in rates if r["method"] == "memcpy" and r["direction"] == "h2d"
                  and r["chunk_tokens"] == chunk_tokens)
     kernel, per_chunk = (("the Triton kernel", "cudaMemcpy") if device.type == "cuda" else
@@ -177,10 +182,11 @@ def run_autotune(args: argparse.Namespace) -> int:
     for name, candidate in plans.items():
         print(f"  {name:<10} {rate[name]:>10,.0f} generated tokens/s predicted" + ("  <- chosen" if name == best else ""))
     print(f"plan: {plan.describe(facts)}")
-    print(f"profile: {path}" + ("" if args.output is None or Path(args.output) == default_profile_path(key)
-                                 else "  (serve-offline finds it with --profile)"))
-    print(f"next: pipemax serve-offline {'--model ' + str(model_path) + ' ' if args.model else ''}-i requests.jsonl "
-          "-o results.jsonl")
+    found = path == default_profile_path(key) and gpus == visible and args.dtype == "auto"
+    print(f"profile: {path}" + ("" if found else "  (serve-offline finds it with --profile)"))
+    print(f"next: pipemax serve-offline {'--model ' + str(model_path) + ' ' if args.model else ''}"
+          + ("" if found else f"--profile {path} " + (f"--dtype {args.dtype} " if args.dtype != "auto" else ""))
+          + "-i requests.jsonl -o results.jsonl")
     return 0
 
 

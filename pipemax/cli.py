@@ -174,7 +174,11 @@ def preflight(args: argparse.Namespace) -> None:
     try:
         config = EngineConfig(model=str(args.model or ""), **engine_options(args))
     except ConfigError as error:
-        raise JobError(f"{FLAG_OF_OPTION.get(error.option, error.option)} {error.problem}") from None
+        flag = FLAG_OF_OPTION.get(error.option, error.option)
+        if error.option in getattr(args, "profile_fields", ()):
+            raise JobError(f"the server profile's {error.option} {error.problem}: override it with {flag}, or run "
+                           "`pipemax autotune` again") from None
+        raise JobError(f"{flag} {error.problem}") from None
     if args.model is not None:
         try:
             check_model_path(Path(args.model))

@@ -55,7 +55,9 @@ class PlanInputError(ValueError):
 
 def model_config_for_plan(path: Path):
     """A model's config from a folder, its config.json, or a .gguf file; no weights needed."""
-    from pipemax.models import UnsupportedModelError, load_model_config, model_config_at, model_config_from_hf
+    from pipemax.models import (
+        UnsupportedModelError, WeightLoadError, load_model_config, model_config_at, model_config_from_hf,
+    )
 
     path = Path(path)
     if not path.exists():
@@ -68,12 +70,14 @@ def model_config_for_plan(path: Path):
         if path.is_dir() and (path / "config.json").exists():
             return load_model_config(path)
         return model_config_at(path)
-    except (UnsupportedModelError, OSError, ValueError) as error:
+    except (UnsupportedModelError, WeightLoadError, OSError, ValueError) as error:
         raise PlanInputError(f"--model: {error}") from None
 
 
-def load_workload(args, model_path: Path):
-    from pipemax.runtime.server_plan import Workload
+def load_workload(args, model_path: Path, max_model_len: int):
+    """The workload's requests as the engine would run them (see server_plan.fit_to_model), and
+    notes on what was counted or changed."""
+    from pipemax.runtime.server_plan import Workload, fit_to_model
     from pipemax.workloads import SYNTHETIC, WorkloadError, lengths_from_jsonl, synthetic_lengths
 
     notes = []
@@ -93,7 +97,14 @@ def load_workload(args, model_path: Path):
                 notes.append(f"{defaulted} requests name no max_tokens: counted as 256 output tokens")
     except WorkloadError as error:
         raise PlanInputError(f"--workload: {error}") from None
-    return Workload(tuple(shapes)), notes
+    workload, dropped, clipped = fit_to_model(Workload(tuple(shapes)), max_model_len)
+    if dropped:
+        notes.append(f"{dropped} prompts of {max_model_len:,} tokens or more left out (the model's limit)")
+    if clipped:
+        notes.append(f"{clipped} outputs stopped at the model's {max_model_len:,} tokens")
+    if not workload.requests:
+        raise PlanInputError(f"--workload: every prompt is at least the model's {max_model_len:,} tokens")
+    return workload, notes
 
 
 def _tokenizer_of(model_path: Path):
@@ -121,8 +132,10 @@ def server_facts(args, config, dtype):
         except ProfileError as error:
             raise PlanInputError(f"--profile: {error}") from None
         measured = profile.measurements
-        gpus = gpus or profile.key.get("gpus")
-    gpus = gpus or 1
+        if args.gpus is None:
+            gpus = profile.key.get("gpus")
+    if gpus is None:
+        gpus = 1
 
     def pick(flag_value, scale, name, flag):
         if flag_value is not None:
@@ -133,6 +146,11 @@ def server_facts(args, config, dtype):
             return measured[name]
         raise PlanInputError(f"{flag} is needed (or --profile from `pipemax autotune`)")
 
+    for value, flag in ((args.link_gbs, "--link-gbs"), (args.host_memory_gib, "--host-memory-gib")):
+        if value is not None and not value > 0:
+            raise PlanInputError(f"{flag} must be positive, got {value:g}")
+    if args.chunk_tokens is not None and (args.chunk_tokens & (args.chunk_tokens - 1) or not 8 <= args.chunk_tokens <= 256):
+        raise PlanInputError(f"--chunk-tokens must be a power of two from 8 to 256, got {args.chunk_tokens}")
     memory = pick(args.gpu_memory_gib, 2**30, "gpu_memory_bytes", "--gpu-memory-gib")
     pcie = pick(args.pcie_gbs, 1e9, "pcie_bytes_per_s", "--pcie-gbs")
     link = args.link_gbs * 1e9 if args.link_gbs is not None else measured.get("link_bytes_per_s") or pcie
@@ -141,11 +159,14 @@ def server_facts(args, config, dtype):
         flops = pick(args.tflops, 1e12, "flops_per_s", "--tflops")
         costs = roofline_costs(config, dtype, hbm, flops)
     else:
-        costs = ComputeCosts.from_dict(measured["costs"])
+        try:
+            costs = ComputeCosts.from_dict(measured["costs"])
+        except (KeyError, TypeError):
+            raise PlanInputError(f"--profile: {args.profile} has no step costs: run `pipemax autotune` again") from None
     host = (args.host_memory_gib * 2**30 if args.host_memory_gib is not None
             else measured.get("host_kv_bytes") or 256 * 2**30)
     chunk_tokens = args.chunk_tokens or measured.get("chunk_tokens") or 16
-    if gpus < 1:
+    if not isinstance(gpus, int) or gpus < 1:
         raise PlanInputError(f"--gpus must be at least 1, got {gpus}")
     return ServerFacts(gpus, int(memory), pcie, link, int(host), costs, int(chunk_tokens))
 
@@ -161,7 +182,11 @@ def compare_layouts(facts, config, dtype, workload) -> dict:
         except PlanError as error:
             results[layout] = error
             continue
-        simulate_plan(plan, facts, config, dtype, workload)
+        try:
+            simulate_plan(plan, facts, config, dtype, workload)
+        except PlanError as error:
+            results[layout] = error
+            continue
         results[layout] = plan
     return results
 
@@ -176,7 +201,7 @@ def layouts_json(results: dict) -> dict:
         simulated = result.simulation
         out[layout] = {"fits": True, **{key: simulated[key] for key in (
             "generated_tokens_per_s", "total_tokens_per_s", "stage_utilisation", "pcie_gbs",
-            "host_resident_requests", "preemptions", "mean_sequences_per_step", "requests")},
+            "prefetch_gbs", "host_resident_requests", "preemptions", "mean_sequences_per_step", "requests")},
             "bubble_fraction": 1 - sum(simulated["stage_utilisation"]) / len(simulated["stage_utilisation"]),
             "steady_state_estimate_tokens_per_s": result.estimated_generated_tokens_per_s,
             "settings": result.engine_options()}
@@ -195,9 +220,11 @@ def format_table(results: dict, facts) -> list[str]:
         lines.append(f"{layout:<11} {f'{result.stages} x {result.replicas}':>17} {result.micro_batches:>3} "
                      f"{result.max_num_seqs:>6} {s['generated_tokens_per_s']:>10,.0f} {s['total_tokens_per_s']:>12,.0f} "
                      f"{sum(busy) / len(busy):>10.0%} {s['pcie_gbs']:>9.1f} {s['host_resident_requests']:>13,}")
+    from pipemax.runtime.server_plan import best_layout
+
     fitting = {k: v for k, v in results.items() if not isinstance(v, Exception)}
     if fitting:
-        best = max(fitting, key=lambda k: fitting[k].simulation["generated_tokens_per_s"])
+        best = best_layout(fitting)
         lines.append(f"best: {best}: {fitting[best].describe(facts)}")
     return lines
 
@@ -208,7 +235,7 @@ def run_plan(args: argparse.Namespace) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     config = model_config_for_plan(Path(args.model))
     facts = server_facts(args, config, dtype)
-    workload, notes = load_workload(args, Path(args.model))
+    workload, notes = load_workload(args, Path(args.model), config.max_model_len)
     results = compare_layouts(facts, config, dtype, workload)
     if args.json:
         print(json.dumps(layouts_json(results), indent=1))

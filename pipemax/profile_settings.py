@@ -74,6 +74,8 @@ def apply_server_profile(args: argparse.Namespace, under_torchrun: bool = False)
         lines.append("server profile: not looked up under torchrun (name one with --profile on every node)")
     else:
         path = args.profile if args.profile is not None else default_profile_path(key)
+        if args.profile is not None and args.pipeline_parallel is None and args.data_parallel is None:
+            key = _with_profiles_gpu_count(key, path)
         if args.profile is None and not Path(path).exists():
             lines.append(f"server profile: none for {describe_key(key)}; running with flags and defaults "
                          f"(`pipemax autotune{' --model ' + str(args.model) if args.model else ''}` makes one)")
@@ -86,25 +88,57 @@ def apply_server_profile(args: argparse.Namespace, under_torchrun: bool = False)
     chosen = {field: plan[field] for field in PROFILE_FIELDS if field not in typed and plan.get(field) is not None}
     layout_typed = [field for field in ("pipeline_parallel", "data_parallel") if field in typed
                     and getattr(args, PROFILE_FIELDS[field][0]) != plan.get(field, PROFILE_FIELDS[field][1])]
-    if plan and layout_typed:
-        for field in LAYOUT_FIELDS:
+    if plan and layout_typed:  # another layout: none of the profile's layout applies, either axis
+        for field in (*LAYOUT_FIELDS, "pipeline_parallel", "data_parallel"):
             chosen.pop(field, None)
         lines.append(f"  the profile plans {plan.get('pipeline_parallel', 1)} stage(s) x {plan.get('data_parallel', 1)} "
-                     f"replica(s); with your layout its stage split, micro-batches and KV budget are not used")
+                     f"replica(s); with your layout its stages, replicas, micro-batches and KV budget are not used")
+    if "kv_cache_gib" in chosen and _memory_typed(args, plan):
+        chosen.pop("kv_cache_gib")  # the engine sizes the KV cache from what you gave it
+        lines.append("  the profile's KV budget is not used: --gpu-memory-gib, --pipeline-transport inprocess or a "
+                     "larger batch than it planned for changes what the GPU holds")
     for field, (attribute, default) in PROFILE_FIELDS.items():
         if field in chosen:
             setattr(args, attribute, chosen[field])
         elif getattr(args, attribute) is None:
             setattr(args, attribute, default)
-    if args.offload == "off":  # the profile's offload budgets mean nothing without offload
-        for field in OFFLOAD_FIELDS:
-            if field not in typed:
-                setattr(args, PROFILE_FIELDS[field][0], None)
+    # The profile's offload budgets mean nothing without offload; its prefetch rate only to auto.
+    for field in OFFLOAD_FIELDS:
+        unused = args.offload == "off" or (field == "prefetch_gbs" and args.offload != "auto")
+        if unused and field not in typed:
+            setattr(args, PROFILE_FIELDS[field][0], None)
+            chosen.pop(field, None)
+    args.profile_fields = set(chosen)  # an invalid value from the profile is named as the profile's
     lines.append("settings: " + describe_settings(args, typed, set(chosen)))
     return lines
 
 
+def _with_profiles_gpu_count(key: dict, path) -> dict:
+    """A profile named by hand may plan for fewer GPUs than are visible (`autotune --gpus N`)."""
+    from pipemax.runtime.server_profile import ProfileError, load_profile
+
+    try:
+        made_for = load_profile(path).key.get("gpus")
+    except ProfileError:
+        return key  # the load that follows says what is wrong with it
+    if isinstance(made_for, int) and 1 <= made_for <= key["gpus"]:
+        return {**key, "gpus": made_for}
+    return key
+
+
+def _memory_typed(args: argparse.Namespace, plan: dict) -> bool:
+    """What the user typed changes the memory the profile's KV budget was planned within."""
+    from pipemax.runtime.server_plan import MAX_SEQS_PER_STEP, MIN_BATCHED_TOKENS
+
+    return (getattr(args, "gpu_memory_gib", None) is not None
+            or getattr(args, "pipeline_transport", "distributed") == "inprocess"
+            and (args.pipeline_parallel or plan.get("pipeline_parallel", 1)) > 1
+            or (args.max_batch or 0) > max(plan.get("max_num_seqs", 0), MAX_SEQS_PER_STEP)
+            or (args.max_batched_tokens or 0) > 2 * MIN_BATCHED_TOKENS)
+
+
 def fill_defaults(args: argparse.Namespace) -> list[str]:
+    args.profile_fields = set()
     for attribute, default in PROFILE_FIELDS.values():
         if getattr(args, attribute) is None:
             setattr(args, attribute, default)

@@ -137,3 +137,68 @@ def test_plan_with_the_profile_predicts_what_autotune_predicted(tuned, model_fol
     assert main(["plan", "--profile", str(profiles[0]), "--model", str(model_folder), "--gpus", "2",
                  "--num-prompts", "20", "--json"]) == 0  # a server not at hand, from this one's measurements
     assert len(json.loads(capsys.readouterr().out)["pp"]["stage_utilisation"]) == 2
+
+
+def write_profile(model_folder, plan: dict, gpus: int = 1):
+    """A profile for this CPU and the tiny model, at the path serve-offline looks in."""
+    from pipemax.models import model_config_at
+    from pipemax.runtime.server_profile import ServerProfile, profile_key, save_profile
+
+    key = profile_key("cpu", gpus, model_config_at(model_folder), "float32")
+    return save_profile(ServerProfile(key, {}, {}, plan))
+
+
+def settings_for(model_folder, *flags):
+    from pipemax.cli import build_parser
+    from pipemax.profile_settings import apply_server_profile
+
+    args = build_parser().parse_args(["serve-offline", "--model", str(model_folder), "-i", "in", "-o", "out", *flags])
+    lines = apply_server_profile(args)
+    return args, lines
+
+
+def test_a_layout_typed_by_hand_takes_nothing_of_the_profiles_layout(model_folder):
+    write_profile(model_folder, {"pipeline_parallel": 2, "data_parallel": 1, "stage_layers": [1, 2],
+                                 "micro_batches": 3, "kv_cache_gib": 0.5, "max_num_seqs": 40}, gpus=2)
+    args, lines = settings_for(model_folder, "--data-parallel", "2")  # the 2-GPU profile, another layout
+    assert (args.pipeline_parallel, args.data_parallel) == (1, 2)
+    assert args.stage_layers is None and args.micro_batches is None and args.kv_cache_gib is None
+    assert args.max_batch == 40 and any("are not used" in line for line in lines)
+
+
+def test_a_memory_typed_by_hand_takes_no_kv_budget_from_the_profile(model_folder):
+    write_profile(model_folder, {"kv_cache_gib": 0.5, "max_num_seqs": 40, "offload": "auto",
+                                 "host_memory_gib": 1.0, "prefetch_gbs": 20.0})
+    args, lines = settings_for(model_folder, "--gpu-memory-gib", "0.25")
+    assert args.kv_cache_gib is None and args.max_batch == 40 and args.prefetch_gbs == 20.0
+    args, _ = settings_for(model_folder, "--offload", "force")  # the prefetch rate is auto's alone
+    assert args.kv_cache_gib == 0.5 and args.prefetch_gbs is None and args.host_memory_gib == 1.0
+    args, _ = settings_for(model_folder, "--offload", "off")
+    assert args.prefetch_gbs is None and args.host_memory_gib is None
+
+
+def test_an_invalid_value_in_the_profile_is_named_as_the_profiles(model_folder, tmp_path, capsys):
+    write_profile(model_folder, {"chunk_tokens": 12})
+    rc, _ = serve(model_folder, tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("pipemax: the server profile's chunk_tokens must be a power of two")
+    assert "override it with --chunk-tokens" in err and err.count("\n") == 1
+
+
+def test_a_profile_whose_parts_are_not_objects_is_refused_plainly(model_folder, tmp_path, capsys):
+    path = write_profile(model_folder, {})
+    record = json.loads(path.read_text())
+    record["plan"] = []
+    path.write_text(json.dumps(record))
+    rc, _ = serve(model_folder, tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2 and "is damaged" in err and err.count("\n") == 1
+
+
+def test_autotune_into_a_folder_is_one_line(model_folder, tmp_path, capsys):
+    assert main(["autotune", "--model", str(model_folder), "--quick", "--num-prompts", "10", "--no-progress",
+                 "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipemax: cannot write the profile to") and err.count("\n") == 1
+    assert main(["autotune", "--model", str(model_folder), "--gpus", "0", "--no-progress"]) == 2
+    assert "--gpus 0" in capsys.readouterr().err

@@ -72,6 +72,10 @@ def test_workload_from_a_jsonl_file(config_file, tmp_path, capsys):
     ([*SERVER[:-2]], "--tflops is needed"),
     ([*SERVER, "--workload", "wikipedia"], "--workload: use sharegpt, longbench or a .jsonl file"),
     ([*SERVER, "--pcie-gbs", "0"], "--pcie-gbs must be positive"),
+    ([*SERVER, "--link-gbs", "0"], "--link-gbs must be positive"),
+    ([*SERVER, "--host-memory-gib", "-1"], "--host-memory-gib must be positive"),
+    ([*SERVER, "--chunk-tokens", "12"], "--chunk-tokens must be a power of two"),
+    ([*SERVER, "--gpus", "0"], "--gpus must be at least 1"),
 ])
 def test_what_it_cannot_use_is_one_line(config_file, capsys, args, message):
     assert main(["plan", *args, "--model", str(config_file), "--num-prompts", "10"]) == 2
@@ -82,3 +86,18 @@ def test_what_it_cannot_use_is_one_line(config_file, capsys, args, message):
 def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["plan", *SERVER, "--model", str(tmp_path / "nothing")]) == 2
     assert "--model:" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["plan", *SERVER, "--model", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipemax: --model:") and err.count("\n") == 1
+
+
+def test_requests_past_the_models_limit_are_left_out_or_stopped(config_file, tmp_path, capsys):
+    requests = tmp_path / "long.jsonl"
+    lines = [{"prompt_tokens": 100, "output_tokens": 20}] * 3 + [{"prompt_tokens": 5000, "output_tokens": 9},
+                                                                 {"prompt_tokens": 4000, "output_tokens": 500}]
+    requests.write_text("\n".join(json.dumps(line) for line in lines))
+    assert main(["plan", *SERVER, "--model", str(config_file), "--workload", str(requests)]) == 0
+    out = capsys.readouterr().out
+    assert "workload: 4 requests" in out and "1 prompts of 4,096 tokens or more left out" in out
+    assert "1 outputs stopped at the model's 4,096 tokens" in out

@@ -110,8 +110,9 @@ class EngineConfig:
                                                not self.pipeline_parallel <= self.micro_batches <= 64):
             raise ConfigError("micro_batches", f"must be an integer from the number of stages ({self.pipeline_parallel}) "
                                                f"to 64, got {self.micro_batches!r}")
-        if self.prefetch_gbs is not None and self.offload == "off":
-            raise ConfigError("prefetch_gbs", "sets offload's prefetch budget: set offload too")
+        if self.prefetch_gbs is not None and self.offload != "auto":
+            raise ConfigError("prefetch_gbs", "sets offload=auto's prefetch budget: it does nothing with offload "
+                                              f"{self.offload}")
         if self.host_memory_gib is not None:
             if self.offload == "off":
                 raise ConfigError("host_memory_gib", "sizes the host KV pool of offload: set offload too")

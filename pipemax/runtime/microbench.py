@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from pipemax import kernels
 from pipemax.models import LlamaFamilyModel, ModelConfig
 
-from .kv_pool import KVPoolSpec, pinned_empty
+from .kv_pool import KVPoolSpec, pinned_empty, unpin
 
 GB = 1e9
 
@@ -58,7 +59,11 @@ class _Pools:
         self.count = max(4, total_bytes // spec.chunk_bytes)
         self.bytes = self.count * spec.chunk_bytes
         shape = (self.count, *spec.chunk_shape)
-        self.host = pinned_empty(shape, spec.dtype) if device.type == "cuda" else torch.empty(shape, dtype=spec.dtype)
+        if device.type == "cuda":
+            self.host = pinned_empty(shape, spec.dtype)
+            weakref.finalize(self, unpin, self.host)  # unregistered with its pool, as KVPool does
+        else:
+            self.host = torch.empty(shape, dtype=spec.dtype)
         self.device_pool = torch.empty(shape, dtype=spec.dtype, device=device)
         generator = torch.Generator().manual_seed(seed)
         self.host_ids = torch.randperm(self.count, generator=generator).to(device)
@@ -150,20 +155,25 @@ def copy_beside_matmul(spec: KVPoolSpec, device: torch.device, dtype: torch.dtyp
         copy = _timed(device, lambda: pools.copy("kernel", True), 2)
         return {"copy_gbs": pools.bytes / copy / GB, "matmul_slowdown": 1.0, "concurrent": False}
     stream = torch.cuda.Stream(device, priority=-1)  # the prefetch stream's priority in the engine
-    copy_start, copy_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]  # copy start/end, compute start/end
 
     def both():
-        stream.wait_stream(torch.cuda.current_stream(device))
+        compute_stream = torch.cuda.current_stream(device)
+        stream.wait_stream(compute_stream)
         with torch.cuda.stream(stream):
-            copy_start.record(stream)
+            events[0].record(stream)
             pools.copy("kernel", True)
-            copy_end.record(stream)
-        compute()
-        torch.cuda.current_stream(device).wait_stream(stream)
+            events[1].record(stream)
+        events[2].record(compute_stream)
+        compute()  # timed on its own stream: the copy's tail does not count as the matmuls'
+        events[3].record(compute_stream)
+        compute_stream.wait_stream(stream)
 
-    together = _timed(device, both, 2)
-    copy_seconds = copy_start.elapsed_time(copy_end) / 1000
-    return {"copy_gbs": pools.bytes / copy_seconds / GB, "matmul_slowdown": together / alone if alone else 1.0,
+    both()
+    torch.cuda.synchronize(device)
+    copy_seconds = events[0].elapsed_time(events[1]) / 1000
+    matmul_seconds = events[2].elapsed_time(events[3]) / 1000
+    return {"copy_gbs": pools.bytes / copy_seconds / GB, "matmul_slowdown": matmul_seconds / alone if alone else 1.0,
             "concurrent": True}
 
 
@@ -189,6 +199,7 @@ def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: to
     from .sampling import SamplingParams
 
     stage_config = dataclasses.replace(config, num_layers=layers)
+    pairs = fitting_pairs(stage_config, layers, device, dtype, pairs, chunk_tokens)
     torch.manual_seed(0)
     model = LlamaFamilyModel(stage_config, device=device, dtype=dtype)
     for param in model.parameters():  # random weights of a sane scale: the time is the same
@@ -220,6 +231,21 @@ def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: to
     del engine, model
     return fit.coefficients or (0.0, 0.0, 0.0), {
         "samples": len(samples), "mean_relative_error": sum(errors) / len(errors) if errors else None}
+
+
+def fitting_pairs(stage_config: ModelConfig, layers: int, device: torch.device, dtype: torch.dtype,
+                  pairs: list[tuple[int, int]], chunk_tokens: int) -> list[tuple[int, int]]:
+    """The grid's (batch, prompt) pairs whose KV fits beside the measured model's weights on the
+    device (90% of what is free now); at least the smallest pair."""
+    from .memory_budget import kv_budget_bytes
+
+    if device.type != "cuda":
+        return pairs
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = kv_budget_bytes(int(0.9 * free), stage_config, [(0, layers)], dtype, 2048, max(b for b, _ in pairs), True)
+    token_bytes = 2 * stage_config.kv_size * layers * torch.tensor([], dtype=dtype).element_size()
+    fitting = [(b, p) for b, p in pairs if b * (p + 8 + chunk_tokens) * token_bytes * 1.2 <= budget]
+    return fitting or [min(pairs)]
 
 
 def split_layer_costs(fits: dict[int, tuple[float, float, float]]):

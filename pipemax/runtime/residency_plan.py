@@ -220,6 +220,8 @@ def _group_totals(seqs: dict[int, SeqState], groups: int) -> list[list[int]]:
     """[tokens, context tokens, sequences, host load] of each micro-batch."""
     totals = [[0, 0, 0, 0] for _ in range(groups)]
     for seq in seqs.values():
+        if not 0 <= seq.group < groups:
+            continue  # (as group_load: a sequence of no micro-batch counts in none)
         total = totals[seq.group]
         total[0] += seq.tokens
         total[1] += seq.length

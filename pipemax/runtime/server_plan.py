@@ -39,6 +39,7 @@ MAX_SEQS_PER_STEP = 1024  # largest batch a plan gives a micro-batch (CUDA graph
 MIN_BATCHED_TOKENS = 2048  # the most prefill tokens a plan puts in one step (and the activations sized for it)
 KERNEL_GAP_S = 2.5e-6  # between the ~9 kernels of a layer replayed from a CUDA graph (roofline costs)
 STEP_OVERHEAD_S = 150e-6  # a step's host planning, sampling and the hand-over to the next stage (roofline)
+OFFLOAD_MARGIN = 1.02  # offload must beat keeping the KV on the GPUs by 2% to be chosen (it costs host memory)
 
 
 class PlanError(ValueError):
@@ -153,10 +154,10 @@ class Plan:
         if self.offload != "off":
             resident = simulated.get("host_resident_requests")
             words.append(f"offload {self.offload}: {self.host_kv_bytes / 2**30:.0f} GiB host pool"
-                         + (f", {resident:,} requests host-resident" if resident is not None else ""))
-            if "pcie_gbs" in simulated:
-                words.append(f"{simulated['pcie_gbs']:.0f} GB/s of the {facts.pcie_bytes_per_s / 1e9:.0f} GB/s "
-                             "PCIe budget used")
+                         + (f", up to {resident:,} requests host-resident" if resident is not None else ""))
+            if "prefetch_gbs" in simulated:
+                words.append(f"{simulated['prefetch_gbs']:.0f} GB/s of the {facts.pcie_bytes_per_s / 1e9:.0f} GB/s "
+                             "PCIe budget used (host to GPU, each GPU)")
         else:
             words.append("KV stays on the GPUs")
         return ", ".join(words)
@@ -182,7 +183,7 @@ def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, wor
         worst = budgets.index(min(budgets))
         weights = config.weight_bytes(dtype, *ranges[worst])
         raise PlanError(f"{layout}: {weights / 2**30:.1f} GiB of weights on a GPU of "
-                        f"{facts.gpu_memory_bytes / 2**30:.0f} GiB leave no room for a KV cache")
+                        f"{facts.gpu_memory_bytes / 2**30:.1f} GiB leave no room for a KV cache")
     # One chunk count for every stage (the engine's rule): the tightest stage decides.
     chunks = min(budget // (tokens * facts.chunk_tokens) for budget, tokens in zip(budgets, kv_token_bytes))
     gpu_tokens = chunks * facts.chunk_tokens
@@ -260,7 +261,12 @@ def simulate_plan(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: to
                                 plan.max_num_batched_tokens, plan.micro_batches, plan.offload,
                                 step_cost=(slowest.alpha, slowest.beta, slowest.delta),
                                 bytes_per_second=plan.prefetch_bytes_per_s, chunk_bytes=max(chunk_bytes))
-    schedule = plan_schedule(requests, settings)
+    # Rounds: about a step per output token of the largest batch, far fewer than this bound.
+    bound = 10 * (sum(o for _, o in requests) + len(requests)) + 1000
+    try:
+        schedule = plan_schedule(requests, settings, max_rounds=bound)
+    except RuntimeError as error:  # e.g. a request that no KV pool of this plan can hold
+        raise PlanError(f"{plan.layout}: {error}") from None
     server = SimulatedServer(tuple(costs), facts.pcie_bytes_per_s, facts.link_bytes_per_s, chunk_bytes,
                              config.hidden_size * element)
     result = simulate(schedule, server, plan.chunk_tokens)
@@ -270,6 +276,7 @@ def simulate_plan(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: to
         "total_tokens_per_s": total / result.seconds * plan.replicas if result.seconds else 0.0,
         "stage_utilisation": result.stage_utilisation,
         "pcie_gbs": result.pcie_gbs,
+        "prefetch_gbs": result.prefetch_gbs,
         "host_resident_requests": schedule.host_resident_requests * plan.replicas,
         "preemptions": schedule.preemptions * plan.replicas,
         "steps": len(schedule.steps),
@@ -278,3 +285,28 @@ def simulate_plan(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: to
         "requests": len(requests) * plan.replicas,
     }
     return plan.simulation
+
+
+def best_layout(plans: dict[str, Plan]) -> str:
+    """The simulated fastest layout; pp_offload only when it beats pp by OFFLOAD_MARGIN."""
+    rate = {name: plan.simulation["generated_tokens_per_s"] for name, plan in plans.items()}
+    best = max(rate, key=rate.get)
+    if best == "pp_offload" and "pp" in rate and rate[best] < OFFLOAD_MARGIN * rate["pp"]:
+        best = "pp"
+    return best
+
+
+def fit_to_model(workload: Workload, max_model_len: int) -> tuple[Workload, int, int]:
+    """The requests the engine would run: a prompt of max_model_len tokens or more is refused
+    (dropped here), an output that would pass max_model_len stops there (clipped). Returns the
+    workload and how many were dropped and clipped."""
+    kept, dropped, clipped = [], 0, 0
+    for prompt, output in workload.requests:
+        if prompt >= max_model_len:
+            dropped += 1
+            continue
+        if prompt + output > max_model_len:
+            clipped += 1
+            output = max_model_len - prompt
+        kept.append((prompt, output))
+    return Workload(tuple(kept)), dropped, clipped

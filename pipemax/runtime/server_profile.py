@@ -84,11 +84,11 @@ def load_profile(path: Path, expected_key: dict | None = None) -> ServerProfile:
     if record.get("version") != PROFILE_VERSION:
         raise ProfileError(f"the profile {path} has format version {record.get('version')}, this PipeMax reads "
                            f"{PROFILE_VERSION}: run `pipemax autotune` again")
-    try:
-        profile = ServerProfile(record["key"], record.get("hardware", {}), record.get("measurements", {}),
-                                record.get("plan", {}))
-    except (KeyError, TypeError):
-        raise ProfileError(f"the profile {path} has no key: run `pipemax autotune` again") from None
+    parts = {name: record.get(name, {}) for name in ("key", "hardware", "measurements", "plan")}
+    if "key" not in record or not all(isinstance(part, dict) for part in parts.values()):
+        raise ProfileError(f"the profile {path} is damaged (its key, hardware, measurements and plan must be "
+                           "objects): run `pipemax autotune` again")
+    profile = ServerProfile(parts["key"], parts["hardware"], parts["measurements"], parts["plan"])
     if expected_key is not None and profile.key != expected_key:
         raise ProfileError(f"the profile {path} was made for {describe_key(profile.key)}; this is "
                            f"{describe_key(expected_key)}: run `pipemax autotune` here for this model")

@@ -59,6 +59,12 @@ class Simulation:
         return [busy / self.seconds if self.seconds else 0.0 for busy in self.stage_busy_seconds]
 
     @property
+    def prefetch_gbs(self) -> float:
+        """Host -> GPU traffic of each GPU, GB/s over the run (one direction: the prefetch budget's)."""
+        moved = self.prefetched_bytes / len(self.stage_busy_seconds)
+        return moved / self.seconds / 1e9 if self.seconds else 0.0
+
+    @property
     def pcie_gbs(self) -> float:
         """PCIe traffic of each GPU (a stage per GPU), both directions, GB/s over the run."""
         moved = (self.prefetched_bytes + self.written_back_bytes) / len(self.stage_busy_seconds)

@@ -70,7 +70,7 @@ def test_more_bandwidth_never_predicts_less(link, factor, pcie, gpus, memory):
 
 
 def test_a_model_that_does_not_fit_is_refused_in_one_line():
-    with pytest.raises(PlanError, match=r"^dp: .* GiB of weights on a GPU of 0 GiB leave no room for a KV cache$"):
+    with pytest.raises(PlanError, match=r"^dp: .* GiB of weights on a GPU of 0.1 GiB leave no room for a KV cache$"):
         choose_plan(facts(100), CONFIG, DTYPE, WORKLOAD, "dp")
     with pytest.raises(PlanError, match="9 pipeline stages for a model of 8 layers"):
         choose_plan(facts(gpus=9), CONFIG, DTYPE, WORKLOAD, "pp")
@@ -110,3 +110,11 @@ def test_a_slower_gpu_predicts_less():
     rates = [simulate_plan(choose_plan(f, CONFIG, DTYPE, WORKLOAD, "pp"), f, CONFIG, DTYPE, WORKLOAD)
              ["generated_tokens_per_s"] for f in (slow, fast)]
     assert rates[1] > rates[0]
+
+
+def test_a_request_no_pool_of_the_plan_holds_is_a_plan_error():
+    server = facts(1600, gpus=1)  # a KV pool of 352 tokens
+    workload = Workload(((100, 10),) * 20 + ((3000, 10),))
+    plan = choose_plan(server, CONFIG, DTYPE, workload, "pp")  # the mean request fits...
+    with pytest.raises(PlanError, match="^pp: "):  # ...the long one never does
+        simulate_plan(plan, server, CONFIG, DTYPE, workload)
