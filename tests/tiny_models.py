@@ -21,6 +21,14 @@ FAMILIES = {
     "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON),
     "qwen3": lambda: transformers.Qwen3Config(**{**COMMON, "num_attention_heads": 4}, head_dim=32, tie_word_embeddings=True),
+    # Mixture of experts: 4-5 experts, 2 per token; Qwen2-MoE with a shared expert and a dense layer.
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                                  sliding_window=None),
+    "qwen2-moe": lambda: transformers.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                                                     mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=5, num_experts_per_tok=2,
+                                                     moe_intermediate_size=48, norm_topk_prob=True),
 }
 MODEL_CLASSES = {
     "llama3": transformers.LlamaForCausalLM,
@@ -28,6 +36,9 @@ MODEL_CLASSES = {
     "mistral": transformers.MistralForCausalLM,
     "qwen2": transformers.Qwen2ForCausalLM,
     "qwen3": transformers.Qwen3ForCausalLM,
+    "mixtral": transformers.MixtralForCausalLM,
+    "qwen2-moe": transformers.Qwen2MoeForCausalLM,
+    "qwen3-moe": transformers.Qwen3MoeForCausalLM,
 }
 
 
@@ -37,11 +48,12 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
         setattr(config, key, value)
     torch.manual_seed(seed)
     model = MODEL_CLASSES[family](config).eval()
-    if family == "llama-bias":  # biases start at zero: make them matter
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.normal_(0, 0.3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if family == "llama-bias" and name.endswith("bias"):  # biases start at zero: make them matter
+                param.normal_(0, 0.3)
+            if name.endswith(("gate.weight", "shared_expert_gate.weight")) and "proj" not in name:
+                param.normal_(0, 0.3)  # routers may start at zero: every expert tied
     return model
 
 

@@ -24,6 +24,7 @@ Kernels (see each module's docstring for shapes):
     rope_store_kv      rotary embedding of q and k (Qwen3's q/k norm too) fused with the KV store
     silu_and_mul       SiLU(gate) x up over the fused gate|up projection
     gumbel_noise       per-row Philox Gumbel noise for sampling on the device
+    moe_experts        a MoE layer's routed experts: grouped GEMMs over tokens sorted by expert
 Each has a `<name>_ref` in pure torch with the same arguments.
 
 Dtypes float32, float16 and bfloat16; head_dim up to 256 (64, 80, 96, 128 tested).
@@ -49,6 +50,7 @@ from .norm import rms_norm, rms_norm_ref  # noqa: E402
 from .rope import rope_store_kv, rope_store_kv_ref  # noqa: E402
 from .sampling_noise import gumbel_noise, gumbel_noise_ref  # noqa: E402
 from .prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from .moe_gemm import moe_experts, moe_experts_ref  # noqa: E402
 
 __all__ = [
     "copy_chunks",
@@ -59,6 +61,8 @@ __all__ = [
     "decode_attention_ref",
     "gumbel_noise",
     "gumbel_noise_ref",
+    "moe_experts",
+    "moe_experts_ref",
     "prefill_attention",
     "prefill_attention_ref",
     "rms_norm",

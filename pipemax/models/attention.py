@@ -45,6 +45,7 @@ class LayerOps:
         self.rms_norm = kernels.rms_norm if triton_backend else kernels.rms_norm_ref
         self.silu_and_mul = kernels.silu_and_mul if triton_backend else kernels.silu_and_mul_ref
         self.rope_store_kv = kernels.rope_store_kv if triton_backend else kernels.rope_store_kv_ref
+        self.moe_experts = kernels.moe_experts if triton_backend else kernels.moe_experts_ref
 
 
 class ChunkedAttention:

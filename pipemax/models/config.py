@@ -12,6 +12,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # Rope variants whose frequencies do not depend on the sequence length: precomputed once.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -40,6 +43,13 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm on each head of q and k before rope
     max_model_len: int  # positions PipeMax serves; capped by a sliding window it does not implement
     hf_config: object  # the transformers config, for rope initialisation
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); 0 experts: every layer dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -53,16 +63,33 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def layer_weight_elements(self, layer: int) -> int:
+        """Weight elements of one decoder layer: attention, norms, and its MLP or its experts."""
+        hidden = self.hidden_size
+        attention = hidden * (self.q_size + 2 * self.kv_size) + self.q_size * hidden + 2 * hidden
+        if not self.is_moe_layer(layer):
+            return attention + 3 * hidden * self.intermediate_size
+        experts = self.num_experts * (3 * hidden * self.moe_intermediate_size + hidden)  # + the router's rows
+        shared = 3 * hidden * self.shared_expert_intermediate_size + hidden if self.shared_expert_intermediate_size else 0
+        return attention + experts + shared
+
+    def layer_active_elements(self, layer: int) -> int:
+        """Weight elements one token multiplies by in a layer: with experts, only its top-k."""
+        if not self.is_moe_layer(layer):
+            return self.layer_weight_elements(layer)
+        hidden = self.hidden_size
+        attention = hidden * (self.q_size + 2 * self.kv_size) + self.q_size * hidden + 2 * hidden
+        routed = self.num_experts * hidden + self.num_experts_per_tok * 3 * hidden * self.moe_intermediate_size
+        shared = 3 * hidden * self.shared_expert_intermediate_size + hidden if self.shared_expert_intermediate_size else 0
+        return attention + routed + shared
+
     def weight_bytes(self, dtype: torch.dtype, layer_start: int = 0, layer_end: int | None = None) -> int:
         """Bytes of the weights of layers [layer_start, layer_end) plus embeddings/head where held."""
         layer_end = self.num_layers if layer_end is None else layer_end
-        per_layer = (
-            self.hidden_size * (self.q_size + 2 * self.kv_size)
-            + self.q_size * self.hidden_size
-            + 3 * self.hidden_size * self.intermediate_size
-            + 2 * self.hidden_size
-        )
-        total = per_layer * (layer_end - layer_start)
+        total = sum(self.layer_weight_elements(layer) for layer in range(layer_start, layer_end))
         if layer_start == 0:
             total += self.vocab_size * self.hidden_size
         if layer_end == self.num_layers:
@@ -73,7 +100,8 @@ class ModelConfig:
 def model_config_from_hf(hf_config) -> ModelConfig:
     architectures = getattr(hf_config, "architectures", None) or []
     model_type_archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
     architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if architecture is None and not architectures:
         architecture = model_type_archs.get(getattr(hf_config, "model_type", None))
@@ -94,7 +122,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     max_len = hf_config.max_position_embeddings
     window = getattr(hf_config, "sliding_window", None)
-    uses_window = window is not None and (family == "mistral" or getattr(hf_config, "use_sliding_window", False))
+    uses_window = window is not None and (family in ("mistral", "mixtral")
+                                          or getattr(hf_config, "use_sliding_window", False))
     if uses_window:
         # Within the window, full attention is exactly sliding-window attention.
         max_len = min(max_len, window)
@@ -111,13 +140,35 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         rms_norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or attention_bias,
+        qkv_bias=family in ("qwen2", "qwen2_moe") or attention_bias,
         o_bias=family in ("llama", "mistral") and attention_bias,
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         max_model_len=max_len,
         hf_config=hf_config,
+        **_experts(hf_config, family),
     )
+
+
+def _experts(hf_config, family: str) -> dict:
+    """The MoE fields: Mixtral's every layer; Qwen's every decoder_sparse_step-th layer not in
+    mlp_only_layers (as transformers builds them)."""
+    if family == "mixtral":
+        return dict(num_experts=hf_config.num_local_experts, num_experts_per_tok=hf_config.num_experts_per_tok,
+                    moe_intermediate_size=hf_config.intermediate_size, norm_topk_prob=True,
+                    moe_layers=tuple(range(hf_config.num_hidden_layers)))
+    if family in ("qwen2_moe", "qwen3_moe"):
+        experts = hf_config.num_experts
+        step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+        dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
+        layers = tuple(layer for layer in range(hf_config.num_hidden_layers)
+                       if layer not in dense and experts > 0 and (layer + 1) % step == 0)
+        return dict(num_experts=experts, num_experts_per_tok=hf_config.num_experts_per_tok,
+                    moe_intermediate_size=hf_config.moe_intermediate_size,
+                    norm_topk_prob=bool(hf_config.norm_topk_prob),
+                    shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0,
+                    moe_layers=layers)
+    return {}
 
 
 def load_model_config(model_path: str | Path, gguf_file: str | None = None) -> ModelConfig:

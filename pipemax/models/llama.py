@@ -34,8 +34,46 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(input_dtype)
 
 
-class DecoderLayer(nn.Module):
+class MoEBlock(nn.Module):
+    """A mixture-of-experts MLP: a router picks each token's top-k experts (softmax in float32,
+    renormalised over the chosen ones where the family does), the routed experts run as grouped
+    GEMMs over tokens sorted by expert (kernels/moe_gemm.py), plus Qwen2-MoE's shared expert
+    behind a sigmoid gate. Expert weights are transformers' fused [experts, 2 * I, hidden] and
+    [experts, hidden, I]."""
+
     def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        hidden, experts, intermediate = config.hidden_size, config.num_experts, config.moe_intermediate_size
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        # Qwen's routers hand the experts their weights in the model's dtype; Mixtral's in float32.
+        self.weights_in_dtype = config.architecture != "MixtralForCausalLM"
+        self.router = nn.Linear(hidden, experts, bias=False, **factory)
+        self.experts_gate_up = nn.Parameter(torch.empty(experts, 2 * intermediate, hidden, **factory))
+        self.experts_down = nn.Parameter(torch.empty(experts, hidden, intermediate, **factory))
+        shared = config.shared_expert_intermediate_size
+        self.has_shared = shared > 0
+        if self.has_shared:
+            self.shared_gate_up_proj = nn.Linear(hidden, 2 * shared, bias=False, **factory)
+            self.shared_down_proj = nn.Linear(shared, hidden, bias=False, **factory)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        logits = self.router(x)
+        weights, chosen = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.weights_in_dtype:
+            weights = weights.to(x.dtype)
+        out = ops.moe_experts(x, chosen, weights, self.experts_gate_up, self.experts_down)
+        if self.has_shared:
+            shared = self.shared_down_proj(ops.silu_and_mul(self.shared_gate_up_proj(x)))
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None, moe: bool = False):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.config = config
@@ -47,8 +85,11 @@ class DecoderLayer(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, **factory)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, **factory)
-        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=config.mlp_bias, **factory)
-        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias, **factory)
+        if moe:
+            self.moe = MoEBlock(config, **factory)
+        else:
+            self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=config.mlp_bias, **factory)
+            self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=config.mlp_bias, **factory)
 
     def forward(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, meta: AttentionMetadata):
         """(hidden, residual) in and out, the residual add fused into the next norm: the layer's
@@ -74,6 +115,8 @@ class DecoderLayer(nn.Module):
         ops, eps = attention.ops, self.config.rms_norm_eps
         hidden = self.o_proj(attn)
         normed = ops.rms_norm(hidden, self.post_attention_layernorm.weight, eps, residual, out=hidden)
+        if hasattr(self, "moe"):
+            return self.moe(normed, ops), residual
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(normed))), residual
 
 
@@ -92,7 +135,8 @@ class LlamaFamilyModel(nn.Module):
         self.is_first, self.is_last = layer_start == 0, layer_end == config.num_layers
         if self.is_first:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
-        self.layers = nn.ModuleList(DecoderLayer(config, **factory) for _ in range(layer_end - layer_start))
+        self.layers = nn.ModuleList(DecoderLayer(config, **factory, moe=config.is_moe_layer(layer))
+                                    for layer in range(layer_start, layer_end))
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)

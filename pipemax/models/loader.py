@@ -35,6 +35,17 @@ RENAMED = {
     "input_layernorm": "input_layernorm",
     "post_attention_layernorm": "post_attention_layernorm",
 }
+# Mixture of experts: the router, each expert's projections (into the fused [experts, ...]
+# parameters), Qwen2-MoE's shared expert and its gate.
+EXPERT_NAME = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_PARTS = {"w1": ("experts_gate_up", 0), "gate_proj": ("experts_gate_up", 0), "w3": ("experts_gate_up", 1),
+                "up_proj": ("experts_gate_up", 1), "w2": ("experts_down", None), "down_proj": ("experts_down", None)}
+# transformers' own (in-memory, state_dict) form: every expert in one [experts, ...] tensor.
+FUSED_EXPERTS = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
+FUSED_PARTS.update({"mlp.shared_expert.gate_proj": ("moe.shared_gate_up_proj", 0, 2),
+                    "mlp.shared_expert.up_proj": ("moe.shared_gate_up_proj", 1, 2)})
+RENAMED.update({"block_sparse_moe.gate": "moe.router", "mlp.gate": "moe.router",
+                "mlp.shared_expert.down_proj": "moe.shared_down_proj", "mlp.shared_expert_gate": "moe.shared_expert_gate"})
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
@@ -160,6 +171,7 @@ def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, tor
     fused_sizes = {
         "qkv_proj": [config.q_size, config.kv_size, config.kv_size],
         "gate_up_proj": [config.intermediate_size, config.intermediate_size],
+        "moe.shared_gate_up_proj": [config.shared_expert_intermediate_size] * 2,
     }
     wanted = stage_wants(config, model.layer_start, model.layer_end)
 
@@ -176,12 +188,31 @@ def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, tor
         destination.copy_(tensor)
         pending.discard(f"{target}#{part}" if part is not None else target)
 
+    def assign_expert(target: str, tensor: torch.Tensor, expert: int, part: int | None):
+        """One expert's projection into the fused [experts, ...] parameter (gate, up: halves)."""
+        if target not in params or expert >= params[target].shape[0]:
+            raise WeightLoadError(f"checkpoint expert tensor maps to {target}[{expert}], which this model does not have")
+        destination = params[target].data[expert]
+        if part is not None:
+            half = destination.shape[0] // 2
+            destination = destination.narrow(0, part * half, half)
+        if tuple(destination.shape) != tuple(tensor.shape):
+            raise WeightLoadError(f"{target}[{expert}]: checkpoint shape {tuple(tensor.shape)} != "
+                                  f"{tuple(destination.shape)}")
+        destination.copy_(tensor)
+        pending.discard(f"{target}#{expert}" + (f"#{part}" if part is not None else ""))
+
     # Fused parameters are complete only when all their parts arrived.
     for name, param in list(params.items()):
         if name.endswith(("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight", "gate_up_proj.bias")):
             pending.discard(name)
             parts = 3 if "qkv_proj" in name else 2
             pending.update(f"{name}#{part}" for part in range(parts))
+        elif name.endswith(("moe.experts_gate_up", "moe.experts_down")):
+            pending.discard(name)
+            halves = (0, 1) if name.endswith("gate_up") else (None,)
+            pending.update(f"{name}#{expert}" + (f"#{part}" if part is not None else "")
+                           for expert in range(param.shape[0]) for part in halves)
 
     for name, tensor in named_tensors:
         if IGNORED.search(name) or not wanted(name):
@@ -190,7 +221,19 @@ def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, tor
         if match:
             layer = int(match.group(1)) - model.layer_start
             module, _, kind = match.group(2).rpartition(".")  # kind: weight or bias
-            if module in FUSED_PARTS:
+            expert, every_expert = EXPERT_NAME.match(match.group(2)), FUSED_EXPERTS.match(match.group(2))
+            if every_expert:
+                target = "experts_gate_up" if every_expert.group(1) == "gate_up_proj" else "experts_down"
+                for index in range(tensor.shape[0]):
+                    if target == "experts_down":
+                        assign_expert(f"layers.{layer}.moe.{target}", tensor[index], index, None)
+                    else:
+                        for part, half in enumerate(tensor[index].chunk(2, dim=0)):
+                            assign_expert(f"layers.{layer}.moe.{target}", half, index, part)
+            elif expert:
+                target, part = EXPERT_PARTS[expert.group(2)]
+                assign_expert(f"layers.{layer}.moe.{target}", tensor, int(expert.group(1)), part)
+            elif module in FUSED_PARTS:
                 fused, part, _ = FUSED_PARTS[module]
                 assign(f"layers.{layer}.{fused}.{kind}", tensor, part, fused)
             elif module in RENAMED:

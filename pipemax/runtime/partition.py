@@ -19,10 +19,8 @@ class PartitionError(ValueError):
 
 def layer_costs(config: ModelConfig) -> tuple[list[float], float]:
     """(cost of each decoder layer, cost of the last stage's norm + LM head), in weight elements."""
-    per_layer = (config.hidden_size * (config.q_size + 2 * config.kv_size) + config.q_size * config.hidden_size
-                 + 3 * config.hidden_size * config.intermediate_size)
     head = config.vocab_size * config.hidden_size + config.hidden_size
-    return [float(per_layer)] * config.num_layers, float(head)
+    return [float(config.layer_weight_elements(layer)) for layer in range(config.num_layers)], float(head)
 
 
 def partition_layers(config: ModelConfig, num_stages: int, stage_layers: list[int] | None = None

@@ -71,9 +71,11 @@ def roofline_costs(config: ModelConfig, dtype: torch.dtype, hbm_bytes_per_s: flo
     kernels' gaps. The sum of the compute and memory times, not their maximum: a step near the
     ridge point gets neither for free."""
     element = torch.tensor([], dtype=dtype).element_size()
-    layers, head = layer_costs(config)  # weight elements
-    per_layer = layers[0]
-    layer = StageCosts(alpha=2 * per_layer / flops_per_s, beta=2 * config.kv_size * element / hbm_bytes_per_s,
+    layers, head = layer_costs(config)  # weight elements: a step reads them all (every expert, at scale)
+    per_layer = sum(layers) / len(layers)  # (MoE models may mix dense and expert layers)
+    # A token multiplies only by its own experts' weights.
+    active = sum(config.layer_active_elements(layer) for layer in range(config.num_layers)) / config.num_layers
+    layer = StageCosts(alpha=2 * active / flops_per_s, beta=2 * config.kv_size * element / hbm_bytes_per_s,
                        delta=per_layer * element / hbm_bytes_per_s + 9 * KERNEL_GAP_S)
     return ComputeCosts(layer, StageCosts(alpha=2 * head / flops_per_s, beta=0.0,
                                           delta=head * element / hbm_bytes_per_s + STEP_OVERHEAD_S))

@@ -33,7 +33,7 @@ def facts(memory_mib=2000, pcie=25e9, link=25e9, gpus=4, host_mib=4096):
 
 def test_roofline_costs_from_the_model_shape():
     layer, head = COSTS.layer, COSTS.head
-    per_layer = 256 * (256 + 2 * 64) + 256 * 256 + 3 * 256 * 512  # q/k/v, o, gate/up/down (kv_size = 2 * 32)
+    per_layer = 256 * (256 + 2 * 64) + 256 * 256 + 3 * 256 * 512 + 2 * 256  # q/k/v, o, gate/up/down, norms
     assert layer.alpha == pytest.approx(2 * per_layer / 1e14)
     assert layer.beta == pytest.approx(2 * 64 * 2 / 1e12)  # K and V of one token, bf16
     assert layer.delta > per_layer * 2 / 1e12  # the weights' read, plus the kernels' gaps
