@@ -199,7 +199,9 @@ def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, wor
             continue
         rate = _generated_per_s(stage_costs, micro_batches, batch, context, workload, activation_bytes,
                                 facts.link_bytes_per_s) * replicas
-        if best is None or rate > best[0] * 1.0001:  # ties: fewer micro-batches (less splitting)
+        # The largest rate (exact ties: fewer micro-batches). No tolerance: "nearly as fast, fewer
+        # micro-batches" would make the choice, and so the prediction, non-monotone.
+        if best is None or rate > best[0]:
             best = (rate, micro_batches, batch)
     if best is None:
         raise PlanError(f"{layout}: the KV pool holds {gpu_tokens:,} tokens, less than one request of "
