@@ -13,6 +13,9 @@ COMMON = dict(
     initializer_range=0.3,
 )
 
+OPT_COMMON = dict(hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=211,
+                  max_position_embeddings=512, init_std=0.3, word_embed_proj_dim=64, pad_token_id=1)
+
 FAMILIES = {
     "llama3": lambda: transformers.LlamaConfig(**COMMON, rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -29,6 +32,9 @@ FAMILIES = {
                                                      mlp_only_layers=[1], norm_topk_prob=False),
     "qwen3-moe": lambda: transformers.Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=5, num_experts_per_tok=2,
                                                      moe_intermediate_size=48, norm_topk_prob=True),
+    # OPT: learned positions, LayerNorm, ReLU; the 350m shape (post-LN, word embeddings of another width).
+    "opt": lambda: transformers.OPTConfig(**OPT_COMMON),
+    "opt-350m": lambda: transformers.OPTConfig(**{**OPT_COMMON, "word_embed_proj_dim": 32}, do_layer_norm_before=False),
 }
 MODEL_CLASSES = {
     "llama3": transformers.LlamaForCausalLM,
@@ -39,6 +45,8 @@ MODEL_CLASSES = {
     "mixtral": transformers.MixtralForCausalLM,
     "qwen2-moe": transformers.Qwen2MoeForCausalLM,
     "qwen3-moe": transformers.Qwen3MoeForCausalLM,
+    "opt": transformers.OPTForCausalLM,
+    "opt-350m": transformers.OPTForCausalLM,
 }
 
 

@@ -46,6 +46,7 @@ class LayerOps:
         self.silu_and_mul = kernels.silu_and_mul if triton_backend else kernels.silu_and_mul_ref
         self.rope_store_kv = kernels.rope_store_kv if triton_backend else kernels.rope_store_kv_ref
         self.moe_experts = kernels.moe_experts if triton_backend else kernels.moe_experts_ref
+        self.store_kv = kernels.store_kv if triton_backend else kernels.store_kv_ref
 
 
 class ChunkedAttention:
@@ -73,6 +74,18 @@ class ChunkedAttention:
         if self.after_store is not None:
             self.after_store(layer)
         return q
+
+    def store(self, layer: int, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+              slot_mapping: torch.Tensor) -> torch.Tensor:
+        """From a fused qkv projection, the KV store alone (models without rotary embeddings, such
+        as OPT's learned positions). Returns q [tokens, heads, dim], a view of qkv."""
+        tokens, head_dim = qkv.shape[0], qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+        self.ops.store_kv(k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim),
+                          self.kv_pool, layer, slot_mapping)
+        if self.after_store is not None:
+            self.after_store(layer)
+        return q.view(tokens, num_heads, head_dim)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OPTForCausalLM": "opt",
 }
 # Rope variants whose frequencies do not depend on the sequence length: precomputed once.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -50,6 +51,11 @@ class ModelConfig:
     norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
+    # OPT: learned positions (offset 2), LayerNorm with bias, a ReLU MLP (fc1, fc2), pre-LN or
+    # (350m) post-LN, and word embeddings of another width projected in and out.
+    is_opt: bool = False
+    pre_norm: bool = True
+    embed_dim: int = 0  # word_embed_proj_dim where it differs from hidden_size (0: the same)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -70,6 +76,9 @@ class ModelConfig:
         """Weight elements of one decoder layer: attention, norms, and its MLP or its experts."""
         hidden = self.hidden_size
         attention = hidden * (self.q_size + 2 * self.kv_size) + self.q_size * hidden + 2 * hidden
+        if self.is_opt:  # fc1 and fc2 with biases, two LayerNorms with biases, q/k/v/out biases
+            return attention + 2 * hidden * self.intermediate_size + self.intermediate_size + 5 * hidden + self.q_size \
+                + 2 * self.kv_size
         if not self.is_moe_layer(layer):
             return attention + 3 * hidden * self.intermediate_size
         experts = self.num_experts * (3 * hidden * self.moe_intermediate_size + hidden)  # + the router's rows
@@ -90,6 +99,13 @@ class ModelConfig:
         """Bytes of the weights of layers [layer_start, layer_end) plus embeddings/head where held."""
         layer_end = self.num_layers if layer_end is None else layer_end
         total = sum(self.layer_weight_elements(layer) for layer in range(layer_start, layer_end))
+        if self.is_opt:  # learned positions on the first stage; projections in and out
+            width = self.embed_dim or self.hidden_size
+            total += (self.max_position_embeddings + 2) * self.hidden_size if layer_start == 0 else 0
+            total += width * self.hidden_size if self.embed_dim and layer_start == 0 else 0
+            total += width * self.hidden_size if self.embed_dim and layer_end == self.num_layers else 0
+            total -= (self.hidden_size - width) * self.vocab_size * ((layer_start == 0) + (layer_end == self.num_layers
+                                                                                          and layer_start != 0))
         if layer_start == 0:
             total += self.vocab_size * self.hidden_size
         if layer_end == self.num_layers:
@@ -101,7 +117,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     architectures = getattr(hf_config, "architectures", None) or []
     model_type_archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                        "opt": "OPTForCausalLM"}
     architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if architecture is None and not architectures:
         architecture = model_type_archs.get(getattr(hf_config, "model_type", None))
@@ -111,6 +128,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
             f"PipeMax supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     family = SUPPORTED_ARCHITECTURES[architecture]
+    if family == "opt":
+        return _opt_config(hf_config)
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -148,6 +167,24 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         hf_config=hf_config,
         **_experts(hf_config, family),
     )
+
+
+def _opt_config(hf_config) -> ModelConfig:
+    if getattr(hf_config, "activation_function", "relu") != "relu":
+        raise UnsupportedModelError(f"OPT with activation {hf_config.activation_function!r}: PipeMax runs relu")
+    heads, hidden = hf_config.num_attention_heads, hf_config.hidden_size
+    embed = hf_config.word_embed_proj_dim
+    bias = bool(getattr(hf_config, "enable_bias", True))
+    if not bias or not getattr(hf_config, "layer_norm_elementwise_affine", True):
+        raise UnsupportedModelError("OPT without biases or without LayerNorm weights is not supported")
+    return ModelConfig(
+        architecture="OPTForCausalLM", vocab_size=hf_config.vocab_size, hidden_size=hidden,
+        intermediate_size=hf_config.ffn_dim, num_layers=hf_config.num_hidden_layers, num_heads=heads,
+        num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=1e-5,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)), qkv_bias=True, o_bias=True,
+        mlp_bias=True, qk_norm=False, max_model_len=hf_config.max_position_embeddings, hf_config=hf_config,
+        is_opt=True, pre_norm=bool(hf_config.do_layer_norm_before), embed_dim=embed if embed != hidden else 0)
 
 
 def _experts(hf_config, family: str) -> dict:

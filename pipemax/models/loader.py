@@ -17,6 +17,7 @@ import torch
 
 from .config import ModelConfig, load_model_config
 from .llama import LlamaFamilyModel
+from .opt import OPTModel
 
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Checkpoint weights that go into one fused parameter: (fused name, part index, parts).
@@ -46,7 +47,26 @@ FUSED_PARTS.update({"mlp.shared_expert.gate_proj": ("moe.shared_gate_up_proj", 0
                     "mlp.shared_expert.up_proj": ("moe.shared_gate_up_proj", 1, 2)})
 RENAMED.update({"block_sparse_moe.gate": "moe.router", "mlp.gate": "moe.router",
                 "mlp.shared_expert.down_proj": "moe.shared_down_proj", "mlp.shared_expert_gate": "moe.shared_expert_gate"})
+# OPT: its decoder's names, and its modules (q/k/v fuse as above).
+RENAMED.update({"self_attn.out_proj": "o_proj", "self_attn_layer_norm": "self_attn_layer_norm",
+                "final_layer_norm": "final_layer_norm", "fc1": "fc1", "fc2": "fc2"})
+OPT_TOP_LEVEL = {"model.decoder.final_layer_norm.": "model.norm.", "model.decoder.": "model."}
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def canonical_name(name: str) -> str:
+    """OPT's model.decoder.* names in the Llama family's form (model.layers.N..., model.norm...)."""
+    for prefix, replacement in OPT_TOP_LEVEL.items():
+        if name.startswith(prefix):
+            return replacement + name[len(prefix):]
+    return name
+
+
+def build_model(config: ModelConfig, layer_start: int = 0, layer_end: int | None = None, device=None,
+                dtype: torch.dtype = torch.float32):
+    """The model class of config's family, for layers [layer_start, layer_end), weights unset."""
+    family = OPTModel if config.is_opt else LlamaFamilyModel
+    return family(config, layer_start, layer_end, device=device, dtype=dtype)
 
 
 class WeightLoadError(RuntimeError):
@@ -151,12 +171,15 @@ def stage_wants(config: ModelConfig, layer_start: int, layer_end: int):
     first, last = layer_start == 0, layer_end == config.num_layers
 
     def wanted(name: str) -> bool:
+        name = canonical_name(name)
         match = LAYER_NAME.match(name)
         if match:
             return layer_start <= int(match.group(1)) < layer_end
         if name == "model.embed_tokens.weight":
             return first or (last and config.tie_word_embeddings)
-        if name in ("model.norm.weight", "lm_head.weight"):
+        if name in ("model.embed_positions.weight", "model.project_in.weight"):
+            return first
+        if name in ("model.norm.weight", "model.norm.bias", "lm_head.weight", "model.project_out.weight"):
             return last
         return False
 
@@ -217,6 +240,7 @@ def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, tor
     for name, tensor in named_tensors:
         if IGNORED.search(name) or not wanted(name):
             continue
+        name = canonical_name(name)
         match = LAYER_NAME.match(name)
         if match:
             layer = int(match.group(1)) - model.layer_start
@@ -245,8 +269,10 @@ def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, tor
                 assign("embed_tokens.weight", tensor)
             if model.is_last and config.tie_word_embeddings and "lm_head.weight" in params:
                 assign("lm_head.weight", tensor)  # a last stage without the embedding: a copy
-        elif name == "model.norm.weight":
-            assign("norm.weight", tensor)
+        elif name in ("model.norm.weight", "model.norm.bias"):
+            assign(name.removeprefix("model."), tensor)
+        elif name in ("model.embed_positions.weight", "model.project_in.weight", "model.project_out.weight"):
+            assign(name.removeprefix("model."), tensor)
         elif name == "lm_head.weight" and "lm_head.weight" in params:
             assign("lm_head.weight", tensor)
     if pending:
@@ -270,7 +296,7 @@ def load_model(model_path: str | Path, layer_start: int = 0, layer_end: int | No
     if config is None:
         config = model_config_at(model_path)
     layer_end = config.num_layers if layer_end is None else layer_end
-    model = LlamaFamilyModel(config, layer_start, layer_end, device=device, dtype=dtype)
+    model = build_model(config, layer_start, layer_end, device=device, dtype=dtype)
     wanted = stage_wants(config, layer_start, layer_end)
     tensors = iter_gguf(source) if kind == "gguf" else iter_safetensors(source, wanted)
     with torch.no_grad():

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from pipemax import kernels
-from pipemax.models import LlamaFamilyModel, ModelConfig
+from pipemax.models import ModelConfig, build_model
 
 from .kv_pool import KVPoolSpec, pinned_empty, unpin
 
@@ -201,7 +201,7 @@ def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: to
     stage_config = dataclasses.replace(config, num_layers=layers)
     pairs = fitting_pairs(stage_config, layers, device, dtype, pairs, chunk_tokens)
     torch.manual_seed(0)
-    model = LlamaFamilyModel(stage_config, device=device, dtype=dtype)
+    model = build_model(stage_config, device=device, dtype=dtype)
     for param in model.parameters():  # random weights of a sane scale: the time is the same
         torch.nn.init.normal_(param, std=0.02)
     max_batch, longest = max(b for b, _ in pairs), max(p for _, p in pairs)

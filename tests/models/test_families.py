@@ -6,6 +6,7 @@ import torch
 
 from pipemax.models import (
     LlamaFamilyModel,
+    build_model,
     UnsupportedModelError,
     WeightLoadError,
     load_model,
@@ -25,7 +26,7 @@ from tests.tiny_models import FAMILIES, save_tiny_model, tiny_hf_model
 
 def build(hf_model, backend, chunk_tokens=8, layer_range=(0, None)):
     config = model_config_from_hf(hf_model.config)
-    model = LlamaFamilyModel(config, *layer_range)
+    model = build_model(config, *layer_range)
     with torch.no_grad():
         load_weights(model, hf_model.state_dict().items())
     spec = KVPoolSpec(model.num_stage_layers, config.num_kv_heads, config.head_dim, chunk_tokens, torch.float32)

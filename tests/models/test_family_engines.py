@@ -1,5 +1,5 @@
-"""Mixture-of-experts families end to end: greedy ids equal transformers' generate with one
-stage, with two pipeline stages (experts stay with the stage that owns their layer), and with
+"""Mixture-of-experts and OPT families end to end: greedy ids equal transformers' generate with
+one stage, with two pipeline stages (experts stay with the stage that owns their layer), and with
 every request's KV offloaded between its steps; the stage split counts the experts' weights."""
 
 import pytest
@@ -13,13 +13,13 @@ from pipemax.runtime.partition import partition_layers
 from tests.runtime.test_engine import hf_greedy
 from tests.tiny_models import COMMON, save_tiny_model
 
-MOE_FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe"]
+FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "opt", "opt-350m"]
 PROMPT_LENGTHS = [5, 13, 9]
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module", params=MOE_FAMILIES)
-def moe_model(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     hf = save_tiny_model(request.param, folder)
     generator = torch.Generator().manual_seed(3)
@@ -37,10 +37,10 @@ def greedy_ids(folder, prompts, **options):
 @pytest.mark.parametrize("options", [
     dict(),
     dict(pipeline_parallel=2, pipeline_transport="inprocess"),
-    dict(offload="force", micro_batches=2, kv_cache_gib=12 * 8 * 3 * 2 * 2 * 32 * 4 / 2**30, host_memory_gib=0.01),
+    dict(offload="force", micro_batches=2, kv_cache_gib=12 * 8 * 3 * 2 * 4 * 16 * 4 / 2**30, host_memory_gib=0.01),
 ], ids=["one-stage", "two-stages", "offload-forced"])
-def test_greedy_equals_transformers(moe_model, options):
-    folder, hf, prompts = moe_model
+def test_greedy_equals_transformers(family_model, options):
+    folder, hf, prompts = family_model
     ids, stats = greedy_ids(folder, prompts, **options)
     assert ids == [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts]
     if options.get("offload") == "force":
