@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.peaks import measure_peaks  # noqa: E402
-from pipemax.models import LlamaFamilyModel, model_config_from_hf  # noqa: E402
+from pipemax.models import build_model, model_config_from_hf  # noqa: E402
 from pipemax.runtime.engine import EngineConfig, LLMEngine  # noqa: E402
 from pipemax.runtime.sampling import SamplingParams  # noqa: E402
 from pipemax.workloads import SYNTHETIC, synthetic_lengths  # noqa: E402
@@ -45,6 +45,11 @@ MODEL_SHAPES = {
                          max_position_embeddings=8192, rope_theta=100000.0),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
+    # OPT shapes (FlexGen's family): transformers.OPTConfig fields.
+    "opt-6.7b": dict(opt=True, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
+                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096),
+    "opt-tiny": dict(opt=True, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=512, max_position_embeddings=1024, word_embed_proj_dim=64),
 }
 WORKLOADS = SYNTHETIC  # (mean input, mean output) tokens; lengths are log-normal around these means
 
@@ -69,7 +74,10 @@ class Result:
 def hf_config(name: str):
     import transformers
 
-    return transformers.LlamaConfig(**MODEL_SHAPES[name])
+    shape = dict(MODEL_SHAPES[name])
+    if shape.pop("opt", False):
+        return transformers.OPTConfig(**shape)
+    return transformers.LlamaConfig(**shape)
 
 
 def make_workload(kind: str, num_prompts: int, input_len: int, output_len: int, vocab: int, seed: int):
@@ -98,7 +106,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
                 offload: str = "off") -> Result:
     config = model_config_from_hf(hf_config(args.model))
     torch.manual_seed(0)
-    model = LlamaFamilyModel(config, device=device, dtype=dtype)
+    model = build_model(config, device=device, dtype=dtype)
     for param in model.parameters():  # random weights with a sane scale
         torch.nn.init.normal_(param, std=0.02)
     engine_config = EngineConfig(
@@ -151,12 +159,14 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     return Result(name, seconds, generated, generated + prompt_tokens, note)
 
 
-def run_transformers(args, workload, device, dtype) -> Result:
+def run_transformers(args, workload, device, dtype, cache: str = "dynamic") -> Result:
+    """transformers generate, batched at the largest batch that fits; cache: dynamic (on the GPU)
+    or offloaded (transformers' OffloadedCache: each layer's KV to the CPU between uses)."""
     import transformers
 
     config = hf_config(args.model)
     with torch.device(device):
-        model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # generate the full requested length
     model.generation_config.pad_token_id = 0
     order = sorted(range(len(workload)), key=lambda i: len(workload[i][0]))  # similar lengths share a batch
@@ -176,9 +186,10 @@ def run_transformers(args, workload, device, dtype) -> Result:
                     ids[row, width - len(prompt):] = torch.tensor(prompt)
                     mask[row, width - len(prompt):] = 1
                 new_tokens = max(n for _, n in batch)
+                extra = {"cache_implementation": "offloaded"} if cache == "offloaded" else {}
                 with torch.no_grad():
                     model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, do_sample=False)
+                                   min_new_tokens=new_tokens, do_sample=False, **extra)
                 generated += sum(n for _, n in batch)  # tokens the requests asked for
             break
         except torch.OutOfMemoryError:
@@ -192,7 +203,8 @@ def run_transformers(args, workload, device, dtype) -> Result:
     del model
     free_memory(device)
     prompt_tokens = sum(len(p) for p, _ in workload)
-    return Result("transformers generate", seconds, generated, generated + prompt_tokens, f"batches of {batch_size}")
+    name = "transformers generate" + (", offloaded cache" if cache == "offloaded" else "")
+    return Result(name, seconds, generated, generated + prompt_tokens, f"batches of {batch_size}")
 
 
 def roofline_seconds(args, workload, peaks, dtype) -> tuple[float, float]:

@@ -50,3 +50,16 @@ def test_calibration_benchmark_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"] == "CPU (smoke)" and len(report["rows"]) == 2
     assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0 for r in report["rows"])
+
+
+def test_peers_benchmark_smoke(tmp_path):
+    out = tmp_path / "peers.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), "--smoke", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["pipemax (mixed, M=1)"]["generated_tokens"] == 6 * 6
+    assert rows["transformers generate"]["generated_tokens"] == 6 * 6
+    assert "flexgen" in rows and "transformers generate, offloaded cache" in rows  # a row each, run or not
