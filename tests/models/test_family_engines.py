@@ -56,3 +56,31 @@ def test_the_stage_split_weighs_expert_layers_more():
     # Two dense layers weigh less than one expert layer: the split puts more layers before the experts.
     (first_start, first_end), _ = partition_layers(config, 2)
     assert first_end - first_start == 3
+
+
+def test_opt_with_its_gpt2_tokenizer_from_text_equals_transformers(tmp_path):
+    """An OPT folder with OPT's kind of tokenizer (byte-level BPE, GPT2Tokenizer, </s> as BOS
+    prepended): text prompts through LLM give transformers' greedy ids on the same encoding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0-3
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog", "pipelines of stages move the cache to the host"] * 20
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", add_bos_token=True)
+    hf = save_tiny_model("opt", tmp_path, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path)
+    prompts = ["the lazy fox", "move the cache to the host"]
+    with LLM(model=str(tmp_path), chunk_tokens=8) as llm:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                               use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        ids = tokenizer(prompt)["input_ids"]
+        assert ids[0] == tokenizer.convert_tokens_to_ids("</s>") == 2  # OPT's BOS, from its tokenizer
+        assert output.prompt_token_ids == ids
+        assert output.token_ids == hf_greedy(hf, ids, MAX_TOKENS)
