@@ -66,6 +66,12 @@ def run_flexgen(args, num_prompts: int, input_len: int, output_len: int) -> Resu
                   f"its own figures: decode {float(match.group(1)):.1f} tok/s")
 
 
+def report_row(cap: float, result: Result) -> None:
+    """Each row as it finishes (stderr): a run cut short by a timeout still shows what it measured."""
+    rate = result.generated_per_s if result.seconds else 0.0
+    print(f"[{cap:g} GiB] {result.system}: {rate:.1f} generated tok/s  {result.note}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="opt-6.7b", choices=sorted(MODEL_SHAPES))
@@ -90,8 +96,15 @@ def main(argv=None) -> int:
                                 chunk_tokens=16, kv_cache_gib=0.01 if args.smoke else None,
                                 host_memory_gib=0.05 if args.smoke else 64.0, cuda_graphs="on", peer_batch=None)
         set_memory_cap(device, cap)
-        results = [run_pipemax(engine_args, workload, device, dtype, "mixed", offload=offload)
-                   for offload in ("off", "auto")]
+        results = []
+        for offload in ("off", "auto"):
+            try:
+                results.append(run_pipemax(engine_args, workload, device, dtype, "mixed", offload=offload))
+            except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
+                free_memory(device)
+                results.append(Result(f"pipemax (offload {offload})", 0.0, 0, 0,
+                                      f"failed: {str(error).splitlines()[0][:120]}"))
+            report_row(cap, results[-1])
         for cache in ("dynamic", "offloaded"):
             if cache == "offloaded" and device.type != "cuda":
                 results.append(Result("transformers generate, offloaded cache", 0.0, 0, 0, "needs a CUDA device"))
@@ -102,19 +115,25 @@ def main(argv=None) -> int:
                 free_memory(device)
                 results.append(Result(f"transformers generate, {cache} cache", 0.0, 0, 0,
                                       f"failed: {str(error).splitlines()[0][:120]}"))
-        set_memory_cap(device, None)
-        results.append(run_flexgen(args, len(workload), args.input_len, args.output_len))
+            report_row(cap, results[-1])
+        results.append(run_flexgen(args, len(workload), args.input_len, args.output_len))  # its own process
+        report_row(cap, results[-1])
         rows += [{"cap_gib": cap, **r.__dict__, "generated_per_s": r.generated_per_s if r.seconds else 0.0}
                  for r in results]
+        if args.json:  # after every cap: a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=1))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)" if args.smoke else "CPU"
     print(f"device: {name}; model {args.model} ({dtype}), {len(workload)} x {args.input_len} in / {args.output_len} out")
-    print(f"{'cap GiB':>7}  {'system':<44} {'gen tok/s':>10} {'vs transformers':>15}  note")
+    print(f"{'cap GiB':>7}  {'system':<44} {'gen tok/s':>10} {'vs transformers':>15} {'vs FlexGen':>10}  note")
     for cap in sorted({row["cap_gib"] for row in rows}):
         at_cap = [row for row in rows if row["cap_gib"] == cap]
-        peer = next((r["generated_per_s"] for r in at_cap if r["system"] == "transformers generate"), 0.0)
+        peers = [next((r["generated_per_s"] for r in at_cap if r["system"] == name), 0.0)
+                 for name in ("transformers generate", "flexgen")]
         for row in at_cap:
-            ratio = f"{row['generated_per_s'] / peer:.2f}x" if peer and row["generated_per_s"] else "-"
-            print(f"{cap:>7g}  {row['system']:<44} {row['generated_per_s']:>10.1f} {ratio:>15}  {row['note']}")
+            ratios = [f"{row['generated_per_s'] / peer:.2f}x" if peer and row["generated_per_s"] else "-"
+                      for peer in peers]
+            print(f"{cap:>7g}  {row['system']:<44} {row['generated_per_s']:>10.1f} {ratios[0]:>15} {ratios[1]:>10}  "
+                  f"{row['note']}")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "model": args.model, "rows": rows}, indent=1))
     if args.plot:

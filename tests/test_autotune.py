@@ -202,3 +202,13 @@ def test_autotune_into_a_folder_is_one_line(model_folder, tmp_path, capsys):
     assert err.startswith("pipemax: cannot write the profile to") and err.count("\n") == 1
     assert main(["autotune", "--model", str(model_folder), "--gpus", "0", "--no-progress"]) == 2
     assert "--gpus 0" in capsys.readouterr().err
+
+
+def test_layer_costs_split_from_two_depths_and_never_vanish():
+    from pipemax.runtime.microbench import split_layer_costs
+
+    costs = split_layer_costs({1: (1.0, 0.1, 5.0), 3: (3.0, 0.3, 9.0)})
+    assert (costs.layer.alpha, costs.layer.beta, costs.layer.delta) == (1.0, pytest.approx(0.1), 2.0)
+    assert (costs.head.alpha, costs.head.delta) == (0.0, 3.0)
+    noisy = split_layer_costs({1: (2.0, 0.2, 9.0), 3: (1.5, 0.1, 8.0)})  # deeper measured no slower
+    assert noisy.layer.delta == pytest.approx(8.0 / 3) and noisy.head.delta == 0.0

@@ -163,6 +163,7 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     projected = torch.empty(tokens * top_k, 2 * intermediate, dtype=hidden.dtype, device=hidden.device)
     grouped_gemm(hidden, gate_up, sorted_pairs, block_experts, top_k, projected, block_m=block_m)
     activated = silu_and_mul(projected)
+    del projected  # (the largest buffer: free before the down projection's output is allocated)
     out = torch.empty(tokens * top_k, down.shape[1], dtype=hidden.dtype, device=hidden.device)
     grouped_gemm(activated, down, sorted_pairs, block_experts, 1, out,
                  row_scale=topk_weights.reshape(-1).float(), block_m=block_m)

@@ -147,6 +147,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         # Within the window, full attention is exactly sliding-window attention.
         max_len = min(max_len, window)
     attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"activation {hf_config.hidden_act!r}: PipeMax's {family} layers run silu")
     return ModelConfig(
         architecture=architecture,
         vocab_size=hf_config.vocab_size,
@@ -159,8 +161,9 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         rms_norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=family in ("qwen2", "qwen2_moe") or attention_bias,
-        o_bias=family in ("llama", "mistral") and attention_bias,
+        qkv_bias=(family == "qwen2" or family == "qwen2_moe" and bool(getattr(hf_config, "qkv_bias", True))
+                  or attention_bias),
+        o_bias=family in ("llama", "mistral", "qwen3", "qwen3_moe") and attention_bias,
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         qk_norm=family in ("qwen3", "qwen3_moe"),
         max_model_len=max_len,
@@ -177,6 +180,8 @@ def _opt_config(hf_config) -> ModelConfig:
     bias = bool(getattr(hf_config, "enable_bias", True))
     if not bias or not getattr(hf_config, "layer_norm_elementwise_affine", True):
         raise UnsupportedModelError("OPT without biases or without LayerNorm weights is not supported")
+    if getattr(hf_config, "_remove_final_layer_norm", False):
+        raise UnsupportedModelError("OPT with _remove_final_layer_norm is not supported")
     return ModelConfig(
         architecture="OPTForCausalLM", vocab_size=hf_config.vocab_size, hidden_size=hidden,
         intermediate_size=hf_config.ffn_dim, num_layers=hf_config.num_hidden_layers, num_heads=heads,

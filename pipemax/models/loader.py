@@ -50,7 +50,9 @@ RENAMED.update({"block_sparse_moe.gate": "moe.router", "mlp.gate": "moe.router",
 # OPT: its decoder's names, and its modules (q/k/v fuse as above).
 RENAMED.update({"self_attn.out_proj": "o_proj", "self_attn_layer_norm": "self_attn_layer_norm",
                 "final_layer_norm": "final_layer_norm", "fc1": "fc1", "fc2": "fc2"})
-OPT_TOP_LEVEL = {"model.decoder.final_layer_norm.": "model.norm.", "model.decoder.": "model."}
+OPT_TOP_LEVEL = {"model.decoder.final_layer_norm.": "model.norm.", "model.decoder.": "model.",
+                 # the facebook/opt-* checkpoints on the Hub name their tensors decoder.* (no model.)
+                 "decoder.final_layer_norm.": "model.norm.", "decoder.": "model."}
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 

@@ -32,6 +32,7 @@ from .cost_model import StepCostModel, load_step_costs, save_step_costs
 from .kv_pool import KVPool, KVPoolSpec
 from .kv_transfers import measure_copy_bandwidth
 from .memory_budget import kv_budget_bytes
+from .server_profile import model_shape
 from .prefetch_budget import PrefetchBudget
 from .partition import PartitionError, partition_layers
 from .cluster import current_cluster
@@ -383,9 +384,7 @@ class LLMEngine:
             hardware = torch.cuda.get_device_name(self.device)
         else:
             hardware = f"cpu x {torch.get_num_threads()} threads"
-        return {"device": hardware, "architecture": mc.architecture, "hidden_size": mc.hidden_size,
-                "intermediate_size": mc.intermediate_size, "num_layers": mc.num_layers, "num_heads": mc.num_heads,
-                "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
+        return {"device": hardware, **model_shape(mc),
                 "dtype": str(self.dtype).removeprefix("torch."), "stage_layers": [e - s for s, e in self.stage_ranges],
                 "transport": "distributed" if self.distributed else "inprocess",
                 "attention_backend": config.attention_backend, "chunk_tokens": config.chunk_tokens,

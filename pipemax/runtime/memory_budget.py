@@ -18,7 +18,14 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, max_num_batched_to
     """Activations of the largest step: hidden states, q/k/v, the MLP's intermediate, fp32 logits
     (and the piecewise graphs' pool, which keeps the largest step's activations for the run)."""
     element = torch.tensor([], dtype=dtype).element_size()
-    per_token = (4 * config.hidden_size + config.q_size + 2 * config.kv_size + 3 * config.intermediate_size) * element
+    mlp = 3 * config.intermediate_size
+    if config.moe_layers:  # the largest of a dense layer's MLP and an expert layer's buffers
+        k, width = config.num_experts_per_tok, config.moe_intermediate_size
+        experts = k * (3 * width + config.hidden_size) + config.hidden_size + 3 * config.shared_expert_intermediate_size
+        experts += 2 * config.num_experts * 4 // element  # the router's float32 logits and probabilities
+        dense = len(config.moe_layers) < config.num_layers
+        mlp = max(experts, mlp if dense else 0)
+    per_token = (4 * config.hidden_size + config.q_size + 2 * config.kv_size + mlp) * element
     total = max_num_batched_tokens * per_token + max_num_seqs * config.vocab_size * 4 * 2
     if cuda_graphs:
         total += max_num_batched_tokens * per_token

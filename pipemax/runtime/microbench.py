@@ -257,5 +257,7 @@ def split_layer_costs(fits: dict[int, tuple[float, float, float]]):
 
     (shallow, fit_shallow), (deep, fit_deep) = sorted(fits.items())
     layer = [max(0.0, (d - s) / (deep - shallow)) for d, s in zip(fit_deep, fit_shallow)]
+    if not any(layer):  # the depths did not differ beyond noise (tiny models on a busy CPU): share it out
+        return ComputeCosts(StageCosts(*(value / deep for value in fit_deep)), StageCosts(0.0, 0.0, 0.0))
     head = [max(0.0, s - shallow * per) for s, per in zip(fit_shallow, layer)]
     return ComputeCosts(StageCosts(*layer), StageCosts(*head))

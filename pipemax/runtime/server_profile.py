@@ -18,9 +18,11 @@ from pathlib import Path
 from .cost_model import profiles_dir
 
 PROFILE_FORMAT = "pipemax server profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the model's shape includes its experts and OPT's layout
 MODEL_SHAPE_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                      "num_kv_heads", "head_dim", "vocab_size")
+                      "num_kv_heads", "head_dim", "vocab_size", "num_experts", "num_experts_per_tok",
+                      "moe_intermediate_size", "shared_expert_intermediate_size", "moe_layers", "pre_norm",
+                      "embed_dim")
 
 
 class ProfileError(ValueError):
@@ -36,8 +38,13 @@ class ServerProfile:
 
 
 def profile_key(gpu_name: str, gpu_count: int, model_config, dtype: str) -> dict:
-    return {"gpu": gpu_name, "gpus": gpu_count, "dtype": dtype,
-            "model": {name: getattr(model_config, name) for name in MODEL_SHAPE_FIELDS}}
+    return {"gpu": gpu_name, "gpus": gpu_count, "dtype": dtype, "model": model_shape(model_config)}
+
+
+def model_shape(model_config) -> dict:
+    """What a model's step time and memory depend on, as JSON values (tuples as lists)."""
+    shape = {name: getattr(model_config, name, None) for name in MODEL_SHAPE_FIELDS}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in shape.items()}
 
 
 def this_device_name(device) -> str:

@@ -129,3 +129,40 @@ def test_missing_weight_is_reported(tmp_path):
     with pytest.raises(WeightLoadError, match="not found in the checkpoint"):
         with torch.no_grad():
             load_weights(model, partial)
+
+
+def test_opt_checkpoints_named_as_on_the_hub_load():
+    """facebook/opt-* checkpoints name their tensors decoder.* (no model. prefix)."""
+    hf = tiny_hf_model("opt")
+    hub_names = [(name.removeprefix("model."), tensor) for name, tensor in hf.state_dict().items()]
+    assert any(name.startswith("decoder.layers.") for name, _ in hub_names)
+    config = model_config_from_hf(hf.config)
+    model, reference = build_model(config), build_model(config)
+    with torch.no_grad():
+        load_weights(model, hub_names)
+        load_weights(reference, hf.state_dict().items())
+    expected = dict(reference.named_parameters())
+    assert all(torch.equal(param, expected[name]) for name, param in model.named_parameters())
+
+
+@pytest.mark.parametrize("family, change, words", [
+    ("mixtral", dict(hidden_act="gelu"), "activation 'gelu'"),
+    ("opt", dict(_remove_final_layer_norm=True), "_remove_final_layer_norm"),
+])
+def test_settings_pipemax_does_not_run_are_refused(family, change, words):
+    hf = tiny_hf_model(family)
+    for name, value in change.items():
+        setattr(hf.config, name, value)
+    with pytest.raises(UnsupportedModelError, match=words):
+        model_config_from_hf(hf.config)
+
+
+def test_bias_flags_follow_the_config():
+    hf = tiny_hf_model("qwen2-moe", qkv_bias=False)
+    assert not model_config_from_hf(hf.config).qkv_bias
+    model = build_model(model_config_from_hf(hf.config))
+    with torch.no_grad():
+        load_weights(model, hf.state_dict().items())  # no q/k/v biases in the checkpoint, none expected
+    biased = tiny_hf_model("qwen3-moe", attention_bias=True)
+    config = model_config_from_hf(biased.config)
+    assert config.qkv_bias and config.o_bias

@@ -118,3 +118,19 @@ def test_a_request_no_pool_of_the_plan_holds_is_a_plan_error():
     plan = choose_plan(server, CONFIG, DTYPE, workload, "pp")  # the mean request fits...
     with pytest.raises(PlanError, match="^pp: "):  # ...the long one never does
         simulate_plan(plan, server, CONFIG, DTYPE, workload)
+
+
+def test_the_activation_reserve_counts_expert_buffers():
+    from pipemax.runtime.memory_budget import activation_bytes
+
+    mixtral = model_config_from_hf(transformers.MixtralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2))
+    dense = model_config_from_hf(transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8))
+    tokens = 8192
+    extra = activation_bytes(mixtral, torch.bfloat16, tokens, 1, False) - activation_bytes(dense, torch.bfloat16,
+                                                                                           tokens, 1, False)
+    # Per token: k (3 I + H) + H + the router's float32 rows, against a dense MLP's 3 I.
+    per_token = 2 * (3 * 14336 + 4096) + 4096 + 2 * 8 * 4 // 2 - 3 * 14336
+    assert extra == tokens * per_token * 2 + 1 * (mixtral.vocab_size - dense.vocab_size) * 8

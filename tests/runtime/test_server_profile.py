@@ -60,3 +60,11 @@ def test_missing_damaged_and_foreign_files_are_refused_plainly(tmp_path):
     old.write_text(json.dumps({"format": "pipemax server profile", "version": 0, "key": {}}))
     with pytest.raises(ProfileError, match="format version 0"):
         load_profile(old)
+
+
+def test_the_key_names_the_experts():
+    dense = profile_key("NVIDIA L20", 8, LLAMA_8B, "bfloat16")
+    moe = profile_key("NVIDIA L20", 8, SimpleNamespace(**vars(LLAMA_8B), num_experts=8, num_experts_per_tok=2,
+                                                       moe_layers=(0, 1)), "bfloat16")
+    assert dense != moe and moe["model"]["moe_layers"] == [0, 1]  # JSON values: the key survives a round trip
+    assert json.loads(json.dumps(moe)) == moe
