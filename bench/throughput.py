@@ -45,6 +45,11 @@ MODEL_SHAPES = {
                          max_position_embeddings=8192, rope_theta=100000.0),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024),
+    # Mixtral-8x7B's layer shape with 2 layers (random weights fit one GPU): the grouped-GEMM path.
+    "mixtral-8x7b-2l": dict(mixtral=True, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                            max_position_embeddings=32768, num_local_experts=8, num_experts_per_tok=2,
+                            sliding_window=None),
     # OPT shapes (FlexGen's family): transformers.OPTConfig fields.
     "opt-6.7b": dict(opt=True, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
                      vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096),
@@ -77,6 +82,8 @@ def hf_config(name: str):
     shape = dict(MODEL_SHAPES[name])
     if shape.pop("opt", False):
         return transformers.OPTConfig(**shape)
+    if shape.pop("mixtral", False):
+        return transformers.MixtralConfig(**shape)
     return transformers.LlamaConfig(**shape)
 
 
