@@ -98,9 +98,12 @@ def _grouped_gemm_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
 
-def gemm_tiles(n: int, k: int) -> dict:
-    """Output columns and reduction step per program (at least 16: tl.dot's smallest)."""
-    return {"BLOCK_N": min(128, max(16, triton.next_power_of_2(n))), "BLOCK_K": min(64, max(16, triton.next_power_of_2(k)))}
+def gemm_tiles(n: int, k: int, dtype: torch.dtype) -> dict:
+    """Output columns and reduction step per program (at least 16: tl.dot's smallest). float32
+    tiles of 64 x 128 spill registers (ptxas, sm_86/sm_90): 64 columns there."""
+    widest = 64 if dtype == torch.float32 else 128
+    return {"BLOCK_N": min(widest, max(16, triton.next_power_of_2(n))),
+            "BLOCK_K": min(64, max(16, triton.next_power_of_2(k)))}
 
 
 def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, sorted_pairs: torch.Tensor, block_experts: torch.Tensor,
@@ -124,7 +127,7 @@ def grouped_gemm(a: torch.Tensor, weights: torch.Tensor, sorted_pairs: torch.Ten
         raise ValueError(f"row_scale must be [{num_pairs}] float32")
     if num_pairs == 0 or n == 0:
         return out
-    tiles = {"BLOCK_M": block_m, **gemm_tiles(n, a.shape[1])}
+    tiles = {"BLOCK_M": block_m, **gemm_tiles(n, a.shape[1], a.dtype)}
     with device_guard(a):
         _grouped_gemm_kernel[(block_experts.numel(), triton.cdiv(n, tiles["BLOCK_N"]))](
             a, weights, out, sorted_pairs, block_experts, row_scale if row_scale is not None else out,

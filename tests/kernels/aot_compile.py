@@ -22,10 +22,10 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 import importlib  # noqa: E402
 
 # The package re-exports launchers under their modules' names, so fetch the modules themselves.
-decode_attention, prefill_attention, kv_store, kv_copy, norm, activation, rope, sampling_noise = (
+decode_attention, prefill_attention, kv_store, kv_copy, norm, activation, rope, sampling_noise, moe_gemm = (
     importlib.import_module(f"pipemax.kernels.{name}")
     for name in ("decode_attention", "prefill_attention", "kv_store", "kv_copy", "norm", "activation", "rope",
-                 "sampling_noise")
+                 "sampling_noise", "moe_gemm")
 )
 
 from pipemax.kernels._common import shared_memory_per_block  # noqa: E402
@@ -79,18 +79,18 @@ def compile_launch(kernel, args, constexprs, target):
     return compiled
 
 
-PIPELINED_KERNELS = ("_decode_attention_split_kernel", "_prefill_attention_kernel")
+PIPELINED_KERNELS = ("_decode_attention_split_kernel", "_prefill_attention_kernel", "_grouped_gemm_kernel")
 
 
 def check_pipelined(kernel, ptx: str, constexprs: dict, num_stages: int) -> None:
-    """The attention loops keep K/V tiles in flight: inside the loop the kernel waits for all but
-    num_stages - 1 groups of async copies, not for every one (wait_group 0 = one buffer)."""
+    """The attention and grouped-GEMM loops keep tiles in flight: inside the loop the kernel waits
+    for all but num_stages - 1 groups of async copies, not for every one (wait_group 0 = one buffer)."""
     import re
 
     if kernel.__name__ not in PIPELINED_KERNELS or num_stages < 2:
         return
     waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
-    assert waits and max(waits) >= 1, f"{kernel.__name__} {constexprs}: no K/V tile in flight (waits {waits})"
+    assert waits and max(waits) >= 1, f"{kernel.__name__} {constexprs}: no tile in flight (waits {waits})"
 
 
 def ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
@@ -129,6 +129,7 @@ def record_launches(capability: tuple[int, int] | None = None):
         (activation, "_silu_and_mul_kernel"),
         (rope, "_rope_store_kv_kernel"),
         (sampling_noise, "_gumbel_noise_kernel"),
+        (moe_gemm, "_grouped_gemm_kernel"),
     ]:
         kernel = getattr(module, name)
         recorders[name] = Recorder(kernel.kernel if isinstance(kernel, Recorder) else kernel)  # called again
@@ -165,6 +166,14 @@ def record_launches(capability: tuple[int, int] | None = None):
             norm.rms_norm(x, torch.zeros(hidden, dtype=dtype), 1e-6)
             norm.rms_norm(x, torch.zeros(hidden, dtype=dtype), 1e-6, residual=x.clone(), out=x)
             activation.silu_and_mul(torch.zeros(3, 2 * hidden, dtype=dtype))
+        # The experts' grouped GEMM: the tiles of real widths (N >= 128, K >= 64), with and without
+        # the router's scale (small tensors: only the signature and constexprs matter here).
+        topk_ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
+        sorted_pairs, block_experts = moe_gemm.align_by_expert(topk_ids, 2, moe_gemm.MOE_BLOCK_M)
+        for scaled in (False, True):
+            a = torch.zeros(3, 128, dtype=dtype)
+            moe_gemm.grouped_gemm(a, torch.zeros(2, 256, 128, dtype=dtype), sorted_pairs, block_experts, 2,
+                                  torch.zeros(6, 256, dtype=dtype), torch.zeros(6) if scaled else None)
     sampling_noise.gumbel_noise(torch.zeros(2, dtype=torch.int64), 128_256)
     return [(rec.kernel, args, constexprs) for rec in recorders.values() for args, constexprs in rec.launches]
 
