@@ -338,24 +338,23 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
         exit_now_under_torchrun(rc)
         return rc
-    if args.command == "autotune":
-        from pipemax.autotune import AutotuneError, run_autotune
-
-        try:
-            return run_autotune(args)
-        except AutotuneError as error:
-            print(f"pipemax: {error}", file=sys.stderr)
-            return 2
-    if args.command == "plan":
-        from pipemax.plan_command import PlanInputError, run_plan
-
-        try:
-            return run_plan(args)
-        except PlanInputError as error:
-            print(f"pipemax: {error}", file=sys.stderr)
-            return 2
+    if args.command in ("autotune", "plan"):
+        return _run_planning_command(args)
     parser.print_help(sys.stderr)
     return 2
+
+
+def _run_planning_command(args: argparse.Namespace) -> int:
+    """`pipemax autotune` or `pipemax plan`: what they cannot use is one line, exit status 2."""
+    if args.command == "autotune":
+        from pipemax.autotune import AutotuneError as InputError, run_autotune as run
+    else:
+        from pipemax.plan_command import PlanInputError as InputError, run_plan as run
+    try:
+        return run(args)
+    except InputError as error:
+        print(f"pipemax: {error}", file=sys.stderr)
+        return 2
 
 
 def _serve_with_one_line_errors(args: argparse.Namespace) -> int:
