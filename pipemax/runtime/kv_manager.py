@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
@@ -47,6 +48,7 @@ class ChunkState(enum.Enum):
     FREE = "free"
     OWNED = "owned"
     STAGING = "staging"
+    CACHED = "cached"  # a full chunk of a cached prefix (prefix caching): shared, reference-counted
 
 
 class PoolExhaustedError(RuntimeError):
@@ -134,12 +136,16 @@ class KVManager:
         self.gpu = ChunkAllocator("GPU", num_gpu_chunks)
         self.host = ChunkAllocator("host", num_host_chunks)
         self.sequences: dict[int, SequenceKV] = {}
+        self.cache_refs: dict[int, int] = {}  # cached prefix chunk -> sequences holding it
+        self.cache_lru: OrderedDict[int, None] = OrderedDict()  # unreferenced cached chunks, oldest first
+        self.on_evict = None  # called with each evicted cached chunk (the scheduler's prefix index)
 
     def reset(self) -> None:
         """Every chunk free, no sequence: the state of a new manager (after an aborted run)."""
         self.gpu = ChunkAllocator("GPU", self.gpu.num_chunks)
         self.host = ChunkAllocator("host", self.host.num_chunks)
         self.sequences = {}
+        self.cache_refs, self.cache_lru = {}, OrderedDict()
 
     # ---- queries -------------------------------------------------------------------------
     def chunks_for(self, num_tokens: int) -> int:
@@ -179,13 +185,75 @@ class KVManager:
         ]
 
     # ---- lifecycle -----------------------------------------------------------------------
+    # ---- prefix caching: shared, reference-counted GPU chunks ----------------------------------
+    @property
+    def gpu_available(self) -> int:
+        """GPU chunks an allocation can get: the free ones and the unreferenced cached ones."""
+        return self.gpu.num_free + len(self.cache_lru)
+
+    def _take_gpu(self, count: int, state: ChunkState, keep: frozenset = frozenset()) -> list[int]:
+        """count GPU chunks, evicting unreferenced cached chunks (least recently used first, none
+        in keep) when the free ones do not suffice. Raises before changing anything."""
+        evictable = [chunk for chunk in self.cache_lru if chunk not in keep]
+        if count > self.gpu.num_free + len(evictable):
+            raise PoolExhaustedError(self.gpu.name, count, self.gpu.num_free + len(evictable), self.gpu.num_chunks)
+        for chunk in evictable[:max(0, count - self.gpu.num_free)]:
+            del self.cache_lru[chunk], self.cache_refs[chunk]
+            self.gpu.free([chunk])
+            if self.on_evict is not None:
+                self.on_evict(chunk)
+        return self.gpu.allocate(count, state)
+
+    def allocate_with_prefix(self, seq_id: int, shared: list[int], num_tokens: int) -> list[int]:
+        """A new GPU-resident sequence whose first chunks are the cached chunks `shared` (one more
+        reference each), with private chunks for the rest of num_tokens; its chunk table."""
+        if seq_id in self.sequences:
+            raise KVStateError(f"sequence {seq_id} already has KV chunks")
+        for chunk in shared:
+            if not 0 <= chunk < self.gpu.num_chunks or self.gpu.states[chunk] is not ChunkState.CACHED:
+                raise KVStateError(f"GPU chunk {chunk} is not a cached prefix chunk")
+        count = self.chunks_for(num_tokens) - len(shared)
+        if count < 0 or len(set(shared)) != len(shared):
+            raise ValueError(f"{len(shared)} shared chunks for {num_tokens} tokens")
+        private = self._take_gpu(count, ChunkState.OWNED, keep=frozenset(shared))
+        for chunk in shared:
+            self.cache_refs[chunk] += 1
+            self.cache_lru.pop(chunk, None)
+        self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.GPU, gpu_chunks=list(shared) + private)
+        return list(shared) + private
+
+    def cache_chunk(self, seq_id: int, index: int) -> int:
+        """The sequence's full chunk `index` becomes a cached prefix chunk it holds (one
+        reference); its id."""
+        seq = self._expect(seq_id, Residency.GPU)
+        if (index + 1) * self.chunk_tokens > seq.num_tokens:
+            raise KVStateError(f"chunk {index} of sequence {seq_id} is not full")
+        chunk = seq.gpu_chunks[index]
+        if self.gpu.states[chunk] is not ChunkState.OWNED:
+            raise KVStateError(f"GPU chunk {chunk} is {self.gpu.states[chunk].value}, not the sequence's own")
+        self.gpu.set_state([chunk], ChunkState.CACHED)
+        self.cache_refs[chunk] = 1
+        return chunk
+
+    def _release_gpu(self, chunks: list[int]) -> None:
+        """Free a sequence's GPU chunks; cached ones lose a reference and, unreferenced, stay cached."""
+        own = []
+        for chunk in chunks:
+            if self.gpu.states[chunk] is ChunkState.CACHED:
+                self.cache_refs[chunk] -= 1
+                if self.cache_refs[chunk] == 0:
+                    self.cache_lru[chunk] = None
+            else:
+                own.append(chunk)
+        self.gpu.free(own)
+
     def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
         """A new GPU-resident sequence with room for num_tokens; returns its chunk table."""
         if seq_id in self.sequences:
             raise KVStateError(f"sequence {seq_id} already has KV chunks")
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        chunks = self.gpu.allocate(self.chunks_for(num_tokens), ChunkState.OWNED)
+        chunks = self._take_gpu(self.chunks_for(num_tokens), ChunkState.OWNED)
         self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.GPU, gpu_chunks=chunks)
         return list(chunks)
 
@@ -218,12 +286,14 @@ class KVManager:
             seq.host_chunks += self.host.allocate(new_chunks, ChunkState.OWNED)
             seq.gpu_chunks += self.gpu.allocate(new_chunks, ChunkState.STAGING)
         else:
-            seq.gpu_chunks += self.gpu.allocate(new_chunks, ChunkState.OWNED)
+            seq.gpu_chunks += self._take_gpu(new_chunks, ChunkState.OWNED, keep=frozenset(seq.gpu_chunks))
         seq.num_tokens += count
 
     def begin_offload(self, seq_id: int) -> list[tuple[int, int]]:
         """GPU -> host: allocates host chunks; returns (gpu_chunk, host_chunk) pairs to copy."""
         seq = self._expect(seq_id, Residency.GPU)
+        if any(self.gpu.states[chunk] is ChunkState.CACHED for chunk in seq.gpu_chunks):
+            raise KVStateError(f"sequence {seq_id} holds shared prefix chunks: it stays on the GPU")
         seq.host_chunks = self.host.allocate(len(seq.gpu_chunks), ChunkState.OWNED)
         seq.residency = Residency.OFFLOADING
         return list(zip(seq.gpu_chunks, seq.host_chunks))
@@ -262,7 +332,7 @@ class KVManager:
     def free(self, seq_id: int) -> None:
         """Drop a finished (or preempted) sequence. Not while one of its copies is in flight."""
         seq = self._expect(seq_id, Residency.GPU, Residency.HOST, Residency.STAGED)
-        self.gpu.free(seq.gpu_chunks)
+        self._release_gpu(seq.gpu_chunks)
         self.host.free(seq.host_chunks)
         del self.sequences[seq_id]
 

@@ -81,6 +81,16 @@ class RecordingKVManager(KVManager):
         super().append(seq_id, count)
         self.log.append(("append", seq_id, count))
 
+    def allocate_with_prefix(self, seq_id: int, shared: list[int], num_tokens: int) -> list[int]:
+        chunks = super().allocate_with_prefix(seq_id, shared, num_tokens)
+        self.log.append(("allocate_with_prefix", seq_id, (tuple(shared), num_tokens)))
+        return chunks
+
+    def cache_chunk(self, seq_id: int, index: int) -> int:
+        chunk = super().cache_chunk(seq_id, index)
+        self.log.append(("cache_chunk", seq_id, index))
+        return chunk
+
     def free(self, seq_id: int) -> None:
         super().free(seq_id)
         self.log.append(("free", seq_id, 0))
@@ -122,6 +132,13 @@ def apply_kv_ops(kv: KVManager, ops: list[KVOp], copies=None) -> None:
             chunks = kv.allocate(seq_id, tokens) if op == "allocate" else kv.allocate_staged(seq_id, tokens)
             if copies is not None:
                 copies.claim(chunks)
+        elif op == "allocate_with_prefix":  # (evictions of cached chunks replay alike: same state, same order)
+            shared, num_tokens = tokens
+            chunks = kv.allocate_with_prefix(seq_id, list(shared), num_tokens)
+            if copies is not None:
+                copies.claim(chunks[len(shared):])
+        elif op == "cache_chunk":
+            kv.cache_chunk(seq_id, tokens)
         elif op == "append":
             if copies is None:
                 kv.append(seq_id, tokens)
