@@ -176,7 +176,8 @@ class LLMEngine:
             budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, link_chunk_bytes,
                                     self.num_micro_batches)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
-                                   self.num_micro_batches, config.offload, budget, self.cost_model)
+                                   self.num_micro_batches, config.offload, budget, self.cost_model,
+                                   prefix_caching=config.prefix_caching)
         self._sequences: dict[int, Sequence] = {}
         self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
         self._released: list[int] = []  # finished since the last plan: the last stage drops their state
@@ -318,6 +319,7 @@ class LLMEngine:
         timeline = Timeline(self.device) if self.config.trace or self.config.offload != "off" else None
         self.pipeline.start_run(timeline)
         self.scheduler.host_resident_ids.clear()
+        self.scheduler.prefix_cached_tokens = 0
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0
         while True:
             busy = {step.micro_batch for step in in_flight}
@@ -353,6 +355,7 @@ class LLMEngine:
                                "preemptions": self.scheduler.num_preemptions,
                                "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
         self.last_run_stats["cost_model"] = {**self.cost_model.stats(), "seeded_from": self.cost_model_seeded_from}
+        self.last_run_stats["prefix_cached_tokens"] = self.scheduler.prefix_cached_tokens
         if steps:
             save_step_costs(self.cost_model, self.step_cost_key)  # the next engine starts from this fit
         if timeline is not None:

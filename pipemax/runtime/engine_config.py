@@ -64,6 +64,7 @@ class EngineConfig:
     offload: str = "off"  # off | auto | force: KV of micro-batches between their steps in host memory
     host_memory_gib: float | None = None  # host KV pool, all stages of this node together; offload only
     prefetch_gbs: float | None = None  # host -> GPU GB/s offload=auto's budget counts on; default: measured at start
+    prefix_caching: bool = False  # share the KV of full chunks of common prompt prefixes (offload off, for now)
     trace: str | None = None  # write a Chrome / Perfetto trace of each run here
 
     def __post_init__(self):
@@ -110,6 +111,10 @@ class EngineConfig:
                                                not self.pipeline_parallel <= self.micro_batches <= 64):
             raise ConfigError("micro_batches", f"must be an integer from the number of stages ({self.pipeline_parallel}) "
                                                f"to 64, got {self.micro_batches!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError("prefix_caching", f"must be True or False, got {self.prefix_caching!r}")
+        if self.prefix_caching and self.offload != "off":
+            raise ConfigError("prefix_caching", "runs with offload off for now (the host tier is not built yet)")
         if self.prefetch_gbs is not None and self.offload != "auto":
             raise ConfigError("prefetch_gbs", "sets offload=auto's prefetch budget: it does nothing with offload "
                                               f"{self.offload}")

@@ -110,6 +110,13 @@ class PrefixIndex:
         del self.by_key[cached.key]
         return chunk_id
 
+    def forget(self, chunk_id: int) -> None:
+        """Drop a chunk the KV manager evicted (where the manager keeps the reference counts)."""
+        cached = self.by_chunk.pop(chunk_id, None)
+        if cached is not None:
+            del self.by_key[cached.key]
+            self.unused.pop(chunk_id, None)
+
     def references(self, chunk_id: int) -> int:
         return self._cached(chunk_id).references
 

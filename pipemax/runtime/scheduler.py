@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 from .kv_manager import KVManager, PoolExhaustedError, Residency
 from .residency_plan import GPU, HOST, STAGED, ResidencyState, SeqState, plan_residency
+from .prefix_index import PrefixIndex
 from .sequence import Sequence, SequenceStatus
 
 PREFILL_MODES = ("mixed", "separate")
@@ -86,7 +87,8 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int, prefill_mode: str = "mixed",
-                 num_micro_batches: int = 1, offload: str = "off", budget=None, cost_model=None):
+                 num_micro_batches: int = 1, offload: str = "off", budget=None, cost_model=None,
+                 prefix_caching: bool = False):
         if prefill_mode not in PREFILL_MODES:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
         if offload not in OFFLOAD_MODES:
@@ -123,6 +125,16 @@ class Scheduler:
         # Preempted while planning this step: not admitted again in it (it would only be preempted
         # again at its next step, and in "separate" mode keep the decodes from ever running).
         self._preempted_now: set[int] = set()
+        # Prefix caching (offload off, for now): full chunks of computed prefixes are indexed and
+        # shared by later requests that start with the same tokens; the KV manager counts the
+        # references and evicts unreferenced cached chunks when it needs room.
+        if prefix_caching and offload != "off":
+            raise ValueError("prefix caching runs with offload off (for now)")
+        self.prefix_index = PrefixIndex(kv.chunk_tokens) if prefix_caching else None
+        if self.prefix_index is not None:
+            kv.on_evict = self.prefix_index.forget
+        self._indexed_chunks: dict[int, int] = {}  # seq_id -> its chunks already indexed or skipped
+        self.prefix_cached_tokens = 0  # prompt tokens whose KV came from the cache
 
     @property
     def running(self) -> list[Sequence]:
@@ -144,6 +156,10 @@ class Scheduler:
         self._must_shed.clear()
         self._starved.clear()
         self._in_flight.clear()
+        if self.prefix_index is not None:  # the KV manager is reset next: nothing stays cached
+            self.prefix_index = PrefixIndex(self.kv.chunk_tokens)
+            self.kv.on_evict = self.prefix_index.forget
+        self._indexed_chunks.clear()
 
     def finish(self, seq: Sequence) -> None:
         self.groups[seq.micro_batch].remove(seq)
@@ -195,10 +211,34 @@ class Scheduler:
     def _still_valid(entry: ScheduledSequence) -> bool:
         return entry.seq.status is SequenceStatus.RUNNING and entry.preemptions == entry.seq.num_preemptions
 
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached chunks holding the longest prefix of seq's tokens but its last (whose logits
+        the step must compute), for a request admitted from the start."""
+        if self.prefix_index is None or seq.num_computed_tokens:
+            return []
+        return self.prefix_index.match(seq.token_ids[:len(seq.token_ids) - 1])
+
+    def _index_full_chunks(self, group: list[Sequence]) -> None:
+        """Index the chunks the returned step filled, so that later requests share them."""
+        for seq in group:
+            if seq.status is not SequenceStatus.RUNNING or seq.seq_id not in self.kv.sequences:
+                continue
+            done = self._indexed_chunks.get(seq.seq_id, 0)
+            full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.kv.chunk_tokens
+            table = self.kv.chunk_table(seq.seq_id)
+            for index in range(done, full):
+                if not self.prefix_index.insert(seq.token_ids, index, table[index]):
+                    full = index  # cached elsewhere already (or its parent is gone): stop here
+                    break
+                self.kv.cache_chunk(seq.seq_id, index)
+            self._indexed_chunks[seq.seq_id] = max(done, full)
+
     def step_done(self, micro_batch: int) -> None:
         """A micro-batch's step has come back: under offload, its sequences go to the host; under
         auto, plan_residency decides what moves (residency_plan.py)."""
         self._in_flight.discard(micro_batch)
+        if self.prefix_index is not None:
+            self._index_full_chunks(self.groups[micro_batch])
         if self.offload == "off":
             return
         if self.offload == "auto":
@@ -318,11 +358,19 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.seq_id in self._preempted_now:
                 break
+            shared = self._cached_prefix(seq)
+            seq.num_computed_tokens = len(shared) * self.kv.chunk_tokens
             count = min(seq.num_uncomputed_tokens, budget)
             try:
-                self._allocate_new(seq, micro_batch, count)
+                if shared:
+                    self.kv.allocate_with_prefix(seq.seq_id, shared, seq.num_computed_tokens + count)
+                else:
+                    self._allocate_new(seq, micro_batch, count)
             except PoolExhaustedError:
+                seq.num_computed_tokens = 0
                 break  # wait for running sequences to finish and free their chunks
+            self.prefix_cached_tokens += len(shared) * self.kv.chunk_tokens
+            self._indexed_chunks[seq.seq_id] = len(shared)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.micro_batch = micro_batch
