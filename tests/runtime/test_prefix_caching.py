@@ -41,8 +41,9 @@ def run(folder, prompts, **options):
 
 # (one sequence per micro-batch with two stages: admitted in turn, later requests find the cache)
 @pytest.mark.parametrize("options", [dict(), dict(pipeline_parallel=2, pipeline_transport="inprocess", max_num_seqs=1),
+                                     dict(pipeline_parallel=2, max_num_seqs=1),  # stage processes replay the ops
                                      dict(kv_cache_gib=6 * 8 * 3 * 2 * 32 * 4 / 2**30)],  # 6 chunks: preemptions
-                         ids=["one-stage", "two-stages", "preemption"])
+                         ids=["one-stage", "two-stages", "stage-processes", "preemption"])
 def test_outputs_are_identical_with_caching_on_and_off(tiny, options):
     folder, prompts = tiny
     reference, _, _, _ = run(folder, prompts, **options)
