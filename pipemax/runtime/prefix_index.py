@@ -83,20 +83,25 @@ class PrefixIndex:
             if cached.references == 0:
                 self.unused[chunk_id] = None
 
-    def insert(self, token_ids: list[int], index: int, chunk_id: int) -> bool:
+    def key_of(self, chunk_id: int) -> int:
+        return self._cached(chunk_id).key
+
+    def insert(self, token_ids: list[int], index: int, chunk_id: int, parent: int | None = None) -> bool:
         """Index full chunk `index` of token_ids, computed into chunk_id and held by that sequence
         (one reference). False (nothing changes) when that prefix is already cached elsewhere, or
-        the chunk's own prefix is not cached (chunks are indexed in order)."""
-        keys = chunk_keys(token_ids[:(index + 1) * self.chunk_tokens], self.chunk_tokens)
-        if len(keys) != index + 1:
+        the chunk's own prefix is not cached (chunks are indexed in order). parent: the key of
+        chunk index - 1, when the caller knows it (saves hashing the whole prefix again)."""
+        start = index * self.chunk_tokens
+        if start + self.chunk_tokens > len(token_ids):
             raise PrefixIndexError(f"chunk {index} of a {len(token_ids)}-token sequence is not full")
-        parent = keys[index - 1] if index else ROOT
-        if keys[index] in self.by_key or (index and parent not in self.by_key):
+        if parent is None:
+            parent = chunk_keys(token_ids[:start], self.chunk_tokens)[-1] if index else ROOT
+        key = hash((parent, tuple(token_ids[start:start + self.chunk_tokens])))
+        if key in self.by_key or (index and parent not in self.by_key):
             return False
         if chunk_id in self.by_chunk:
             raise PrefixIndexError(f"chunk {chunk_id} is cached already")
-        start = index * self.chunk_tokens
-        cached = CachedChunk(keys[index], parent, tuple(token_ids[start:start + self.chunk_tokens]), chunk_id, 1)
+        cached = CachedChunk(key, parent, tuple(token_ids[start:start + self.chunk_tokens]), chunk_id, 1)
         self.by_key[cached.key] = self.by_chunk[chunk_id] = cached
         return True
 

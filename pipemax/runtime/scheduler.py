@@ -226,11 +226,15 @@ class Scheduler:
             done = self._indexed_chunks.get(seq.seq_id, 0)
             full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.kv.chunk_tokens
             table = self.kv.chunk_table(seq.seq_id)
+            parent = None  # (the key of the chunk before: each new chunk hashes its own tokens only)
+            if 0 < done < full and table[done - 1] in self.prefix_index.by_chunk:
+                parent = self.prefix_index.key_of(table[done - 1])
             for index in range(done, full):
-                if not self.prefix_index.insert(seq.token_ids, index, table[index]):
+                if not self.prefix_index.insert(seq.token_ids, index, table[index], parent):
                     full = index  # cached elsewhere already (or its parent is gone): stop here
                     break
                 self.kv.cache_chunk(seq.seq_id, index)
+                parent = self.prefix_index.key_of(table[index])
             self._indexed_chunks[seq.seq_id] = max(done, full)
 
     def step_done(self, micro_batch: int) -> None:
