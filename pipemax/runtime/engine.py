@@ -319,7 +319,11 @@ class LLMEngine:
         timeline = Timeline(self.device) if self.config.trace or self.config.offload != "off" else None
         self.pipeline.start_run(timeline)
         self.scheduler.host_resident_ids.clear()
-        self.scheduler.prefix_cached_tokens = 0
+        prefix = self.scheduler.prefix
+        if prefix is not None:
+            prefix.cached_tokens = prefix.needed_tokens = 0
+        cache = self.kv.prefix_cache
+        tier_moves_before = (cache, cache.num_demoted, cache.num_promoted)
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0
         while True:
             busy = {step.micro_batch for step in in_flight}
@@ -355,7 +359,14 @@ class LLMEngine:
                                "preemptions": self.scheduler.num_preemptions,
                                "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
         self.last_run_stats["cost_model"] = {**self.cost_model.stats(), "seeded_from": self.cost_model_seeded_from}
-        self.last_run_stats["prefix_cached_tokens"] = self.scheduler.prefix_cached_tokens
+        self.last_run_stats["prefix_cached_tokens"] = prefix.cached_tokens if prefix is not None else 0
+        if prefix is not None:
+            cache, demoted, promoted = tier_moves_before
+            if cache is not self.kv.prefix_cache:  # (reset by an abort in between: counted from there)
+                cache, demoted, promoted = self.kv.prefix_cache, 0, 0
+            self.last_run_stats["prefix_cache"] = {
+                "reused_tokens": prefix.cached_tokens, "prompt_tokens": prefix.needed_tokens,
+                "demoted_chunks": cache.num_demoted - demoted, "promoted_chunks": cache.num_promoted - promoted}
         if steps:
             save_step_costs(self.cost_model, self.step_cost_key)  # the next engine starts from this fit
         if timeline is not None:

@@ -62,9 +62,9 @@ class EngineConfig:
     data_parallel: int = 1  # replicas of the whole pipeline, each in a process of its own
     stage_layers: tuple[int, ...] | None = None  # layers per stage; default: balanced by cost
     offload: str = "off"  # off | auto | force: KV of micro-batches between their steps in host memory
-    host_memory_gib: float | None = None  # host KV pool, all stages of this node together; offload only
+    host_memory_gib: float | None = None  # host KV pool (offload, prefix cache's host tier), this node's stages together
     prefetch_gbs: float | None = None  # host -> GPU GB/s offload=auto's budget counts on; default: measured at start
-    prefix_caching: bool = False  # share the KV of full chunks of common prompt prefixes (offload off, for now)
+    prefix_caching: bool = False  # share the KV of full chunks of common prompt prefixes (GPU, then host tier)
     trace: str | None = None  # write a Chrome / Perfetto trace of each run here
 
     def __post_init__(self):
@@ -113,14 +113,13 @@ class EngineConfig:
                                                f"to 64, got {self.micro_batches!r}")
         if not isinstance(self.prefix_caching, bool):
             raise ConfigError("prefix_caching", f"must be True or False, got {self.prefix_caching!r}")
-        if self.prefix_caching and self.offload != "off":
-            raise ConfigError("prefix_caching", "runs with offload off for now (the host tier is not built yet)")
         if self.prefetch_gbs is not None and self.offload != "auto":
             raise ConfigError("prefetch_gbs", "sets offload=auto's prefetch budget: it does nothing with offload "
                                               f"{self.offload}")
         if self.host_memory_gib is not None:
-            if self.offload == "off":
-                raise ConfigError("host_memory_gib", "sizes the host KV pool of offload: set offload too")
+            if self.offload == "off" and not self.prefix_caching:
+                raise ConfigError("host_memory_gib", "sizes the host KV pool of offload and of the prefix cache's "
+                                                     "host tier: set offload or prefix_caching too")
             available = available_host_memory_gib()
             if available is not None and self.host_memory_gib > available:
                 raise ConfigError("host_memory_gib", f"of {self.host_memory_gib:g} is more than the {available:.1f} GiB "
@@ -128,8 +127,9 @@ class EngineConfig:
         self.resolved_device()  # a device that does not exist fails here, before any weights load
 
     def host_kv_bytes(self) -> int:
-        """The host KV pool's bytes: host_memory_gib, or with offload a quarter of what is free."""
-        if self.offload == "off":
+        """The host KV pool's bytes: host_memory_gib, or with offload a quarter of what is free. With
+        offload off, the prefix cache's host tier gets a pool only when host_memory_gib is set."""
+        if self.offload == "off" and self.host_memory_gib is None:
             return 0
         if self.host_memory_gib is not None:
             return int(self.host_memory_gib * 2**30)

@@ -20,8 +20,10 @@ while staged get a GPU row and, written through by the stage, the same row in th
 release_staging never copies anything back. OFFLOADING / PREFETCHING: a copy is in flight; the
 caller finishes it once the copy's event has completed.
 
-Every chunk is in exactly one state: free, owned (by one GPU- or host-resident sequence) or
-staging (GPU chunks only). A request that cannot be met raises before anything changes.
+Every chunk is in exactly one state: free, owned (by one GPU- or host-resident sequence), staging
+(GPU chunks only) or cached (a full chunk of a computed prefix, shared: kv_prefix_cache.py). Every
+allocation may take unheld cached chunks back (evicting, or demoting to the host, the least
+useful first). A request that cannot be met raises before anything changes.
 
 Freed ids are handed out again at once. With asynchronous copies, the caller (the stage
 executor) calls release_staging / free / finish_* only after the events of every kernel and copy
@@ -31,9 +33,13 @@ that touches those chunks have completed; otherwise a new owner could be overwri
 from __future__ import annotations
 
 import enum
-import heapq
-from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from .kv_chunks import ChunkAllocator, ChunkState, KVStateError, PoolExhaustedError
+from .kv_prefix_cache import PrefixChunkCache
+
+__all__ = ["ChunkAllocator", "ChunkState", "KVManager", "KVStateError", "PoolExhaustedError", "Residency", "RowCopy",
+           "SequenceKV"]
 
 
 class Residency(enum.Enum):
@@ -42,72 +48,6 @@ class Residency(enum.Enum):
     HOST = "host"
     PREFETCHING = "prefetching"
     STAGED = "staged"
-
-
-class ChunkState(enum.Enum):
-    FREE = "free"
-    OWNED = "owned"
-    STAGING = "staging"
-    CACHED = "cached"  # a full chunk of a cached prefix (prefix caching): shared, reference-counted
-
-
-class PoolExhaustedError(RuntimeError):
-    """Not enough free chunks in a pool; nothing was allocated."""
-
-    def __init__(self, pool: str, requested: int, free: int, total: int):
-        super().__init__(
-            f"{pool} KV pool exhausted: {requested} chunk(s) requested, {free} free of {total}"
-        )
-        self.pool = pool
-        self.requested = requested
-        self.free = free
-
-
-class KVStateError(RuntimeError):
-    """An operation that the sequence's residency does not allow (or an unknown sequence)."""
-
-
-class ChunkAllocator:
-    """Free list of one pool's chunk ids; lowest id first so allocation is deterministic."""
-
-    def __init__(self, name: str, num_chunks: int):
-        if num_chunks < 0:
-            raise ValueError(f"{name} pool cannot have {num_chunks} chunks")
-        self.name = name
-        self.num_chunks = num_chunks
-        self.states = [ChunkState.FREE] * num_chunks
-        self._free_heap = list(range(num_chunks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free_heap)
-
-    def check_available(self, count: int) -> None:
-        if count > self.num_free:
-            raise PoolExhaustedError(self.name, count, self.num_free, self.num_chunks)
-
-    def allocate(self, count: int, state: ChunkState) -> list[int]:
-        self.check_available(count)
-        chunk_ids = [heapq.heappop(self._free_heap) for _ in range(count)]
-        for chunk_id in chunk_ids:
-            self.states[chunk_id] = state
-        return chunk_ids
-
-    def free(self, chunk_ids: list[int]) -> None:
-        for chunk_id in chunk_ids:  # validate all before changing any
-            if not 0 <= chunk_id < self.num_chunks:
-                raise KVStateError(f"{self.name} chunk id {chunk_id} is outside the pool of {self.num_chunks}")
-            if self.states[chunk_id] is ChunkState.FREE:
-                raise KVStateError(f"{self.name} chunk {chunk_id} freed twice")
-        if len(set(chunk_ids)) != len(chunk_ids):
-            raise KVStateError(f"{self.name} chunk ids listed twice in one free: {chunk_ids}")
-        for chunk_id in chunk_ids:
-            self.states[chunk_id] = ChunkState.FREE
-            heapq.heappush(self._free_heap, chunk_id)
-
-    def set_state(self, chunk_ids: list[int], state: ChunkState) -> None:
-        for chunk_id in chunk_ids:
-            self.states[chunk_id] = state
 
 
 @dataclass
@@ -136,16 +76,17 @@ class KVManager:
         self.gpu = ChunkAllocator("GPU", num_gpu_chunks)
         self.host = ChunkAllocator("host", num_host_chunks)
         self.sequences: dict[int, SequenceKV] = {}
-        self.cache_refs: dict[int, int] = {}  # cached prefix chunk -> sequences holding it
-        self.cache_lru: OrderedDict[int, None] = OrderedDict()  # unreferenced cached chunks, oldest first
-        self.on_evict = None  # called with each evicted cached chunk (the scheduler's prefix index)
+        self.prefix_cache = PrefixChunkCache(self.gpu, self.host)
 
     def reset(self) -> None:
         """Every chunk free, no sequence: the state of a new manager (after an aborted run)."""
         self.gpu = ChunkAllocator("GPU", self.gpu.num_chunks)
         self.host = ChunkAllocator("host", self.host.num_chunks)
         self.sequences = {}
-        self.cache_refs, self.cache_lru = {}, OrderedDict()
+        hooks = self.prefix_cache
+        self.prefix_cache = PrefixChunkCache(self.gpu, self.host)
+        self.prefix_cache.wanted, self.prefix_cache.on_drop, self.prefix_cache.on_evict = (
+            hooks.wanted, hooks.on_drop, hooks.on_evict)
 
     # ---- queries -------------------------------------------------------------------------
     def chunks_for(self, num_tokens: int) -> int:
@@ -184,69 +125,66 @@ class KVManager:
             for p in range(start, end)
         ]
 
-    # ---- lifecycle -----------------------------------------------------------------------
-    # ---- prefix caching: shared, reference-counted GPU chunks ----------------------------------
+    # ---- prefix caching: shared, reference-counted cached chunks (kv_prefix_cache.py) ----------
     @property
     def gpu_available(self) -> int:
-        """GPU chunks an allocation can get: the free ones and the unreferenced cached ones."""
-        return self.gpu.num_free + len(self.cache_lru)
+        """GPU chunks an allocation can get: the free ones and the unheld cached ones."""
+        return self.prefix_cache.gpu_available()
 
-    def _take_gpu(self, count: int, state: ChunkState, keep: frozenset = frozenset()) -> list[int]:
-        """count GPU chunks, evicting unreferenced cached chunks (least recently used first, none
-        in keep) when the free ones do not suffice. Raises before changing anything."""
-        evictable = [chunk for chunk in self.cache_lru if chunk not in keep]
-        if count > self.gpu.num_free + len(evictable):
-            raise PoolExhaustedError(self.gpu.name, count, self.gpu.num_free + len(evictable), self.gpu.num_chunks)
-        for chunk in evictable[:max(0, count - self.gpu.num_free)]:
-            del self.cache_lru[chunk], self.cache_refs[chunk]
-            self.gpu.free([chunk])
-            if self.on_evict is not None:
-                self.on_evict(chunk)
-        return self.gpu.allocate(count, state)
+    @property
+    def host_available(self) -> int:
+        """Host chunks an allocation can get: the free ones and the cached prefix copies."""
+        return self.prefix_cache.host_available()
+
+    def _take_gpu(self, count: int, state: ChunkState) -> list[int]:
+        return self.prefix_cache.take_gpu(count, state)
+
+    def _take_host(self, count: int) -> list[int]:
+        return self.prefix_cache.take_host(count, ChunkState.OWNED)
 
     def allocate_with_prefix(self, seq_id: int, shared: list[int], num_tokens: int) -> list[int]:
-        """A new GPU-resident sequence whose first chunks are the cached chunks `shared` (one more
-        reference each), with private chunks for the rest of num_tokens; its chunk table."""
+        """A new GPU-resident sequence whose first chunks are the cached entries `shared` (one
+        more reference each; a host-only one is promoted to the GPU), with private chunks for the
+        rest of num_tokens; its chunk table."""
         if seq_id in self.sequences:
             raise KVStateError(f"sequence {seq_id} already has KV chunks")
-        for chunk in shared:
-            if not 0 <= chunk < self.gpu.num_chunks or self.gpu.states[chunk] is not ChunkState.CACHED:
-                raise KVStateError(f"GPU chunk {chunk} is not a cached prefix chunk")
-        count = self.chunks_for(num_tokens) - len(shared)
-        if count < 0 or len(set(shared)) != len(shared):
+        private = self.chunks_for(num_tokens) - len(shared)
+        if private < 0:
             raise ValueError(f"{len(shared)} shared chunks for {num_tokens} tokens")
-        private = self._take_gpu(count, ChunkState.OWNED, keep=frozenset(shared))
-        for chunk in shared:
-            self.cache_refs[chunk] += 1
-            self.cache_lru.pop(chunk, None)
-        self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.GPU, gpu_chunks=list(shared) + private)
-        return list(shared) + private
+        table = self.prefix_cache.acquire(list(shared), private)
+        self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.GPU, gpu_chunks=table)
+        return list(table)
 
     def cache_chunk(self, seq_id: int, index: int) -> int:
         """The sequence's full chunk `index` becomes a cached prefix chunk it holds (one
-        reference); its id."""
-        seq = self._expect(seq_id, Residency.GPU)
+        reference); the cache entry's id."""
+        seq = self._expect(seq_id, Residency.GPU, Residency.STAGED)
         if (index + 1) * self.chunk_tokens > seq.num_tokens:
             raise KVStateError(f"chunk {index} of sequence {seq_id} is not full")
         chunk = seq.gpu_chunks[index]
-        if self.gpu.states[chunk] is not ChunkState.OWNED:
+        if self.gpu.states[chunk] not in (ChunkState.OWNED, ChunkState.STAGING):
             raise KVStateError(f"GPU chunk {chunk} is {self.gpu.states[chunk].value}, not the sequence's own")
-        self.gpu.set_state([chunk], ChunkState.CACHED)
-        self.cache_refs[chunk] = 1
-        return chunk
+        return self.prefix_cache.add(chunk)
+
+    def evict_cached(self, tier: str, entry: int, demote: bool = False) -> None:
+        """Replay of one eviction the scheduler's manager decided (kv_prefix_cache.py)."""
+        if tier == "gpu":
+            self.prefix_cache.evict_gpu(entry, demote)
+        else:
+            self.prefix_cache.evict_host(entry)
 
     def _release_gpu(self, chunks: list[int]) -> None:
-        """Free a sequence's GPU chunks; cached ones lose a reference and, unreferenced, stay cached."""
+        """Free a sequence's GPU chunks; cached ones lose a reference and, unheld, stay cached.
+        Last chunk first: a prefix's deeper chunks are then evicted before the ones they follow."""
         own = []
-        for chunk in chunks:
+        for chunk in reversed(chunks):
             if self.gpu.states[chunk] is ChunkState.CACHED:
-                self.cache_refs[chunk] -= 1
-                if self.cache_refs[chunk] == 0:
-                    self.cache_lru[chunk] = None
+                self.prefix_cache.release(chunk)
             else:
                 own.append(chunk)
         self.gpu.free(own)
 
+    # ---- lifecycle -----------------------------------------------------------------------
     def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
         """A new GPU-resident sequence with room for num_tokens; returns its chunk table."""
         if seq_id in self.sequences:
@@ -266,10 +204,9 @@ class KVManager:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         count = self.chunks_for(num_tokens)
-        self.gpu.check_available(count)
-        self.host.check_available(count)
-        host_chunks = self.host.allocate(count, ChunkState.OWNED)
-        gpu_chunks = self.gpu.allocate(count, ChunkState.STAGING)
+        self._check_room(count, count)
+        host_chunks = self._take_host(count)  # (first: taking GPU chunks may demote cached ones to the host)
+        gpu_chunks = self._take_gpu(count, ChunkState.STAGING)
         self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.STAGED, gpu_chunks=gpu_chunks,
                                             host_chunks=host_chunks)
         return list(gpu_chunks)
@@ -281,33 +218,30 @@ class KVManager:
             raise ValueError(f"count must be >= 0, got {count}")
         new_chunks = self.chunks_for(seq.num_tokens + count) - len(seq.gpu_chunks)
         if seq.residency is Residency.STAGED:
-            self.gpu.check_available(new_chunks)
-            self.host.check_available(new_chunks)
-            seq.host_chunks += self.host.allocate(new_chunks, ChunkState.OWNED)
-            seq.gpu_chunks += self.gpu.allocate(new_chunks, ChunkState.STAGING)
+            self._check_room(new_chunks, new_chunks)
+            seq.host_chunks += self._take_host(new_chunks)
+            seq.gpu_chunks += self._take_gpu(new_chunks, ChunkState.STAGING)
         else:
-            seq.gpu_chunks += self._take_gpu(new_chunks, ChunkState.OWNED, keep=frozenset(seq.gpu_chunks))
+            seq.gpu_chunks += self._take_gpu(new_chunks, ChunkState.OWNED)
         seq.num_tokens += count
 
     def begin_offload(self, seq_id: int) -> list[tuple[int, int]]:
         """GPU -> host: allocates host chunks; returns (gpu_chunk, host_chunk) pairs to copy."""
         seq = self._expect(seq_id, Residency.GPU)
-        if any(self.gpu.states[chunk] is ChunkState.CACHED for chunk in seq.gpu_chunks):
-            raise KVStateError(f"sequence {seq_id} holds shared prefix chunks: it stays on the GPU")
-        seq.host_chunks = self.host.allocate(len(seq.gpu_chunks), ChunkState.OWNED)
+        seq.host_chunks = self._take_host(len(seq.gpu_chunks))  # (shared prefix chunks: a private copy)
         seq.residency = Residency.OFFLOADING
         return list(zip(seq.gpu_chunks, seq.host_chunks))
 
     def finish_offload(self, seq_id: int) -> None:
         seq = self._expect(seq_id, Residency.OFFLOADING)
-        self.gpu.free(seq.gpu_chunks)
+        self._release_gpu(seq.gpu_chunks)
         seq.gpu_chunks = []
         seq.residency = Residency.HOST
 
     def begin_prefetch(self, seq_id: int) -> list[tuple[int, int]]:
         """Host -> staging: allocates staging chunks; returns (host_chunk, gpu_chunk) pairs."""
         seq = self._expect(seq_id, Residency.HOST)
-        seq.gpu_chunks = self.gpu.allocate(len(seq.host_chunks), ChunkState.STAGING)
+        seq.gpu_chunks = self._take_gpu(len(seq.host_chunks), ChunkState.STAGING)
         seq.residency = Residency.PREFETCHING
         return list(zip(seq.host_chunks, seq.gpu_chunks))
 
@@ -317,14 +251,14 @@ class KVManager:
     def release_staging(self, seq_id: int) -> None:
         """Staged -> host: the host copy is current (write-through), so staging just goes."""
         seq = self._expect(seq_id, Residency.STAGED)
-        self.gpu.free(seq.gpu_chunks)
+        self._release_gpu(seq.gpu_chunks)
         seq.gpu_chunks = []
         seq.residency = Residency.HOST
 
     def make_gpu_resident(self, seq_id: int) -> None:
         """Staged -> GPU: staging chunks become the sequence's own; the host copy is dropped."""
         seq = self._expect(seq_id, Residency.STAGED)
-        self.gpu.set_state(seq.gpu_chunks, ChunkState.OWNED)
+        self.gpu.set_state([c for c in seq.gpu_chunks if self.gpu.states[c] is ChunkState.STAGING], ChunkState.OWNED)
         self.host.free(seq.host_chunks)
         seq.host_chunks = []
         seq.residency = Residency.GPU
@@ -335,6 +269,12 @@ class KVManager:
         self._release_gpu(seq.gpu_chunks)
         self.host.free(seq.host_chunks)
         del self.sequences[seq_id]
+
+    def _check_room(self, gpu_chunks: int, host_chunks: int) -> None:
+        if gpu_chunks > self.gpu_available:
+            raise PoolExhaustedError(self.gpu.name, gpu_chunks, self.gpu_available, self.gpu.num_chunks)
+        if host_chunks > self.host_available:
+            raise PoolExhaustedError(self.host.name, host_chunks, self.host_available, self.host.num_chunks)
 
     def _expect(self, seq_id: int, *allowed: Residency) -> SequenceKV:
         seq = self.sequence(seq_id)

@@ -16,6 +16,13 @@ more than the chunks involved need:
   - a step's compute waits for its sequences' prefetches and for the events of chunks newly
     handed to them.
 
+Shared prefix chunks (kv_prefix_cache.py) have many readers: a sequence letting one go marks it
+with the stage's latest compute and write-back events (every read so far came before them). A
+demotion (GPU -> host) waits for those; the chunk's next writer waits for the demotion. A promotion
+(host -> GPU) waits for the chunk it fills and for the demotion that wrote its host copy, and the
+step waits for it. A host chunk a promotion reads is written again (once the host tier gave it
+up) only after that read: the write-back stream waits for it.
+
 So no chunk is written before every copy and step touching its previous contents has run,
 though the KV manager hands freed ids out at once. On the CPU the copies run at once, in order,
 and nothing needs waiting for.
@@ -54,6 +61,9 @@ class KVTransfers:
         self.chunk_busy: dict[int, list] = {}  # freed GPU chunk -> events to wait for before writing it
         self.claimed: dict[int, list] = {}  # chunk handed out this plan -> its busy events (till compute)
         self.compute_waits: list = []  # events the next step's compute must wait for
+        self.host_busy: dict[int, object] = {}  # host chunk -> the event ending the last copy reading or writing it
+        self.latest_compute = None  # the event ending this stage's latest step
+        self.latest_to_host = None  # the event ending this stage's latest copy to the host
         self.chunk_bytes = pool.spec.chunk_bytes
         self.row_bytes = pool.spec.chunk_bytes // pool.spec.chunk_tokens
         self.bytes_prefetched = 0
@@ -70,15 +80,18 @@ class KVTransfers:
         host pool: no copies, nothing to order)."""
         apply_kv_ops(kv, ops, self if self.enabled else None)
 
-    def freeing(self, seq_id: int, gpu_chunks: list[int], finished: bool = False) -> None:
-        """The sequence's GPU chunks are about to be freed: each remembers what last used it."""
+    def freeing(self, seq_id: int, gpu_chunks: list[int], finished: bool = False, cached=()) -> None:
+        """The sequence's GPU chunks are about to be freed: each remembers what last used it (a
+        shared prefix chunk in `cached`: everything so far on this stage)."""
         if not self.cuda:
             return
         events = [e for e in (self.last_compute.get(seq_id), self.last_to_host.get(seq_id)) if e is not None]
+        shared_events = [e for e in (self.latest_compute, self.latest_to_host) if e is not None]
+        cached = set(cached)
         for chunk in gpu_chunks:
             # Taken and freed again before any compute (a preemption in the same plan): the copies
             # of its earlier owner may still be running, and the next writer must wait for them too.
-            self.chunk_busy[chunk] = events + self.claimed.pop(chunk, [])
+            self.chunk_busy[chunk] = (shared_events if chunk in cached else events) + self.claimed.pop(chunk, [])
         if finished:
             self.last_compute.pop(seq_id, None)
             self.last_to_host.pop(seq_id, None)
@@ -93,7 +106,51 @@ class KVTransfers:
                 self.claimed[chunk] = events
                 self.compute_waits += events
 
+    def claim_host(self, host_chunks: list[int]) -> None:
+        """Host chunks handed to a sequence, written next by copies to the host: those copies
+        (one stream) come after any promotion still reading them."""
+        if not self.cuda:
+            return
+        for chunk in host_chunks:
+            event = self.host_busy.pop(chunk, None)
+            if event is not None:
+                self.d2h.wait_event(event)
+
     # ---- copies --------------------------------------------------------------------------
+    def demote(self, pairs: list[tuple[int, int]]) -> None:
+        """(GPU chunk, host chunk) pairs of cached prefix chunks leaving the GPU, GPU -> host,
+        before the GPU chunks' next writer."""
+        gpu_ids, host_ids = zip(*pairs)
+        self.bytes_offloaded += len(pairs) * self.chunk_bytes
+        waits = []
+        if self.cuda:
+            for gpu, host in pairs:
+                waits += self.chunk_busy.get(gpu, []) + self.claimed.get(gpu, []) + [self.host_busy.pop(host, None)]
+        with self._copy("d2h", "demote prefix", waits) as scope:
+            self.pool.offload(gpu_ids, host_ids)
+        if self.cuda:
+            for gpu, host in pairs:
+                self.chunk_busy[gpu] = [scope.end]
+                self.claimed.pop(gpu, None)
+                self.host_busy[host] = scope.end
+
+    def promote(self, pairs: list[tuple[int, int]]) -> None:
+        """(host chunk, GPU chunk) pairs of cached prefix chunks coming back for a hit, host ->
+        GPU, before the step that reads them."""
+        host_ids, gpu_ids = zip(*pairs)
+        self.bytes_prefetched += len(pairs) * self.chunk_bytes
+        waits = []
+        if self.cuda:
+            for host, gpu in pairs:
+                waits += self.chunk_busy.pop(gpu, []) + self.claimed.pop(gpu, []) + [self.host_busy.get(host)]
+        with self._copy("h2d", "promote prefix", waits) as scope:
+            self.pool.prefetch(host_ids, gpu_ids)
+        if self.cuda:
+            self.compute_waits.append(scope.end)
+            for host, gpu in pairs:
+                self.host_busy[host] = scope.end
+                self.claimed[gpu] = [scope.end]
+
     def prefetch(self, seq_id: int, pairs: list[tuple[int, int]]) -> None:
         """(host chunk, GPU chunk) pairs of one sequence, host -> staging."""
         if not pairs:
@@ -180,6 +237,7 @@ class KVTransfers:
             return
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.pool.device))
+        self.latest_compute = event
         for seq_id in seq_ids:
             self.last_compute[seq_id] = event
 
@@ -189,6 +247,7 @@ class KVTransfers:
         self.last_to_host.clear()
         self.compute_waits = []
         self.claimed = {}
+        self.host_busy.clear()
         if self.cuda:  # a later step must not overwrite chunks that copies still read
             torch.cuda.current_stream(self.pool.device).wait_stream(self.h2d)
             torch.cuda.current_stream(self.pool.device).wait_stream(self.d2h)
@@ -246,6 +305,8 @@ class _CopyScope:
         self.end = torch.cuda.Event(enable_timing=True)
         self.end.record(self.stream)
         self.context.__exit__(*exc)
+        if self.kind == "d2h":
+            t.latest_to_host = self.end
         if t.timeline is not None:
             t.timeline.add(track, self.name, self.start, self.end)
         t.marks.append((self.start, self.end))

@@ -47,10 +47,11 @@ from dataclasses import dataclass
 
 from .kv_manager import KVManager, PoolExhaustedError, Residency
 from .residency_plan import GPU, HOST, STAGED, ResidencyState, SeqState, plan_residency
-from .prefix_index import PrefixIndex
+from .prefix_sharing import PrefixSharing
 from .sequence import Sequence, SequenceStatus
 
 PREFILL_MODES = ("mixed", "separate")
+MAX_DEFERRED = 64  # waiting requests an admission looks past (each waits for a chunk being computed)
 OFFLOAD_MODES = ("off", "auto", "force")
 
 
@@ -125,16 +126,18 @@ class Scheduler:
         # Preempted while planning this step: not admitted again in it (it would only be preempted
         # again at its next step, and in "separate" mode keep the decodes from ever running).
         self._preempted_now: set[int] = set()
-        # Prefix caching (offload off, for now): full chunks of computed prefixes are indexed and
-        # shared by later requests that start with the same tokens; the KV manager counts the
-        # references and evicts unreferenced cached chunks when it needs room.
-        if prefix_caching and offload != "off":
-            raise ValueError("prefix caching runs with offload off (for now)")
-        self.prefix_index = PrefixIndex(kv.chunk_tokens) if prefix_caching else None
-        if self.prefix_index is not None:
-            kv.on_evict = self.prefix_index.forget
-        self._indexed_chunks: dict[int, int] = {}  # seq_id -> its chunks already indexed or skipped
-        self.prefix_cached_tokens = 0  # prompt tokens whose KV came from the cache
+        # Prefix caching (prefix_sharing.py): requests start from the cached chunks of their
+        # longest cached prefix; returned steps make their full chunks shareable.
+        self.prefix = PrefixSharing(kv) if prefix_caching else None
+
+    def _wait(self, seq: Sequence, front: bool = False) -> None:
+        """seq joins the waiting queue (a preempted one at its front)."""
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+        if self.prefix is not None:
+            self.prefix.waiting(seq)
 
     @property
     def running(self) -> list[Sequence]:
@@ -142,7 +145,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._wait(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or any(self.groups)
@@ -156,14 +159,14 @@ class Scheduler:
         self._must_shed.clear()
         self._starved.clear()
         self._in_flight.clear()
-        if self.prefix_index is not None:  # the KV manager is reset next: nothing stays cached
-            self.prefix_index = PrefixIndex(self.kv.chunk_tokens)
-            self.kv.on_evict = self.prefix_index.forget
-        self._indexed_chunks.clear()
+        if self.prefix is not None:  # the KV manager is reset next: nothing stays cached
+            self.prefix.reset()
 
     def finish(self, seq: Sequence) -> None:
         self.groups[seq.micro_batch].remove(seq)
         self.kv.free(seq.seq_id)
+        if self.prefix is not None:
+            self.prefix.gone(seq)
         self._last_run.pop(seq.seq_id, None)
         seq.status = SequenceStatus.FINISHED
 
@@ -211,38 +214,12 @@ class Scheduler:
     def _still_valid(entry: ScheduledSequence) -> bool:
         return entry.seq.status is SequenceStatus.RUNNING and entry.preemptions == entry.seq.num_preemptions
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Cached chunks holding the longest prefix of seq's tokens but its last (whose logits
-        the step must compute), for a request admitted from the start."""
-        if self.prefix_index is None or seq.num_computed_tokens:
-            return []
-        return self.prefix_index.match(seq.token_ids[:len(seq.token_ids) - 1])
-
-    def _index_full_chunks(self, group: list[Sequence]) -> None:
-        """Index the chunks the returned step filled, so that later requests share them."""
-        for seq in group:
-            if seq.status is not SequenceStatus.RUNNING or seq.seq_id not in self.kv.sequences:
-                continue
-            done = self._indexed_chunks.get(seq.seq_id, 0)
-            full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.kv.chunk_tokens
-            table = self.kv.chunk_table(seq.seq_id)
-            parent = None  # (the key of the chunk before: each new chunk hashes its own tokens only)
-            if 0 < done < full and table[done - 1] in self.prefix_index.by_chunk:
-                parent = self.prefix_index.key_of(table[done - 1])
-            for index in range(done, full):
-                if not self.prefix_index.insert(seq.token_ids, index, table[index], parent):
-                    full = index  # cached elsewhere already (or its parent is gone): stop here
-                    break
-                self.kv.cache_chunk(seq.seq_id, index)
-                parent = self.prefix_index.key_of(table[index])
-            self._indexed_chunks[seq.seq_id] = max(done, full)
-
     def step_done(self, micro_batch: int) -> None:
         """A micro-batch's step has come back: under offload, its sequences go to the host; under
         auto, plan_residency decides what moves (residency_plan.py)."""
         self._in_flight.discard(micro_batch)
-        if self.prefix_index is not None:
-            self._index_full_chunks(self.groups[micro_batch])
+        if self.prefix is not None:
+            self.prefix.index_step(self.groups[micro_batch])
         if self.offload == "off":
             return
         if self.offload == "auto":
@@ -252,7 +229,7 @@ class Scheduler:
             held = self.kv.sequence(seq.seq_id)
             if held.residency is Residency.STAGED:
                 self.kv.release_staging(seq.seq_id)
-            elif held.residency is Residency.GPU and len(held.gpu_chunks) <= self.kv.host.num_free:
+            elif held.residency is Residency.GPU and len(held.gpu_chunks) <= self.kv.host_available:
                 self.kv.offload(seq.seq_id)  # (a full host pool leaves it on the GPU)
                 self.host_resident_ids.add(seq.seq_id)
 
@@ -269,7 +246,7 @@ class Scheduler:
             for group, members in enumerate(self.groups) for seq in members)
         return ResidencyState(seqs, micro_batch, frozenset(self._in_flight),
                               tuple(self.budget.budget_chunks(m) for m in range(len(self.groups))),
-                              self.kv.host.num_free, self.requests_wait(), self.max_num_seqs,
+                              self.kv.host_available, self.requests_wait(), self.max_num_seqs,
                               self.max_num_batched_tokens)
 
     def requests_wait(self) -> bool:
@@ -279,7 +256,7 @@ class Scheduler:
 
     def _fits_gpu(self, seq: Sequence) -> bool:
         """The GPU pool has room now for the request's whole KV and its next token."""
-        return self.kv.chunks_for(len(seq.token_ids)) + 1 <= self.kv.gpu.num_free
+        return self.kv.chunks_for(len(seq.token_ids)) + 1 <= self.kv.gpu_available
 
     def _apply_residency_plan(self, micro_batch: int) -> None:
         """auto: fit the micro-batch's host-resident KV to its prefetch budget, balance the
@@ -322,7 +299,7 @@ class Scheduler:
         """Prefetch the group's host-resident sequences into staging chunks while they fit, the
         longest waiting first (so none starves when not all fit)."""
         host_resident = [seq for seq in group if self.kv.residency(seq.seq_id) is Residency.HOST]
-        room = self.kv.gpu.num_free
+        room = self.kv.gpu_available
         for seq in sorted(host_resident, key=lambda seq: self._last_run.get(seq.seq_id, -1)):
             # Its chunks and the one its next token may open: staging one that then cannot grow
             # would only evict another. One that does not fit waits; smaller ones may go first.
@@ -358,11 +335,16 @@ class Scheduler:
                 plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count, seq.num_preemptions))
                 budget -= count
         share = -(-(len(self.waiting) + sum(len(g) for g in self.groups)) // len(self.groups))
-        while self.waiting and budget > 0 and len(group) < min(self.max_num_seqs, share) and not self._starved:
-            seq = self.waiting[0]
+        deferred = 0  # waiting requests passed over: a running sequence is computing their next chunk
+        while len(self.waiting) > deferred and budget > 0 and len(group) < min(self.max_num_seqs, share) \
+                and not self._starved and deferred < MAX_DEFERRED:
+            seq = self.waiting[deferred]
             if seq.seq_id in self._preempted_now:
                 break
-            shared = self._cached_prefix(seq)
+            shared = self._cached_prefix(seq, micro_batch)
+            if shared is None:
+                deferred += 1
+                continue
             seq.num_computed_tokens = len(shared) * self.kv.chunk_tokens
             count = min(seq.num_uncomputed_tokens, budget)
             try:
@@ -373,9 +355,9 @@ class Scheduler:
             except PoolExhaustedError:
                 seq.num_computed_tokens = 0
                 break  # wait for running sequences to finish and free their chunks
-            self.prefix_cached_tokens += len(shared) * self.kv.chunk_tokens
-            self._indexed_chunks[seq.seq_id] = len(shared)
-            self.waiting.popleft()
+            del self.waiting[deferred]
+            if self.prefix is not None:
+                self.prefix.admitted(seq, shared)
             seq.status = SequenceStatus.RUNNING
             seq.micro_batch = micro_batch
             seq.admission = self._admissions
@@ -384,6 +366,17 @@ class Scheduler:
             plan.prefill.append(ScheduledSequence(seq, seq.num_computed_tokens, count, seq.num_preemptions))
             budget -= count
         return budget
+
+    def _cached_prefix(self, seq: Sequence, micro_batch: int) -> list[int] | None:
+        """The cache entries a request admitted now starts with (None: it had better wait for a
+        chunk a running sequence is computing). Under offload=auto, host-only entries come back
+        only while the micro-batch's prefetch budget covers them."""
+        if self.prefix is None:
+            return []
+        room = None
+        if self.budget is not None:
+            room = self.budget.budget_chunks(micro_batch) - self._host_load(micro_batch)
+        return self.prefix.match(seq, room)
 
     def _allocate_new(self, seq: Sequence, micro_batch: int, count: int) -> None:
         """KV for a request being admitted. One that will be host-resident is allocated staged
@@ -444,10 +437,12 @@ class Scheduler:
     def _preempt(self, group: list[Sequence], seq: Sequence) -> None:
         group.remove(seq)
         self.kv.free(seq.seq_id)
+        if self.prefix is not None:
+            self.prefix.gone(seq)
         self._last_run.pop(seq.seq_id, None)
         self._preempted_now.add(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._wait(seq, front=True)
         self.num_preemptions += 1

@@ -171,8 +171,9 @@ def test_copies_are_exact():
 def test_offload_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="offload must be one of off, auto, force"):
         EngineConfig(model="m", offload="sometimes")
-    with pytest.raises(ConfigError, match="host_memory_gib sizes the host KV pool of offload: set offload too"):
-        EngineConfig(model="m", host_memory_gib=1)
+    with pytest.raises(ConfigError, match="host_memory_gib sizes the host KV pool of offload and of the prefix "
+                                          "cache's host tier: set offload or prefix_caching too"):
+        EngineConfig(model="m", host_memory_gib=1, prefix_caching=False)
     with pytest.raises(ConfigError, match="of host memory available now"):
         EngineConfig(model="m", offload="force", host_memory_gib=10**6)
 

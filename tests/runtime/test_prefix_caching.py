@@ -1,6 +1,8 @@
-"""Prefix caching end to end (issue 12, offload off): greedy ids are identical with caching on
-and off, for one stage and two, with prefixes ending mid-chunk and on a chunk boundary, under
-preemption; the reused tokens are counted; after a job every chunk is free or cached."""
+"""Prefix caching end to end (issue 12): outputs are identical with caching on and off (float32,
+CPU), greedy and seeded, for one stage and two (in one process and as stage processes), with
+offload forced or auto, under preemption, through the host tier, with prefixes ending mid-chunk
+and on a chunk boundary; the reused tokens are counted; a batch sharing a prefix computes it
+once; after a job every chunk is free or cached."""
 
 import pytest
 import torch
@@ -11,6 +13,11 @@ from tests.tiny_models import save_tiny_model
 
 CHUNK = 8
 MAX_TOKENS = 6
+CHUNK_BYTES = CHUNK * 3 * 2 * 2 * 16 * 4  # the tiny llama3: 3 layers, K and V, 2 heads x 16, float32
+
+
+def gib(chunks: int) -> float:
+    return chunks * CHUNK_BYTES / 2**30
 
 
 @pytest.fixture(scope="module")
@@ -25,39 +32,80 @@ def tiny(tmp_path_factory):
     prompts += [boundary + torch.randint(0, hf.config.vocab_size, (n,), generator=generator).tolist()
                 for n in (0, 5, 8)]
     prompts.append(list(boundary))  # the same prompt again, two full chunks: its last token is computed anew
+    prompts.append(system + [1, 2])
     return folder, prompts
 
 
-def run(folder, prompts, **options):
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def run(folder, prompts, params=GREEDY, **options):
     with LLM(model=str(folder), chunk_tokens=CHUNK, **{"max_num_seqs": 2, **options}) as llm:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                               use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.last_run_stats
-        stages = llm.engine.stages
-        leftover = [(state, refs) for stage in stages for state, refs in
-                    ((stage.kv.gpu.states, stage.kv.cache_refs),)]
-        return [o.token_ids for o in outputs], stats, leftover, llm.engine.kv
+        managers = [stage.kv for stage in llm.engine.stages] + [llm.engine.kv]
+        return [o.token_ids for o in outputs], stats, managers
 
 
-# (one sequence per micro-batch with two stages: admitted in turn, later requests find the cache)
-@pytest.mark.parametrize("options", [dict(), dict(pipeline_parallel=2, pipeline_transport="inprocess", max_num_seqs=1),
-                                     dict(pipeline_parallel=2, max_num_seqs=1),  # stage processes replay the ops
-                                     dict(kv_cache_gib=6 * 8 * 3 * 2 * 32 * 4 / 2**30)],  # 6 chunks: preemptions
-                         ids=["one-stage", "two-stages", "stage-processes", "preemption"])
-def test_outputs_are_identical_with_caching_on_and_off(tiny, options):
+@pytest.fixture(scope="module")
+def reference(tiny):
     folder, prompts = tiny
-    reference, _, _, _ = run(folder, prompts, **options)
-    ids, stats, leftover, kv = run(folder, prompts, prefix_caching=True, **options)
+    return run(folder, prompts, prefix_caching=False)[0]
+
+
+def assert_nothing_leaks(managers):
+    for manager in managers:  # every chunk free or cached, no reference left
+        assert not manager.sequences
+        assert all(state in (ChunkState.FREE, ChunkState.CACHED) for state in manager.gpu.states + manager.host.states)
+        assert all(cached.references == 0 for cached in manager.prefix_cache.entries.values())
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(pipeline_parallel=2, pipeline_transport="inprocess", max_num_seqs=1),
+    dict(pipeline_parallel=2, max_num_seqs=1),  # stage processes replay the ops
+    dict(kv_cache_gib=gib(6)),  # 6 chunks: preemptions of sequences holding shared chunks
+    dict(kv_cache_gib=gib(7), host_memory_gib=gib(40)),  # the host tier: demoted, then promoted
+    dict(offload="force", micro_batches=2, kv_cache_gib=gib(12), host_memory_gib=gib(200)),
+    dict(offload="auto", pipeline_parallel=2, pipeline_transport="inprocess", kv_cache_gib=gib(10),
+         host_memory_gib=gib(200), prefetch_gbs=100.0),
+], ids=["one-stage", "two-stages", "stage-processes", "preemption", "host-tier", "offload-force", "offload-auto"])
+def test_outputs_are_identical_with_caching_on_and_off(tiny, reference, options):
+    folder, prompts = tiny
+    ids, stats, managers = run(folder, prompts, prefix_caching=True, **options)
     assert ids == reference
-    assert stats["prefix_cached_tokens"] >= 2 * CHUNK  # later requests reused the shared prefixes
-    if "kv_cache_gib" in options:
+    cache = stats["prefix_cache"]
+    assert stats["prefix_cached_tokens"] == cache["reused_tokens"] >= 2 * CHUNK  # later requests reused prefixes
+    assert cache["prompt_tokens"] >= sum(map(len, prompts))
+    if "kv_cache_gib" in options and "host_memory_gib" not in options:
         assert stats["preemptions"] > 0  # sequences holding shared chunks were preempted and came back
-    for states, refs in leftover + [(kv.gpu.states, kv.cache_refs)]:  # every chunk free or cached
-        assert all(state in (ChunkState.FREE, ChunkState.CACHED) for state in states)
-        assert all(count == 0 for count in refs.values())
+    if options.get("host_memory_gib") and options.get("offload") is None:
+        assert cache["demoted_chunks"] > 0 and cache["promoted_chunks"] > 0
+    if options.get("pipeline_transport") != "distributed" and options.get("pipeline_parallel", 1) == 1 \
+            or options.get("pipeline_transport") == "inprocess":
+        assert_nothing_leaks(managers)
 
 
-def test_prefix_caching_with_offload_is_refused_for_now(tiny):
+def test_seeded_sampling_is_identical_with_caching_on_and_off(tiny):
+    folder, prompts = tiny
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=MAX_TOKENS, ignore_eos=True)
+              for i in range(len(prompts))]
+    off = run(folder, prompts, params, prefix_caching=False)[0]
+    on, stats, _ = run(folder, prompts, params, prefix_caching=True)
+    assert on == off and stats["prefix_cached_tokens"] > 0
+
+
+def test_a_shared_prefix_is_computed_once_though_its_requests_arrive_together(tiny, reference):
+    """Eight requests share 2 full chunks; all fit one step. Without deferral, each would compute
+    them; with it, the first does and the others wait one step, then reuse both chunks."""
+    folder, prompts = tiny
+    sharers = prompts[:4] + prompts[-1:]  # the 21-token system prompt, then 3, 9, 1, 14 and 2 tokens
+    ids, stats, _ = run(folder, sharers, prefix_caching=True, max_num_seqs=8)
+    assert ids == [reference[i] for i in (0, 1, 2, 3, len(prompts) - 1)]
+    assert stats["prefix_cached_tokens"] == 4 * 2 * CHUNK
+
+
+def test_prefix_caching_is_checked(tiny):
     folder, _ = tiny
-    with pytest.raises(ValueError, match="offload off"):
-        LLM(model=str(folder), prefix_caching=True, offload="force")
+    with pytest.raises(ValueError, match="prefix_caching must be True or False"):
+        LLM(model=str(folder), prefix_caching="yes")

@@ -1,5 +1,5 @@
-"""The prefix index: chained keys over full chunks, reference counts that never leak, LRU
-eviction of unreferenced chunks only, and matches that always hold the query's own tokens (a
+"""The prefix index: chained keys over full chunks, chunks indexed in order only, entries that
+are forgotten leave nothing behind, and matches that always hold the query's own tokens (a
 stateful hypothesis test over sequences sharing prefixes), plus hand cases."""
 
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pipemax.runtime.prefix_index import PrefixIndex, PrefixIndexError, chunk_keys
+from pipemax.runtime.prefix_index import ROOT, PrefixIndex, PrefixIndexError, chunk_key, chunk_keys
 
 CHUNK = 4
 # Prompts built from a few shared prefixes, so sequences share chunks, end mid-chunk or on a boundary.
@@ -20,55 +20,57 @@ class PrefixIndexMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.index = PrefixIndex(CHUNK)
-        self.live: dict[int, tuple[list[int], list[int]]] = {}  # sequence -> (tokens, cached chunks held)
-        self.next_chunk = 100
+        self.live: dict[int, tuple[list[int], list[int]]] = {}  # sequence -> (tokens, its indexed or matched entries)
+        self.next_entry = 100
         self.next_seq = 0
 
     @rule(tokens=prompts)
     def start(self, tokens):
-        held = self.index.match(tokens)
-        self.index.acquire(held)
-        self.live[self.next_seq] = (tokens, list(held))
+        self.live[self.next_seq] = (tokens, self.index.match(tokens))
         self.next_seq += 1
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def compute_next_chunk(self, data):
-        seq = data.draw(st.sampled_from(sorted(self.live)))
-        tokens, held = self.live[seq]
+        tokens, held = self.live[data.draw(st.sampled_from(sorted(self.live)))]
         index = len(held)
         if (index + 1) * CHUNK > len(tokens):
             return  # its next chunk is not full: never indexed
-        self.next_chunk += 1
-        if self.index.insert(tokens, index, self.next_chunk):
-            held.append(self.next_chunk)
+        keys = chunk_keys(tokens, CHUNK)
+        parent = keys[index - 1] if index else ROOT
+        chunk = tuple(tokens[index * CHUNK:(index + 1) * CHUNK])
+        self.next_entry += 1
+        if keys[index] not in self.index.by_key and (parent == ROOT or parent in self.index.by_key):
+            self.index.insert(keys[index], parent, chunk, self.next_entry)
+            held.append(self.next_entry)
+        else:  # cached already, or the chunk before it is not: refused, nothing changes
+            before = dict(self.index.by_key)
+            with pytest.raises(PrefixIndexError):
+                self.index.insert(keys[index], parent, chunk, self.next_entry)
+            assert self.index.by_key == before
 
-    @precondition(lambda self: self.live)
+    @precondition(lambda self: self.index.by_entry)
     @rule(data=st.data())
-    def finish(self, data):
-        seq = data.draw(st.sampled_from(sorted(self.live)))
-        self.index.release(self.live.pop(seq)[1])
-
-    @rule()
-    def evict(self):
-        chunk_id = self.index.evict()
-        if chunk_id is not None:
-            assert all(chunk_id not in held for _, held in self.live.values())
+    def forget(self, data):
+        entry = data.draw(st.sampled_from(sorted(self.index.by_entry)))
+        self.index.forget(entry)
+        assert entry not in self.index.by_entry
 
     @invariant()
-    def references_count_the_holders(self):
-        for chunk_id, cached in self.index.by_chunk.items():
-            holders = sum(held.count(chunk_id) for _, held in self.live.values())
-            assert cached.references == holders
-            assert (chunk_id in self.index.unused) == (holders == 0)
-        assert set(self.index.unused) <= set(self.index.by_chunk)
+    def both_maps_agree(self):
+        assert len(self.index.by_key) == len(self.index.by_entry)
+        for key, indexed in self.index.by_key.items():
+            assert indexed.key == key and self.index.by_entry[indexed.entry] is indexed
 
     @invariant()
     def matches_hold_the_querys_own_tokens(self):
         for tokens, _ in self.live.values():
-            for position, chunk_id in enumerate(self.index.match(tokens)):
-                cached = self.index.by_chunk[chunk_id]
-                assert list(cached.tokens) == tokens[position * CHUNK:(position + 1) * CHUNK]
+            parent = 0
+            for position, entry in enumerate(self.index.match(tokens)):
+                indexed = self.index.by_entry[entry]
+                assert list(indexed.tokens) == tokens[position * CHUNK:(position + 1) * CHUNK]
+                assert indexed.parent == parent
+                parent = indexed.key
 
 
 TestPrefixIndexMachine = PrefixIndexMachine.TestCase
@@ -83,19 +85,28 @@ def test_keys_chain_over_full_chunks_only():
 
 def test_a_hash_collision_never_matches_another_prefix(monkeypatch):
     index = PrefixIndex(2)
-    assert index.insert([1, 2], 0, chunk_id=5)
+    index.insert(chunk_key(ROOT, (1, 2)), ROOT, (1, 2), entry=5)
     key = chunk_keys([1, 2], 2)[0]
     monkeypatch.setattr("pipemax.runtime.prefix_index.chunk_keys", lambda tokens, size: [key])  # every prefix collides
     assert index.match([3, 4]) == [] and index.match([1, 2]) == [5]
 
 
-def test_release_beyond_acquire_and_unknown_chunks_are_errors():
+def test_out_of_order_duplicate_and_wrong_chunks_are_refused():
     index = PrefixIndex(2)
-    index.insert([1, 2, 3, 4], 0, chunk_id=1)
-    index.release([1])
-    with pytest.raises(PrefixIndexError, match="released more often"):
-        index.release([1])
-    with pytest.raises(PrefixIndexError, match="not cached"):
-        index.acquire([9])
-    assert not index.insert([5, 6, 7, 8], 1, chunk_id=2)  # its first chunk is not cached: not indexed
-    assert index.evict() == 1 and index.evict() is None and len(index) == 0
+    first = chunk_key(ROOT, (1, 2))
+    index.insert(first, ROOT, (1, 2), entry=1)
+    with pytest.raises(PrefixIndexError, match="cached already"):
+        index.insert(first, ROOT, (1, 2), entry=2)
+    with pytest.raises(PrefixIndexError, match="chunk before it is not cached"):
+        index.insert(chunk_key(7, (3, 4)), 7, (3, 4), entry=2)
+    with pytest.raises(PrefixIndexError, match="indexed already"):
+        index.insert(chunk_key(first, (3, 4)), first, (3, 4), entry=1)
+    with pytest.raises(PrefixIndexError, match="does not match"):
+        index.insert(chunk_key(first, (3, 4)), first, (3, 5), entry=2)
+    with pytest.raises(PrefixIndexError, match="not indexed"):
+        index.key_of(9)
+    assert index.match([1, 2, 3, 4, 5]) == [1] and index.key_of(1) == first
+    assert chunk_keys([1, 2, 3, 4, 5, 6], 2, parent=first, start=2) == chunk_keys([1, 2, 3, 4, 5, 6], 2)[1:]
+    index.forget(1)
+    index.forget(1)  # (an entry dropped twice: nothing left to do)
+    assert len(index) == 0 and index.match([1, 2, 3, 4]) == []
