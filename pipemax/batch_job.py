@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipemax.batch_requests import CHAT, BadRequest, BatchItem, ServingContext, build_item, decode_line
 from pipemax.results_file import ResultsFile
-from pipemax.runtime.pipeline import describe_run
+from pipemax.runtime.pipeline import describe_prefix_cache, describe_run
 
 # Exit status of `pipemax serve-offline` (documented in the README).
 EXIT_OK = 0  # every request succeeded (or was already done)
@@ -42,6 +42,7 @@ class BatchSummary:
     wall_seconds: float = 0.0
     first_failures: list[str] = field(default_factory=list)
     pipeline: str = ""  # the engine's figures of the run (pipeline.describe_run)
+    prefix_cache: str = ""  # what the prefix cache saved (pipeline.describe_prefix_cache)
 
     def add_failure(self, item: BatchItem) -> None:
         self.failed += 1
@@ -64,7 +65,7 @@ class BatchSummary:
             f"tokens: {self.input_tokens} input, {self.output_tokens} output",
             f"wall time: {self.wall_seconds:.1f} s; {rate:.1f} output tokens/s, {total_rate:.1f} total tokens/s",
         ]
-        return lines + ([self.pipeline] if self.pipeline else [])
+        return lines + [line for line in (self.prefix_cache, self.pipeline) if line]
 
 
 def new_id(prefix: str) -> str:
@@ -208,6 +209,7 @@ def run_batch_job(llm, input_path: Path, results: ResultsFile, served_model_name
         llm.stream(((item.token_ids, item.params) for item in items), on_finish, on_reject)
         if items:
             summary.pipeline = describe_run(llm.last_run_stats)
+            summary.prefix_cache = describe_prefix_cache(llm.last_run_stats)
     finally:
         if progress is not None:
             progress.close()

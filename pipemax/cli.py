@@ -46,7 +46,7 @@ FLAG_OF_OPTION = {
     "pipeline_parallel": "--pipeline-parallel", "micro_batches": "--micro-batches",
     "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers", "stage_timeout": "--stage-timeout",
     "data_parallel": "--data-parallel", "offload": "--offload", "host_memory_gib": "--host-memory-gib",
-    "trace": "--trace", "prefetch_gbs": "--prefetch-gbs",
+    "trace": "--trace", "prefetch_gbs": "--prefetch-gbs", "prefix_caching": "--prefix-caching",
 }
 
 
@@ -103,11 +103,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                             "back while the others compute); force (every request host-resident, for testing). "
                             "Default: the server profile's, else off")
     group.add_argument("--host-memory-gib", type=float, metavar="GIB",
-                       help="host KV pool of offload, every stage of this node together (default: a quarter "
-                            "of the host memory available); checked against what is free")
+                       help="host KV pool of offload and of the prefix cache's host tier, every stage of this "
+                            "node together (default with offload: a quarter of the host memory available; "
+                            "without: none); checked against what is free")
     group.add_argument("--prefetch-gbs", type=float, metavar="GB/S",
                        help="host -> GPU bandwidth offload=auto's prefetch budget counts on (default: measured "
                             "at start; an autotune profile sets it)")
+    group.add_argument("--prefix-caching", choices=["on", "off"], default="on",
+                       help="share the KV of prompt prefixes common to several requests: computed once, kept "
+                            "on the GPU while there is room, then in the host KV pool (with offload, or "
+                            "--host-memory-gib), and requests sharing one run together (default: on)")
     group.add_argument("--trace", metavar="TRACE.json",
                        help="write a Chrome/Perfetto trace of the run: each stage's compute, prefetch and "
                             "write-back, and the host's planning (open at ui.perfetto.dev)")
@@ -123,6 +128,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers, stage_timeout=args.stage_timeout,
         data_parallel=args.data_parallel, offload=args.offload, host_memory_gib=args.host_memory_gib,
         trace=str(args.trace) if args.trace else None, prefetch_gbs=args.prefetch_gbs,
+        prefix_caching=args.prefix_caching == "on",
     )
 
 

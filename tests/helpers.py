@@ -56,3 +56,22 @@ def random_chunk_tables(generator: torch.Generator, seq_lens: list[int], chunk_t
         filler = order[torch.randint(0, num_chunks, (width - count,), generator=generator)]
         tables[row] = torch.cat([ids, filler]).to(torch.int32)
     return num_chunks, tables
+
+
+def settled_kv_managers(llm) -> list:
+    """The KV managers of a finished run: the scheduler's and every in-process stage's, each after
+    replaying the operations the next plan would carry (the frees of the last finished requests)."""
+    engine = llm.engine
+    pending = list(engine.kv.log)
+    for stage in engine.stages:
+        stage.transfers.replay(stage.kv, pending)
+    return [engine.kv] + [stage.kv for stage in engine.stages]
+
+
+def assert_all_free_or_cached(managers) -> None:
+    """No sequence left, every chunk free or an unheld cached prefix chunk (prefix caching keeps
+    them for the next run), on the GPU and the host."""
+    for kv in managers:
+        assert not kv.sequences
+        assert kv.gpu_available == kv.gpu.num_chunks and kv.host_available == kv.host.num_chunks
+        assert all(cached.references == 0 for cached in kv.prefix_cache.entries.values())

@@ -231,3 +231,35 @@ def test_an_interrupted_generate_leaves_nothing_behind(model_folder):
         llm.stream([([5, 6, 7], SamplingParams(max_tokens=3)), ([8, 9], SamplingParams(max_tokens=50))], explode)
     assert not llm.engine.has_unfinished() and llm.engine.kv.gpu.num_free == llm.engine.kv.gpu.num_chunks
     assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
+
+
+def test_prefix_caching_reorders_reuses_and_resumes_without_changing_a_result(model_folder, tmp_path, capsys):
+    """Requests sharing a few-shot prefix, interleaved with others: with caching on (the default)
+    the job runs them in prefix order and reuses the prefix; every result is what caching off
+    gives, and a job resumed with half its results written gives the rest, once each."""
+    shots = "Q: what is one plus one? A: two. Q: what is two plus two? A: four. " * 3
+    records = []
+    for i in range(6):
+        records.append(completion(f"shot-{i}", f"{shots}Q: what is {i} plus {i}? A:"))
+        records.append(completion(f"other-{i}", f"a different story number {i}, told slowly"))
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, records)
+
+    def texts(path):
+        return {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in read_results(path)}
+
+    assert serve(model_folder, requests, tmp_path / "off.jsonl", "--prefix-caching", "off") == 0
+    assert "prefix cache" not in capsys.readouterr().out
+    assert serve(model_folder, requests, tmp_path / "on.jsonl") == 0
+    summary = capsys.readouterr().out
+    line = next(line for line in summary.splitlines() if line.startswith("prefix cache: "))
+    reused, needed = (int(word) for word in line.split()[2:5:2])
+    assert 0 < reused < needed and "% of prefill skipped)" in line
+    assert texts(tmp_path / "on.jsonl") == texts(tmp_path / "off.jsonl")
+
+    kept = (tmp_path / "on.jsonl").read_text().splitlines()[::2]  # as if killed after half the results
+    (tmp_path / "resumed.jsonl").write_text("\n".join(kept) + "\n")
+    assert serve(model_folder, requests, tmp_path / "resumed.jsonl") == 0
+    assert f"{len(records) - len(kept)} succeeded, 0 failed, {len(kept)} already done" in capsys.readouterr().out
+    assert texts(tmp_path / "resumed.jsonl") == texts(tmp_path / "off.jsonl")
+    assert len(read_results(tmp_path / "resumed.jsonl")) == len(records)

@@ -33,6 +33,7 @@ from .cluster import Cluster, current_cluster, leave_cluster
 from .distributed import StageFailure, _die_with_parent, _exit_reason
 from .engine import LLMEngine, check_prompt_ids
 from .engine_config import ConfigError, EngineConfig
+from .prefix_order import balance_groups, group_by_prefix
 
 
 def replica_configs(config: EngineConfig) -> list[EngineConfig]:
@@ -140,6 +141,24 @@ class RemoteReplica:
         self.receiver.join(timeout=timeout)
 
 
+def split_requests(requests: list, replicas: int, chunk_tokens: int | None) -> list[list]:
+    """(seq_id, token ids, params) requests spread over replicas, balanced by work (prompt and
+    output tokens). With prefix caching (chunk_tokens given), requests sharing a prefix go to one
+    replica, whose cache computes it once, unless their group is more than a replica's share
+    (prefix_order.balance_groups)."""
+    weights = [len(ids) + params.max_tokens for _, ids, params in requests]
+    if chunk_tokens is not None:
+        groups = group_by_prefix([ids for _, ids, _ in requests], chunk_tokens)
+        return [[requests[i] for i in part] for part in balance_groups(groups, weights, replicas)]
+    load = [0] * replicas
+    batches: list[list] = [[] for _ in range(replicas)]
+    for index in sorted(range(len(requests)), key=lambda i: -weights[i]):
+        lightest = load.index(min(load))
+        batches[lightest].append(requests[index])
+        load[lightest] += weights[index]
+    return batches
+
+
 class DataParallelEngine:
     def __init__(self, config: EngineConfig, tokenizer=None):
         self.config = config
@@ -197,12 +216,8 @@ class DataParallelEngine:
         """Hand out the added requests, balanced by work, and yield results as replicas finish them."""
         if self.broken:
             raise StageFailure("the replicas were stopped by an earlier interruption or failure: start a new LLM")
-        load = [0] * len(self.replicas)
-        batches: list[list] = [[] for _ in self.replicas]
-        for request in sorted(self._pending, key=lambda r: -(len(r[1]) + r[2].max_tokens)):
-            index = load.index(min(load))
-            batches[index].append(request)
-            load[index] += len(request[1]) + request[2].max_tokens
+        batches = split_requests(self._pending, len(self.replicas),
+                                 self.config.chunk_tokens if self.config.prefix_caching else None)
         self._pending = []
         busy = set()
         for index, batch in enumerate(batches):

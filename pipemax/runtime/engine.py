@@ -301,7 +301,10 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every unfinished request and reset every stage (after an interrupted run, which may
-        have stopped mid-step with some stages ahead of others)."""
+        have stopped mid-step with some stages ahead of others). After a run that finished, nothing
+        is left to drop: the prefix cache stays, for the next run (every stage replayed it alike)."""
+        if not self.has_unfinished() and not self._in_flight:
+            return
         self.scheduler.abort_all()
         self.kv.reset()
         self._sequences.clear()
@@ -322,6 +325,7 @@ class LLMEngine:
         prefix = self.scheduler.prefix
         if prefix is not None:
             prefix.cached_tokens = prefix.needed_tokens = 0
+            self.scheduler.order_waiting_by_prefix()  # results are yielded as they finish: ids unchanged
         cache = self.kv.prefix_cache
         tier_moves_before = (cache, cache.num_demoted, cache.num_promoted)
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0

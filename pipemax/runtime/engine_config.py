@@ -64,7 +64,7 @@ class EngineConfig:
     offload: str = "off"  # off | auto | force: KV of micro-batches between their steps in host memory
     host_memory_gib: float | None = None  # host KV pool (offload, prefix cache's host tier), this node's stages together
     prefetch_gbs: float | None = None  # host -> GPU GB/s offload=auto's budget counts on; default: measured at start
-    prefix_caching: bool = False  # share the KV of full chunks of common prompt prefixes (GPU, then host tier)
+    prefix_caching: bool = True  # share the KV of full chunks of common prompt prefixes (GPU, then host tier)
     trace: str | None = None  # write a Chrome / Perfetto trace of each run here
 
     def __post_init__(self):

@@ -135,6 +135,25 @@ class InProcessPipeline:
         pass
 
 
+def describe_prefix_cache(stats: dict) -> str:
+    """The run summary's prefix cache line ("" when caching was off or nothing ran): the prompt
+    tokens whose KV came from the cache, of all the tokens admitted requests needed (a preempted
+    request's again), summed over data-parallel replicas."""
+    parts = [replica.get("prefix_cache") for replica in stats.get("replicas", [stats])]
+    parts = [part for part in parts if part]
+    if not parts:
+        return ""
+    reused = sum(part["reused_tokens"] for part in parts)
+    needed = sum(part["prompt_tokens"] for part in parts)
+    line = (f"prefix cache: {reused} of {needed} prompt tokens reused "
+            f"({reused / needed if needed else 0:.0%} of prefill skipped)")
+    demoted = sum(part["demoted_chunks"] for part in parts)
+    promoted = sum(part["promoted_chunks"] for part in parts)
+    if demoted or promoted:
+        line += f"; host tier: {demoted} chunks kept there, {promoted} brought back for a hit"
+    return line
+
+
 def describe_run(stats: dict) -> str:
     """One line of a run's pipeline figures for summaries ("" when nothing ran)."""
     if "replicas" in stats:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 from .kv_manager import KVManager, PoolExhaustedError, Residency
 from .residency_plan import GPU, HOST, STAGED, ResidencyState, SeqState, plan_residency
+from .prefix_order import prefix_order
 from .prefix_sharing import PrefixSharing
 from .sequence import Sequence, SequenceStatus
 
@@ -146,6 +147,17 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self._wait(seq)
+
+    def order_waiting_by_prefix(self) -> None:
+        """Prefix caching: the waiting requests in prefix order (prefix_order.py), so that requests
+        sharing a prefix run together while it is cached. Only when nothing runs yet (a run's start):
+        the whole batch is known then."""
+        if self.prefix is None or any(self.groups):
+            return
+        waiting = list(self.waiting)
+        order = prefix_order([seq.token_ids for seq in waiting], self.kv.chunk_tokens,
+                             [self.prefix.keys[seq.seq_id] for seq in waiting])
+        self.waiting = deque(waiting[index] for index in order)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or any(self.groups)

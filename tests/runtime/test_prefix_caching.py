@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipemax import LLM, SamplingParams
-from pipemax.runtime.kv_manager import ChunkState
+from tests.helpers import assert_all_free_or_cached, settled_kv_managers
 from tests.tiny_models import save_tiny_model
 
 CHUNK = 8
@@ -43,7 +43,7 @@ def run(folder, prompts, params=GREEDY, **options):
     with LLM(model=str(folder), chunk_tokens=CHUNK, **{"max_num_seqs": 2, **options}) as llm:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.last_run_stats
-        managers = [stage.kv for stage in llm.engine.stages] + [llm.engine.kv]
+        managers = settled_kv_managers(llm)
         return [o.token_ids for o in outputs], stats, managers
 
 
@@ -51,13 +51,6 @@ def run(folder, prompts, params=GREEDY, **options):
 def reference(tiny):
     folder, prompts = tiny
     return run(folder, prompts, prefix_caching=False)[0]
-
-
-def assert_nothing_leaks(managers):
-    for manager in managers:  # every chunk free or cached, no reference left
-        assert not manager.sequences
-        assert all(state in (ChunkState.FREE, ChunkState.CACHED) for state in manager.gpu.states + manager.host.states)
-        assert all(cached.references == 0 for cached in manager.prefix_cache.entries.values())
 
 
 @pytest.mark.parametrize("options", [
@@ -83,7 +76,7 @@ def test_outputs_are_identical_with_caching_on_and_off(tiny, reference, options)
         assert cache["demoted_chunks"] > 0 and cache["promoted_chunks"] > 0
     if options.get("pipeline_transport") != "distributed" and options.get("pipeline_parallel", 1) == 1 \
             or options.get("pipeline_transport") == "inprocess":
-        assert_nothing_leaks(managers)
+        assert_all_free_or_cached(managers)
 
 
 def test_seeded_sampling_is_identical_with_caching_on_and_off(tiny):
@@ -109,3 +102,30 @@ def test_prefix_caching_is_checked(tiny):
     folder, _ = tiny
     with pytest.raises(ValueError, match="prefix_caching must be True or False"):
         LLM(model=str(folder), prefix_caching="yes")
+
+
+def test_the_cache_outlives_a_run_and_waiting_requests_run_in_prefix_order(tiny, reference):
+    folder, prompts = tiny
+    with LLM(model=str(folder), chunk_tokens=CHUNK, max_num_seqs=2) as llm:
+        first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0].token_ids
+        again = llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0].token_ids
+        assert first == again == reference[0] and llm.last_run_stats["prefix_cached_tokens"] == 2 * CHUNK  # 24 tokens: all but the last
+        scheduler = llm.engine.scheduler
+        interleaved = [prompts[4], prompts[0], prompts[5], prompts[1]]  # boundary, system, boundary, system
+        for prompt in interleaved:
+            llm.engine.add_request(prompt, GREEDY)
+        scheduler.order_waiting_by_prefix()
+        assert [seq.token_ids for seq in scheduler.waiting] == [prompts[4], prompts[5], prompts[0], prompts[1]]
+        assert [result.output_token_ids for result in sorted(llm.engine.run(), key=lambda r: r.seq_id)] == \
+            [reference[4], reference[0], reference[5], reference[1]]
+
+
+def test_data_parallel_replicas_get_whole_prefix_groups():
+    from pipemax.runtime.data_parallel import split_requests
+
+    shared = list(range(40))
+    requests = [(i, (shared if i % 2 else [100 + i] * 40) + [i], GREEDY) for i in range(8)]
+    batches = split_requests(requests, 2, CHUNK)
+    holders = [index for index, batch in enumerate(batches) if any(seq_id % 2 for seq_id, _, _ in batch)]
+    assert len(holders) == 1 and sorted(r[0] for batch in batches for r in batch) == list(range(8))
+    assert [len(batch) for batch in split_requests(requests, 2, None)] == [4, 4]  # caching off: by work only

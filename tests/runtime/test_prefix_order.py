@@ -43,10 +43,21 @@ def test_groups_spread_whole_and_balanced(prompts, parts):
     assigned = balance_groups(groups, weights, parts)
     assert len(assigned) == parts and sorted(i for part in assigned for i in part) == list(range(len(prompts)))
     part_of = {i: p for p, part in enumerate(assigned) for i in part}
-    assert all(len({part_of[i] for i in group}) == 1 for group in groups)  # a prefix on one part only
+    share = sum(weights) / parts
+    for group in groups:  # a prefix on one part only, unless its group is more than a part's share
+        if sum(weights[i] for i in group) <= share:
+            assert len({part_of[i] for i in group}) == 1
     loads = [sum(weights[i] for i in part) for part in assigned]
-    heaviest_group = max(sum(weights[i] for i in group) for group in groups)
-    assert max(loads) - min(loads) <= heaviest_group
+    assert max(loads) - min(loads) <= max(share, max(weights))
+    for part in assigned:  # submission-relative order kept within a part
+        order = prefix_order(prompts, CHUNK)
+        assert part == sorted(part, key=order.index)
+
+
+def test_a_group_heavier_than_a_share_keeps_every_replica_busy():
+    prompts = [HEADS[0] + [i] for i in range(8)]  # one prefix, eight requests, weight 6 each
+    assigned = balance_groups(group_by_prefix(prompts, CHUNK), [6] * 8, 4)
+    assert [len(part) for part in assigned] == [2, 2, 2, 2]
 
 
 def test_short_prompts_and_submission_order():
