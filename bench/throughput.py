@@ -4,6 +4,9 @@
         --input-len 512 --output-len 256 --memory-cap-gib 32          (the issue-3 target, on a GPU)
     python bench/throughput.py --model llama-3.2-1b --workload sharegpt --num-prompts 256
     python bench/throughput.py --smoke                                 (tiny, CPU: checks the script)
+    python bench/throughput.py --model llama-3-8b --workload fewshot --prefix-caching on,off --skip-peer
+        (issue 12: a 1,500-token few-shot prefix before 64 different 100-token questions, 32 out;
+         with --workload fixed, the same without any sharing)
 
 Models have random weights of real shapes (no downloads); every request ignores EOS, so both
 systems generate exactly the requested lengths. The peer runs batched at the largest batch that
@@ -87,9 +90,15 @@ def hf_config(name: str):
     return transformers.LlamaConfig(**shape)
 
 
-def make_workload(kind: str, num_prompts: int, input_len: int, output_len: int, vocab: int, seed: int):
-    """[(prompt token ids, output length)], seeded."""
+def make_workload(kind: str, num_prompts: int, input_len: int, output_len: int, vocab: int, seed: int,
+                  shared_prefix_len: int = 0):
+    """[(prompt token ids, output length)], seeded. fewshot: one shared prefix of shared_prefix_len
+    tokens, then input_len tokens of each request's own."""
     generator = torch.Generator().manual_seed(seed)
+    if kind == "fewshot":
+        prefix = torch.randint(0, vocab, (shared_prefix_len,), generator=generator).tolist()
+        return [(prefix + torch.randint(0, vocab, (input_len,), generator=generator).tolist(), output_len)
+                for _ in range(num_prompts)]
     if kind == "fixed":
         lengths = [(input_len, output_len)] * num_prompts
     else:
@@ -110,7 +119,7 @@ def free_memory(device: torch.device) -> None:
 
 
 def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 1, micro_batches: int | None = None,
-                offload: str = "off") -> Result:
+                offload: str = "off", prefix_caching: bool = False) -> Result:
     config = model_config_from_hf(hf_config(args.model))
     torch.manual_seed(0)
     model = build_model(config, device=device, dtype=dtype)
@@ -124,11 +133,14 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
         kv_cache_gib=args.kv_cache_gib, pipeline_parallel=stages, micro_batches=micro_batches,
         pipeline_transport="inprocess",  # random weights live in this process: stages time-share this device
         offload=offload, host_memory_gib=args.host_memory_gib if offload != "off" else None,
-        cuda_graphs=args.cuda_graphs == "on",
+        cuda_graphs=args.cuda_graphs == "on", prefix_caching=prefix_caching,
     )
     engine = LLMEngine(engine_config, model=model)
-    # Warm-up outside the timed region: the first prefill and sampling steps compile kernels.
-    warmup_prompt = workload[0][0][: args.max_batched_tokens // 2] or [0]
+    # Warm-up outside the timed region: the first prefill and sampling steps compile kernels. Its
+    # prompt shares nothing with the workload (the prefix cache must not start warm).
+    vocab = MODEL_SHAPES[args.model]["vocab_size"]
+    warmup_prompt = torch.randint(0, vocab, (max(1, min(args.max_batched_tokens // 2, len(workload[0][0]))),),
+                                  generator=torch.Generator().manual_seed(args.seed + 12345)).tolist()
     engine.add_request(warmup_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     for _ in engine.run():
         pass
@@ -147,6 +159,10 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
             f"{engine.kv.gpu.num_chunks} chunks, device waited for host {stats['device_waited_for_host_fraction']:.0%}")
     if stages > 1:
         note += ", stage busy " + "/".join(f"{1 - b:.0%}" for b in stats["stage_bubble_fraction"])
+    if "prefix_cache" in stats:
+        cache = stats["prefix_cache"]
+        skipped = cache["reused_tokens"] / cache["prompt_tokens"] if cache["prompt_tokens"] else 0.0
+        note += f", prefix cache {cache['reused_tokens']} of {cache['prompt_tokens']} prompt tokens ({skipped:.0%})"
     if offload != "off":
         moved = stats["transfers"]
         hidden = stats.get("copy_time_hidden_fraction")
@@ -162,6 +178,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     free_memory(device)
     name = (f"pipemax ({prefill_mode}" + (f", P={stages}" if stages > 1 else "") + f", M={stats['micro_batches']}"
             + (f", offload {offload}" if offload != "off" else "")
+            + (", prefix cache" if prefix_caching else "")
             + (", no CUDA graphs" if args.cuda_graphs == "off" and device.type == "cuda" else "") + ")")
     return Result(name, seconds, generated, generated + prompt_tokens, note)
 
@@ -233,7 +250,8 @@ def roofline_seconds(args, workload, peaks, dtype) -> tuple[float, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(MODEL_SHAPES))
-    parser.add_argument("--workload", default="fixed", choices=["fixed", *WORKLOADS])
+    parser.add_argument("--workload", default="fixed", choices=["fixed", "fewshot", *WORKLOADS])
+    parser.add_argument("--shared-prefix-len", type=int, default=1500, help="fewshot: tokens of the shared prefix")
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--input-len", type=int, default=512, help="fixed workload: prompt tokens")
     parser.add_argument("--output-len", type=int, default=256, help="fixed workload: generated tokens")
@@ -249,6 +267,7 @@ def main(argv=None) -> int:
                         help="micro-batches in flight; a list such as 1,2 runs each (default: the engine's)")
     parser.add_argument("--offload", default="off", help="comma-separated offload modes to run: off,auto,force")
     parser.add_argument("--host-memory-gib", type=float, default=64.0, help="host KV pool when offloading")
+    parser.add_argument("--prefix-caching", default="off", help="comma-separated: on,off runs each (default off)")
     parser.add_argument("--cuda-graphs", default="on", choices=["on", "off"],
                         help="off: every step eager (to measure what the graphs, decode and piecewise, buy)")
     parser.add_argument("--peer-batch", type=int, help="first batch size to try for transformers")
@@ -259,6 +278,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.num_prompts, args.input_len, args.output_len = "tiny", 6, 20, 8
+        args.shared_prefix_len = min(args.shared_prefix_len, 40)
         args.kv_cache_gib = args.kv_cache_gib or 0.01
         args.host_memory_gib = min(args.host_memory_gib, 0.05)
     use_cuda = torch.cuda.is_available() and not args.smoke
@@ -266,7 +286,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     set_memory_cap(device, args.memory_cap_gib)
     vocab = MODEL_SHAPES[args.model]["vocab_size"]
-    workload = make_workload(args.workload, args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
+    workload = make_workload(args.workload, args.num_prompts, args.input_len, args.output_len, vocab, args.seed,
+                             args.shared_prefix_len)
     peaks = measure_peaks(device, dtype, small=args.smoke)
 
     results = []
@@ -274,13 +295,16 @@ def main(argv=None) -> int:
     stage_counts = [int(n) for n in args.pipeline_parallel.split(",")]
     micro_batch_counts = [int(n) for n in args.micro_batches.split(",")] if args.micro_batches else [None]
     offload_modes = args.offload.split(",")
+    caching = [{"on": True, "off": False}[value] for value in args.prefix_caching.split(",")]
     for mode in modes:
         for stages in stage_counts:
             for micro_batches in micro_batch_counts:
                 if micro_batches is not None and micro_batches < stages:
                     continue
                 for offload in offload_modes:
-                    results.append(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches, offload))
+                    for prefix_caching in caching:
+                        results.append(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches, offload,
+                                                   prefix_caching))
     peer = None if args.skip_peer else run_transformers(args, workload, device, dtype)
     if peer:
         results.append(peer)
@@ -300,6 +324,15 @@ def main(argv=None) -> int:
         ratio = f"{result.generated_per_s / peer.generated_per_s:.2f}x" if peer else "-"
         lines.append(f"{result.system:<32} {result.seconds:>9.2f} {result.generated_per_s:>11.1f} "
                      f"{result.total_per_s:>12.1f} {ratio:>8} {roofline / result.seconds:>9.0%}  {result.note}")
+    pairs = {}  # each configuration with and without the prefix cache: the ratio
+    for result in results:
+        if result.system.startswith("pipemax"):
+            pairs.setdefault(result.system.replace(", prefix cache", ""), {})["on" if "prefix cache)" in result.system
+                                                                              else "off"] = result
+    for system, pair in pairs.items():
+        if len(pair) == 2:
+            lines.append(f"prefix cache on / off, {system}: {pair['on'].generated_per_s / pair['off'].generated_per_s:.2f}x "
+                         f"generated tokens/s")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"device": name, "args": vars(args) | {"json": None},

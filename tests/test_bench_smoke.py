@@ -17,6 +17,15 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert '"device": "CPU (smoke)"' in out.read_text()
 
 
+def test_prefix_cache_benchmark_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--smoke", "--workload", "fewshot",
+                             "--prefix-caching", "on,off", "--skip-peer"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pipemax (mixed, M=1, prefix cache)" in result.stdout and "pipemax (mixed, M=1) " in result.stdout
+    assert "prefix cache 160 of 360 prompt tokens (44%)" in result.stdout  # 5 of 6 reuse 2 chunks of the 40 shared
+    assert "prefix cache on / off, pipemax (mixed, M=1): " in result.stdout
+
+
 def test_throughput_benchmark_smoke(tmp_path):
     out = tmp_path / "throughput.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--smoke", "--prefill-mode", "both",
