@@ -136,8 +136,8 @@ class KVManager:
         """Host chunks an allocation can get: the free ones and the cached prefix copies."""
         return self.prefix_cache.host_available()
 
-    def _take_gpu(self, count: int, state: ChunkState) -> list[int]:
-        return self.prefix_cache.take_gpu(count, state)
+    def _take_gpu(self, count: int, state: ChunkState, host_reserve: int = 0) -> list[int]:
+        return self.prefix_cache.take_gpu(count, state, host_reserve=host_reserve)
 
     def _take_host(self, count: int) -> list[int]:
         return self.prefix_cache.take_host(count, ChunkState.OWNED)
@@ -205,8 +205,10 @@ class KVManager:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         count = self.chunks_for(num_tokens)
         self._check_room(count, count)
-        host_chunks = self._take_host(count)  # (first: taking GPU chunks may demote cached ones to the host)
-        gpu_chunks = self._take_gpu(count, ChunkState.STAGING)
+        # GPU chunks first (as the stages replay it: demotions, logged before, take host chunks
+        # first there too), leaving the host chunks this sequence takes next.
+        gpu_chunks = self._take_gpu(count, ChunkState.STAGING, host_reserve=count)
+        host_chunks = self._take_host(count)
         self.sequences[seq_id] = SequenceKV(seq_id, num_tokens, Residency.STAGED, gpu_chunks=gpu_chunks,
                                             host_chunks=host_chunks)
         return list(gpu_chunks)
@@ -219,8 +221,8 @@ class KVManager:
         new_chunks = self.chunks_for(seq.num_tokens + count) - len(seq.gpu_chunks)
         if seq.residency is Residency.STAGED:
             self._check_room(new_chunks, new_chunks)
+            seq.gpu_chunks += self._take_gpu(new_chunks, ChunkState.STAGING, host_reserve=new_chunks)
             seq.host_chunks += self._take_host(new_chunks)
-            seq.gpu_chunks += self._take_gpu(new_chunks, ChunkState.STAGING)
         else:
             seq.gpu_chunks += self._take_gpu(new_chunks, ChunkState.OWNED)
         seq.num_tokens += count

@@ -61,19 +61,22 @@ class PrefixChunkCache:
 
     def gpu_available(self, keep=frozenset()) -> int:
         """GPU chunks an allocation can get: free ones and unheld cached ones (none in keep)."""
-        return self.gpu.num_free + len(self.gpu_unused) - sum(1 for e in keep if e in self.gpu_unused)
+        available = self.gpu.num_free + len(self.gpu_unused)
+        return available - sum(1 for e in keep if e in self.gpu_unused) if keep else available
 
     def host_available(self, keep=frozenset()) -> int:
-        return self.host.num_free + len(self.host_copies) - sum(1 for e in keep if e in self.host_copies)
+        available = self.host.num_free + len(self.host_copies)
+        return available - sum(1 for e in keep if e in self.host_copies) if keep else available
 
     # ---- taking chunks, evicting cached ones when the free ones do not suffice -----------------
-    def take_gpu(self, count: int, state: ChunkState, keep=frozenset()) -> list[int]:
-        """count GPU chunks; cached entries in keep stay. Raises before changing anything."""
+    def take_gpu(self, count: int, state: ChunkState, keep=frozenset(), host_reserve: int = 0) -> list[int]:
+        """count GPU chunks; cached entries in keep stay; demotions leave host_reserve host chunks
+        available (the caller takes them next). Raises before changing anything."""
         available = self.gpu_available(keep)
         if count > available:
             raise PoolExhaustedError(self.gpu.name, count, available, self.gpu.num_chunks)
         for entry in self._victims(self.gpu_unused, count - self.gpu.num_free, keep):
-            self.evict_gpu(entry, keep=keep)
+            self.evict_gpu(entry, keep=keep, host_reserve=host_reserve)
         return self.gpu.allocate(count, state)
 
     def take_host(self, count: int, state: ChunkState, keep=frozenset()) -> list[int]:
@@ -97,7 +100,7 @@ class PrefixChunkCache:
                 break
         return (unwanted + wanted)[:count]
 
-    def evict_gpu(self, entry: int, demote: bool | None = None, keep=frozenset()) -> None:
+    def evict_gpu(self, entry: int, demote: bool | None = None, keep=frozenset(), host_reserve: int = 0) -> None:
         """The entry's unheld GPU copy leaves the GPU: demoted to the host when a waiting request
         wants it and there is room (demote=None: decide so; a stage replays the decision given)."""
         cached = self._entry(entry)
@@ -105,7 +108,7 @@ class PrefixChunkCache:
             raise KVStateError(f"cached chunk {entry} has no unheld GPU copy to evict")
         if demote is None:
             demote = (cached.host is None and self.wanted is not None and self.wanted(entry)
-                      and self.host_available(keep) > 0)
+                      and self.host_available(keep) > host_reserve)
         if demote:
             if cached.host is not None:
                 raise KVStateError(f"cached chunk {entry} is on the host already")

@@ -24,11 +24,13 @@ def chunk_key(parent: int, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
-def chunk_keys(token_ids: list[int], chunk_tokens: int, parent: int = ROOT, start: int = 0) -> list[int]:
-    """The chained key of every full chunk of token_ids from position `start` (a chunk boundary,
-    after the chunk keyed `parent`); the last partial chunk has none."""
+def chunk_keys(token_ids: list[int], chunk_tokens: int, parent: int = ROOT, start: int = 0,
+               end: int | None = None) -> list[int]:
+    """The chained key of every full chunk of token_ids[:end] from position `start` (a chunk
+    boundary, after the chunk keyed `parent`); the last partial chunk has none."""
     keys = []
-    for begin in range(start, len(token_ids) - chunk_tokens + 1, chunk_tokens):
+    end = len(token_ids) if end is None else min(end, len(token_ids))
+    for begin in range(start, end - chunk_tokens + 1, chunk_tokens):
         parent = chunk_key(parent, tuple(token_ids[begin:begin + chunk_tokens]))
         keys.append(parent)
     return keys

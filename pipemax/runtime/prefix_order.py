@@ -35,7 +35,7 @@ def balance_groups(groups: list[list[int]], weights: list[int], parts: int) -> l
     heaviest first (weights: each request's tokens), so that a prefix is computed on one part only.
     A group heavier than a part's fair share is cut (in its order, so deeper shared chains stay
     together) into pieces of at most that share: all parts then stay busy, each piece computing
-    the prefix once. Each part keeps its requests in their order within the input."""
+    the prefix once. Each part keeps its requests in the order of `groups` (prefix order)."""
     share = sum(weights) / parts
     pieces = []
     for group in groups:

@@ -77,7 +77,7 @@ class PrefixSharing:
 
     def admitted(self, seq: Sequence, shared: list[int]) -> None:
         keys = self.keys[seq.seq_id]
-        self.demand.subtract(keys)
+        _discount(self.demand, keys)
         self.cached_tokens += len(shared) * self.chunk_tokens
         self.needed_tokens += len(seq.token_ids)
         self.indexed[seq.seq_id] = len(shared)
@@ -95,7 +95,7 @@ class PrefixSharing:
         """The first `count` keys seq_id promised are indexed (or never will be by it)."""
         promised = self.promised.get(seq_id)
         if promised:
-            self.producing.subtract(promised[:count])
+            _discount(self.producing, promised[:count])
             del promised[:count]
 
     # ---- a returned step ---------------------------------------------------------------------
@@ -112,9 +112,8 @@ class PrefixSharing:
                 continue
             keys = self.keys[seq.seq_id]
             if len(keys) < full:  # chunks of generated tokens: their keys follow on
-                keys += chunk_keys(seq.token_ids[:full * chunk_tokens], chunk_tokens,
-                                   keys[-1] if keys else ROOT, len(keys) * chunk_tokens)
-            table = self.kv.chunk_table(seq.seq_id)
+                keys += chunk_keys(seq.token_ids, chunk_tokens, keys[-1] if keys else ROOT, len(keys) * chunk_tokens,
+                                   full * chunk_tokens)
             reached = done
             for index in range(done, full):
                 parent = keys[index - 1] if index else ROOT
@@ -131,3 +130,13 @@ class PrefixSharing:
                 reached = index + 1
             self._keep_promise(seq.seq_id, reached - done)
             self.indexed[seq.seq_id] = reached
+
+
+def _discount(counter: Counter, keys: list[int]) -> None:
+    """One less of each key; keys at zero go (a long-lived engine sees millions of keys)."""
+    for key in keys:
+        left = counter[key] - 1
+        if left > 0:
+            counter[key] = left
+        else:
+            del counter[key]

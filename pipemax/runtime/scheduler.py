@@ -127,6 +127,7 @@ class Scheduler:
         # Preempted while planning this step: not admitted again in it (it would only be preempted
         # again at its next step, and in "separate" mode keep the decodes from ever running).
         self._preempted_now: set[int] = set()
+        self._promoted_now = 0  # host-only cached chunks the admissions of the step being planned bring back
         # Prefix caching (prefix_sharing.py): requests start from the cached chunks of their
         # longest cached prefix; returned steps make their full chunks shareable.
         self.prefix = PrefixSharing(kv) if prefix_caching else None
@@ -164,7 +165,7 @@ class Scheduler:
 
     def abort_all(self) -> None:
         for seq in self.running:
-            self.finish(seq)
+            self.finish(seq, aborted=True)
         for seq in self.waiting:
             seq.status = SequenceStatus.FINISHED
         self.waiting.clear()
@@ -174,7 +175,9 @@ class Scheduler:
         if self.prefix is not None:  # the KV manager is reset next: nothing stays cached
             self.prefix.reset()
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, aborted: bool = False) -> None:
+        if self.prefix is not None and not aborted:
+            self.prefix.index_step([seq])  # its last step's chunks, before they go (it may finish in its first)
         self.groups[seq.micro_batch].remove(seq)
         self.kv.free(seq.seq_id)
         if self.prefix is not None:
@@ -186,9 +189,11 @@ class Scheduler:
         """The next step of one micro-batch (empty when it has nothing it can run now)."""
         group = self.groups[micro_batch]
         self._starved.discard(micro_batch)  # its turn: it tries to grow again
+        self._promoted_now = 0  # host-only cached chunks this step's admissions bring back
         self._preempted_now = set()
-        if micro_batch in self._must_shed:
-            self._must_shed.discard(micro_batch)
+        must_shed = micro_batch in self._must_shed
+        self._must_shed.discard(micro_batch)
+        if must_shed and self._starved:  # (no group starved any more: room appeared meanwhile)
             holding = [s for s in group if self._on_gpu(s)]
             if holding:
                 self._preempt(group, holding[-1])
@@ -214,13 +219,18 @@ class Scheduler:
             self._in_flight.add(micro_batch)
         if self.budget is not None and plan.scheduled:
             self.budget.record(micro_batch, plan.num_tokens, sum(entry.end for entry in plan.scheduled))
-        if not plan.scheduled and self.waiting and not any(self.groups):
-            # (host-resident sequences that could not be staged keep their group non-empty)
+        if (not plan.scheduled and self.waiting and not any(self.groups)
+                and (not self._preempted_now or not self._fits_empty_pool(self.waiting[0]))):
+            # (host-resident sequences that could not be staged keep their group non-empty; one
+            # preempted in this very call that fits the pool is admitted again at the next)
             raise RuntimeError(
                 f"no sequence fits the KV pool ({self.kv.gpu.num_chunks} chunks of {self.kv.chunk_tokens} tokens): "
                 "give the KV cache more memory or lower max_model_len"
             )
         return plan
+
+    def _fits_empty_pool(self, seq: Sequence) -> bool:
+        return self.kv.chunks_for(len(seq.token_ids) + 1) <= self.kv.gpu.num_chunks
 
     @staticmethod
     def _still_valid(entry: ScheduledSequence) -> bool:
@@ -358,6 +368,7 @@ class Scheduler:
                 deferred += 1
                 continue
             seq.num_computed_tokens = len(shared) * self.kv.chunk_tokens
+            promoted = sum(1 for entry in shared if not self.kv.prefix_cache.on_gpu(entry))
             count = min(seq.num_uncomputed_tokens, budget)
             try:
                 if shared:
@@ -368,6 +379,7 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break  # wait for running sequences to finish and free their chunks
             del self.waiting[deferred]
+            self._promoted_now += promoted
             if self.prefix is not None:
                 self.prefix.admitted(seq, shared)
             seq.status = SequenceStatus.RUNNING
@@ -387,7 +399,7 @@ class Scheduler:
             return []
         room = None
         if self.budget is not None:
-            room = self.budget.budget_chunks(micro_batch) - self._host_load(micro_batch)
+            room = self.budget.budget_chunks(micro_batch) - self._host_load(micro_batch) - self._promoted_now
         return self.prefix.match(seq, room)
 
     def _allocate_new(self, seq: Sequence, micro_batch: int, count: int) -> None:

@@ -129,6 +129,7 @@ class RecordingKVManager(KVManager):
 
     def take_log(self) -> list[KVOp]:
         log, self.log = self.log, []
+        self.prefix_cache.copies.clear()  # (the stages run them: this manager only decides)
         return log
 
 

@@ -75,9 +75,9 @@ def test_host_tier_demotes_wanted_chunks_once_and_promotes_them_on_a_hit():
     kv.free(0)
     kv.take_log()
     kv.allocate(1, 6)  # needs all 3 chunks: `second` (unwanted) is dropped, `first` demoted
-    assert kv.take_log() == [("evict_gpu", second, False), ("evict_gpu", first, True), ("allocate", 1, 6)]
     assert kv.prefix_cache.copies == [("demote", gpu_first, 0)] and list(kv.prefix_cache.entries) == [first]
-    kv.prefix_cache.copies.clear()
+    assert kv.take_log() == [("evict_gpu", second, False), ("evict_gpu", first, True), ("allocate", 1, 6)]
+    assert kv.prefix_cache.copies == []  # (the stages run the copies; the scheduler's manager keeps none)
     kv.free(1)
     table = kv.allocate_with_prefix(2, [first], 3)  # a hit on the host tier: promoted into a GPU chunk
     assert kv.prefix_cache.copies == [("promote", 0, table[0])] and kv.prefix_cache.num_promoted == 1
@@ -157,7 +157,7 @@ class ContentCopies:
         self.prefetch(None, pairs)
 
 
-OPS = st.sampled_from(["new", "new", "shared", "shared", "cache", "cache", "cache", "append", "free", "free", "offload",
+OPS = st.sampled_from(["new", "new", "staged", "shared", "shared", "cache", "cache", "cache", "append", "free", "free", "offload",
                        "prefetch", "release", "resident"])
 
 
@@ -189,6 +189,8 @@ def test_replay_on_a_stage_ends_in_the_same_state_with_every_chunk_where_its_tab
         try:
             if op == "new":
                 scheduler.allocate(next_seq, tokens)
+            elif op == "staged":
+                scheduler.allocate_staged(next_seq, tokens)
             elif op == "shared" and scheduler.prefix_cache.entries:
                 entries = sorted(scheduler.prefix_cache.entries)
                 chosen = entries[pick % len(entries):][:1 + tokens % 3]
@@ -217,7 +219,7 @@ def test_replay_on_a_stage_ends_in_the_same_state_with_every_chunk_where_its_tab
         check_references(scheduler)
         apply_kv_ops(stage, scheduler.take_log(), copies)
         assert stage.prefix_cache.copies == [] and snapshot(stage) == snapshot(scheduler)
-        if op in ("new", "shared") and next_seq in stage.sequences:
+        if op in ("new", "staged", "shared") and next_seq in stage.sequences:
             compute(next_seq, len(expected.get(next_seq, [])))
             next_seq += 1
         elif op == "append" and target in stage.sequences:
@@ -233,3 +235,20 @@ def test_replay_on_a_stage_ends_in_the_same_state_with_every_chunk_where_its_tab
             assert gpu_content[cached.gpu] == entry_label[entry]
         if cached.host is not None:
             assert host_content[cached.host] == entry_label[entry]
+
+
+@pytest.mark.parametrize("grow", [False, True], ids=["admitted-staged", "staged-append"])
+def test_a_staged_sequence_and_the_demotion_it_causes_get_the_same_host_chunks_on_every_stage(grow):
+    scheduler, stage = RecordingKVManager(3, 4, 2), KVManager(3, 4, 2)
+    scheduler.prefix_cache.wanted = lambda entry: True
+    scheduler.allocate(0, 4)
+    scheduler.cache_chunk(0, 0), scheduler.cache_chunk(0, 1)
+    scheduler.free(0)
+    if grow:
+        scheduler.allocate_staged(1, 2)  # the free chunk
+        scheduler.append(1, 2)  # a second: one cached chunk is demoted to make room
+    else:
+        scheduler.allocate_staged(1, 4)  # the free chunk and a demoted one
+    assert scheduler.prefix_cache.num_demoted == 1
+    apply_kv_ops(stage, scheduler.take_log())
+    assert snapshot(stage) == snapshot(scheduler)

@@ -129,3 +129,14 @@ def test_data_parallel_replicas_get_whole_prefix_groups():
     holders = [index for index, batch in enumerate(batches) if any(seq_id % 2 for seq_id, _, _ in batch)]
     assert len(holders) == 1 and sorted(r[0] for batch in batches for r in batch) == list(range(8))
     assert [len(batch) for batch in split_requests(requests, 2, None)] == [4, 4]  # caching off: by work only
+
+
+def test_requests_that_finish_in_their_first_step_still_leave_their_prefix_cached(tiny):
+    """max_tokens=1 (scoring, classification): a request finishes in the step that computes its
+    prompt; its chunks are indexed before they are freed, so its sharers reuse them."""
+    folder, prompts = tiny
+    sharers = prompts[:4] + prompts[-1:]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    off = run(folder, sharers, one, prefix_caching=False)[0]
+    on, stats, _ = run(folder, sharers, one, prefix_caching=True, max_num_seqs=8)
+    assert on == off and stats["prefix_cached_tokens"] == 4 * 2 * CHUNK
