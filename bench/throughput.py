@@ -140,7 +140,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     # prompt shares nothing with the workload (the prefix cache must not start warm).
     vocab = MODEL_SHAPES[args.model]["vocab_size"]
     warmup_prompt = torch.randint(0, vocab, (max(1, min(args.max_batched_tokens // 2, len(workload[0][0]))),),
-                                  generator=torch.Generator().manual_seed(args.seed + 12345)).tolist()
+                                  generator=torch.Generator().manual_seed(getattr(args, "seed", 0) + 12345)).tolist()
     engine.add_request(warmup_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     for _ in engine.run():
         pass
