@@ -103,13 +103,12 @@ class PrefixSharing:
         """Index the chunks the returned step filled, so that later requests share them."""
         chunk_tokens = self.chunk_tokens
         for seq in group:
-            if (seq.status is not SequenceStatus.RUNNING or seq.seq_id not in self.kv.sequences
-                    or self.kv.residency(seq.seq_id) not in (Residency.GPU, Residency.STAGED)):
-                continue  # (a host-resident one computed nothing this step)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             done = self.indexed[seq.seq_id]
             full = min(seq.num_computed_tokens, len(seq.token_ids)) // chunk_tokens
-            if full <= done:
-                continue
+            if full <= done or self.kv.residency(seq.seq_id) not in (Residency.GPU, Residency.STAGED):
+                continue  # (most decode steps fill no chunk; a host-resident one computed nothing)
             keys = self.keys[seq.seq_id]
             if len(keys) < full:  # chunks of generated tokens: their keys follow on
                 keys += chunk_keys(seq.token_ids, chunk_tokens, keys[-1] if keys else ROOT, len(keys) * chunk_tokens,

@@ -368,7 +368,7 @@ class Scheduler:
                 deferred += 1
                 continue
             seq.num_computed_tokens = len(shared) * self.kv.chunk_tokens
-            promoted = sum(1 for entry in shared if not self.kv.prefix_cache.on_gpu(entry))
+            promoted = 0 if self.budget is None else sum(not self.kv.prefix_cache.on_gpu(e) for e in shared)
             count = min(seq.num_uncomputed_tokens, budget)
             try:
                 if shared:

@@ -10,10 +10,11 @@ deterministic (lowest free id first), so every stage ends up with the same chunk
 ever sending one. The prefix cache's decisions too: "cache_chunk", "allocate_with_prefix" (a
 sequence that starts with cached entries, promoting host-only ones) and each eviction of a cached
 chunk ("evict_gpu", which may demote it to the host, and "evict_host"), logged before the operation
-that needed the room, so a stage never chooses what to evict. Residency changes travel the same way: "offload" (GPU -> host), "prefetch"
-(host -> staging chunks), "allocate_staged" (a new sequence that lives on the host, computed
-into staging chunks) and "release_staging"; the scheduler counts them done at once, each
-stage runs their copies (kv_transfers.py) and orders later work after them.
+that needed the room, so a stage never chooses what to evict. Residency changes travel the same
+way: "offload" (GPU -> host), "prefetch" (host -> staging chunks), "allocate_staged" (a new
+sequence that lives on the host, computed into staging chunks) and "release_staging"; the
+scheduler counts them done at once, each stage runs their copies (kv_transfers.py) and orders
+later work after them.
 """
 
 from __future__ import annotations
