@@ -14,7 +14,7 @@ def __getattr__(name):
 
         return LLM
     if name == "SamplingParams":
-        from pipemax.runtime.sampling import SamplingParams
+        from pipemax.core.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'pipemax' has no attribute {name!r}")

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipemax.core.sampling_params import SamplingParams
+from pipemax.engine.llm_engine import EngineConfig, FinishedRequest, LLMEngine
 from pipemax.models.default_model import default_model_path
 from pipemax.models.loader import find_weights
-from pipemax.runtime.engine import EngineConfig, FinishedRequest, LLMEngine
-from pipemax.runtime.sampling import SamplingParams
 
 # The prompt forms of vLLM's LLM.generate: text, token ids, TextPrompt and TokensPrompt dicts.
 Prompt = str | list[int] | dict
@@ -168,11 +168,11 @@ def normalize_messages(messages) -> list[dict]:
 def serve_torchrun_worker(model: str | Path | None = None, **engine_options) -> bool:
     """Under torchrun, on a rank other than 0: serve as a stage or a replica's head until rank 0
     closes its LLM, then return True. Anywhere else: return False at once."""
-    from pipemax.runtime.cluster import join_cluster, launched_by_torchrun
+    from pipemax.parallel.cluster import join_cluster, launched_by_torchrun
 
     if not launched_by_torchrun() or os.environ.get("RANK") == "0":
         return False
-    from pipemax.runtime.data_parallel import serve_worker
+    from pipemax.engine.data_parallel import serve_worker
 
     model_path = Path(model) if model is not None else default_model_path()
     config = EngineConfig(model=str(model_path), **engine_options)
@@ -189,7 +189,7 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, dtype: str = "auto", gpu_memory_gib: float | None = None,
                  **engine_options):
-        from pipemax.runtime.cluster import join_cluster, launched_by_torchrun
+        from pipemax.parallel.cluster import join_cluster, launched_by_torchrun
 
         if serve_torchrun_worker(model, dtype=dtype, gpu_memory_gib=gpu_memory_gib, **engine_options):
             raise SystemExit(0)
@@ -201,7 +201,7 @@ class LLM:
             self.cluster = join_cluster(config.pipeline_parallel, config.data_parallel, config.device)
             config = dataclasses.replace(config, device=str(self.cluster.device()))
         if config.data_parallel > 1:  # replicas in processes of their own; this one hands out the work
-            from pipemax.runtime.data_parallel import DataParallelEngine
+            from pipemax.engine.data_parallel import DataParallelEngine
 
             self.engine = DataParallelEngine(config, tokenizer=self.tokenizer)
         else:
@@ -265,7 +265,7 @@ class LLM:
         under torchrun, tell every rank to stop."""
         self.engine.close()
         if getattr(self, "cluster", None) is not None:
-            from pipemax.runtime.cluster import leave_cluster
+            from pipemax.parallel.cluster import leave_cluster
 
             leave_cluster()
             self.cluster = None

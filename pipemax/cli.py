@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipemax.profile_settings import add_profile_arguments
+from pipemax.tuning.profile_settings import add_profile_arguments
 
 
 def describe_environment() -> list[str]:
@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(serve)
     add_profile_arguments(serve)
-    from pipemax.autotune import add_autotune_parser
-    from pipemax.plan_command import add_plan_parser
+    from pipemax.tuning.autotune import add_autotune_parser
+    from pipemax.tuning.plan_command import add_plan_parser
 
     add_autotune_parser(commands)
     add_plan_parser(commands)
@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_settings(args: argparse.Namespace) -> list[str]:
     """Flags, then the server profile, then defaults (profile_settings.py): the lines saying so."""
-    from pipemax.profile_settings import ProfileSettingsError, apply_server_profile
-    from pipemax.runtime.cluster import launched_by_torchrun
+    from pipemax.parallel.cluster import launched_by_torchrun
+    from pipemax.tuning.profile_settings import ProfileSettingsError, apply_server_profile
 
     try:
         return apply_server_profile(args, launched_by_torchrun())
@@ -174,8 +174,8 @@ def resolve_settings(args: argparse.Namespace) -> list[str]:
 
 def preflight(args: argparse.Namespace) -> None:
     """Every check that needs no weights: flags, device, model files. Fails in seconds, not after loading."""
+    from pipemax.engine.config import ConfigError, EngineConfig
     from pipemax.models.loader import WeightLoadError, check_model_path
-    from pipemax.runtime.engine import ConfigError, EngineConfig
 
     try:
         config = EngineConfig(model=str(args.model or ""), **engine_options(args))
@@ -198,7 +198,7 @@ def check_partition(args: argparse.Namespace, config) -> None:
     """The stage split needs only the model's config.json: check it now, not after loading."""
     from pipemax.models import model_config_at
     from pipemax.models.default_model import default_model_path
-    from pipemax.runtime.partition import PartitionError, partition_layers
+    from pipemax.parallel.partition import PartitionError, partition_layers
 
     path = Path(args.model) if args.model is not None else default_model_path()
     try:
@@ -220,9 +220,9 @@ def served_names(args: argparse.Namespace) -> list[str]:
 
 
 def serve_offline(args: argparse.Namespace) -> int:
-    from pipemax.batch_job import BatchSummary, run_batch_job
-    from pipemax.results_file import OutputFileError, ResultsFile
-    from pipemax.runtime.distributed import StageFailure
+    from pipemax.batch.job import BatchSummary, run_batch_job
+    from pipemax.batch.results_file import OutputFileError, ResultsFile
+    from pipemax.parallel.distributed import StageFailure
 
     settings = resolve_settings(args)
     preflight(args)
@@ -263,7 +263,7 @@ def serve_as_torchrun_worker(args: argparse.Namespace) -> bool:
     """Under torchrun, rank 0 runs the job (its files live on its node); every other rank serves
     until rank 0 is done. False anywhere else."""
     from pipemax.api import serve_torchrun_worker
-    from pipemax.runtime.engine import ConfigError
+    from pipemax.engine.config import ConfigError
 
     try:
         return serve_torchrun_worker(args.model, **engine_options(args))
@@ -273,7 +273,7 @@ def serve_as_torchrun_worker(args: argparse.Namespace) -> bool:
 
 def load_llm(args: argparse.Namespace):
     from pipemax.api import LLM
-    from pipemax.runtime.engine import ConfigError
+    from pipemax.engine.config import ConfigError
 
     try:
         return LLM(model=args.model, **engine_options(args))
@@ -313,7 +313,7 @@ def exit_now_under_torchrun(rc: int) -> None:
     """Under torchrun the job is over once its files are closed: leave at once with its status.
     A normal exit would tear down torch.distributed under threads that a failed peer left inside
     a gloo receive, and abort (SIGABRT) instead of exiting with rc."""
-    from pipemax.runtime.cluster import launched_by_torchrun
+    from pipemax.parallel.cluster import launched_by_torchrun
 
     if launched_by_torchrun():
         sys.stdout.flush()
@@ -353,9 +353,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run_planning_command(args: argparse.Namespace) -> int:
     """`pipemax autotune` or `pipemax plan`: what they cannot use is one line, exit status 2."""
     if args.command == "autotune":
-        from pipemax.autotune import AutotuneError as InputError, run_autotune as run
+        from pipemax.tuning.autotune import AutotuneError as InputError
+        from pipemax.tuning.autotune import run_autotune as run
     else:
-        from pipemax.plan_command import PlanInputError as InputError, run_plan as run
+        from pipemax.tuning.plan_command import PlanInputError as InputError
+        from pipemax.tuning.plan_command import run_plan as run
     try:
         return run(args)
     except InputError as error:

@@ -1,5 +1,7 @@
+import multiprocessing.process
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -7,19 +9,30 @@ from hypothesis import HealthCheck, settings
 
 import pipemax.kernels  # noqa: F401  (sets TRITON_INTERPRET on machines without CUDA)
 from pipemax.kernels._common import interpreter_active
+from tests.helpers import HYPOTHESIS_PROFILE
 
 HAS_CUDA = torch.cuda.is_available()
+FAST = os.environ.get("PIPEMAX_TEST_FAST") == "1"  # make test-fast
 
-# Every kernel example runs the Triton interpreter on CPU: keep example counts modest and let
-# slow examples through; CI runs a fixed seed so a failure reproduces.
+# Under pytest-xdist every worker shares the cores: one torch thread per core each, not one per
+# core per worker (oversubscribed threads spin and every worker slows down).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+# Hypothesis profiles (HYPOTHESIS_PROFILE picks one):
+#   ci        the default, and what CI runs: a fixed number of examples from a fixed seed, so a
+#             failure reproduces and the suite's time does not drift
+#   thorough  local runs and reviews: random seeds and five times the examples (tests that set
+#             their own count scale it with tests.helpers.examples)
+#   gpu       the lent GPU (bench/gpu_check.sh): kernels compiled for real, few examples each
 settings.register_profile(
-    "default", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    "ci", deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile(
     "gpu", deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
-settings.register_profile("thorough", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+settings.register_profile("thorough", deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 # Kernels run on CPU tensors through the interpreter, or on CUDA compiled for real; tests take a
 # `device` parameter and run on whichever this machine has.
@@ -57,3 +70,37 @@ def private_profiles(tmp_path_factory, monkeypatch):
     """Each test saves and reads step-cost profiles in a folder of its own: a fit one test learned
     never seeds another's engine (and nothing lands in the user's ~/.cache)."""
     monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path_factory.mktemp("profiles")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """A kernel test on the CPU device runs Triton's interpreter: mark it, so that make test-fast
+    (-m "not interpreter") leaves it out without every test saying so."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cpu":
+            item.add_marker(pytest.mark.interpreter)
+
+
+@pytest.fixture(autouse=True)
+def fast_suite_guard(request, monkeypatch):
+    """Under make test-fast, a test that starts a process or runs the Triton interpreter without
+    its mark fails at once, naming the mark it needs: the fast suite stays fast and the marks stay
+    true."""
+    if not FAST:
+        return
+    marks = {mark.name for mark in request.node.iter_markers()}
+
+    def refuse(mark):
+        what = "starts a process" if mark == "subprocess" else "runs the Triton interpreter"
+
+        def refused(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} {what}: mark it @pytest.mark.{mark}")
+        return refused
+
+    if "subprocess" not in marks:
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse("subprocess"))
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("subprocess"))
+    if "interpreter" not in marks:
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", refuse("interpreter"))

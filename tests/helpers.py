@@ -1,6 +1,16 @@
-"""Shared test helpers: dtype-paired tolerances, a mismatch report, random chunk tables."""
+"""Shared test helpers: dtype-paired tolerances, a mismatch report, random chunk tables, example
+counts that follow the hypothesis profile."""
+
+import os
 
 import torch
+
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")  # see tests/conftest.py
+
+
+def examples(ci: int) -> int:
+    """A test's hypothesis example count: `ci` under the ci profile, five times it under thorough."""
+    return ci * 5 if HYPOTHESIS_PROFILE == "thorough" else ci
 
 TOLERANCES = {  # (atol, rtol)
     torch.float32: (1e-5, 1e-5),

@@ -4,12 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kernel_benchmark_smoke(tmp_path):
     out = tmp_path / "kernels.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--smoke", "--json", str(out)],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--smoke", "--json", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for kernel in ("decode_attention", "prefill_attention", "store_kv", "copy_chunks host->GPU", "copy_rows GPU->host"):
@@ -18,7 +22,7 @@ def test_kernel_benchmark_smoke(tmp_path):
 
 
 def test_prefix_cache_benchmark_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--smoke", "--workload", "fewshot",
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_throughput.py"), "--smoke", "--workload", "fewshot",
                              "--prefix-caching", "on,off", "--skip-peer"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pipemax (mixed, M=1, prefix cache)" in result.stdout and "pipemax (mixed, M=1) " in result.stdout
@@ -28,7 +32,7 @@ def test_prefix_cache_benchmark_smoke():
 
 def test_throughput_benchmark_smoke(tmp_path):
     out = tmp_path / "throughput.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--smoke", "--prefill-mode", "both",
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_throughput.py"), "--smoke", "--prefill-mode", "both",
                              "--pipeline-parallel", "1,2", "--offload", "off,force", "--json", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,7 +46,7 @@ def test_throughput_benchmark_smoke(tmp_path):
 
 
 def test_host_step_build_benchmark_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "host_step_build.py"), "--batch", "8", "--context",
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_host_step.py"), "--batch", "8", "--context",
                              "40", "--steps", "5"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device tables (now)" in result.stdout and "ratio" in result.stdout
@@ -50,7 +54,7 @@ def test_host_step_build_benchmark_smoke():
 
 def test_calibration_benchmark_smoke(tmp_path):
     out = tmp_path / "calibrate.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate.py"), "--smoke", "--json", str(out)],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_calibrate.py"), "--smoke", "--json", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "P=1, M=1" in result.stdout and "P=2, M=2 (in process)" in result.stdout
@@ -63,7 +67,7 @@ def test_calibration_benchmark_smoke(tmp_path):
 
 def test_peers_benchmark_smoke(tmp_path):
     out = tmp_path / "peers.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), "--smoke", "--json", str(out)],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_peers.py"), "--smoke", "--json", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     import json

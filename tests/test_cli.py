@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from pipemax import __version__
 from pipemax.cli import main
 
@@ -13,6 +15,7 @@ def test_version_and_env(capsys):
     assert "torch " in out and "triton " in out
 
 
+@pytest.mark.subprocess
 def test_no_command_prints_help_and_fails():
     result = subprocess.run([sys.executable, "-m", "pipemax.cli"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage: pipemax" in result.stderr

@@ -15,8 +15,8 @@ import torch
 
 from pipemax import LLM
 from pipemax.cli import main
-from pipemax.runtime import engine as engine_module
-from tests.test_batch_job import ROOT, completion, read_results, write_lines
+from pipemax.engine import llm_engine as engine_module
+from tests.batch.test_batch_job import ROOT, completion, read_results, write_lines
 
 
 @pytest.fixture
@@ -127,19 +127,34 @@ def job_command(model_folder, requests, out, *extra):
             "tiny", *extra]
 
 
+def default_signals():
+    """In the child before exec: SIGINT back to its default. A shell runs a background job (this
+    suite, say, under `make test &`) with SIGINT ignored, children inherit that, and Python keeps
+    an ignored SIGINT ignored: the job would never see the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_wait_for_results(command, out, count):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as a job in a terminal
+                            start_new_session=True,  # its own process group, as a job in a terminal
+                            preexec_fn=default_signals)
+    wait_for_results(proc, out, count)
+    return proc, env
+
+
+def wait_for_results(proc, out, count):
+    """Wait (on the file, not on a clock) until a running job has written `count` results."""
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().count("\n") >= count:
-            return proc, env
+            return
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"the job ended or stalled before {count} results: {proc.communicate()[1][-2000:]}")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signum, code, pipeline", [(signal.SIGINT, 130, ()), (signal.SIGTERM, 143, ()),
                                                     (signal.SIGINT, 130, ("--pipeline-parallel", "2"))],
                          ids=["sigint", "sigterm", "sigint-stage-processes"])
@@ -168,21 +183,32 @@ def test_interrupted_job_says_how_to_resume_and_keeps_every_result(model_folder,
     assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))
 
 
+@pytest.mark.subprocess
 def test_a_second_job_on_the_same_output_refuses_at_once(model_folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
-    count = 64  # one at a time, 64 tokens each: long enough to outlast the second job's start
+    # One request at a time, far more than can finish while the test runs: the first job is still
+    # writing when the second starts, however loaded the machine. It is stopped afterwards.
+    count = 2000
     write_lines(requests, [completion(f"q{i}", f"list {i}:", max_tokens=64, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     first, env = start_and_wait_for_results(job_command(model_folder, requests, out), out, 1)
-    started = time.time()
-    second = subprocess.run(job_command(model_folder, requests, out), env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert f"pipemax: another job (pid {first.pid}) is writing {out}: wait for it to finish" in second.stderr
-    assert time.time() - started < 60  # refused before loading the model, not after running
-    assert first.poll() is None, "the first job ended before the second started: the test proved nothing"
-    assert first.wait(timeout=300) == 0
-    assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))
+    try:
+        started = time.time()
+        second = subprocess.run(job_command(model_folder, requests, out), env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"pipemax: another job (pid {first.pid}) is writing {out}: wait for it to finish" in second.stderr
+        assert time.time() - started < 60  # refused before loading the model, not after running
+        assert first.poll() is None, "the first job ended before the second started: the test proved nothing"
+        # The refusal left the first job's file alone: it goes on writing whole lines, its own only.
+        before = len(read_results(out))
+        wait_for_results(first, out, before + 1)
+    finally:
+        first.terminate()
+        first.communicate(timeout=120)
+    assert first.returncode == 143
+    ids = [r["custom_id"] for r in read_results(out)]  # every line whole
+    assert len(ids) == len(set(ids)) and set(ids) <= {f"q{i}" for i in range(count)}
 
 
 def test_fix_a_failed_line_and_rerun(model_folder, tmp_path, capsys):
@@ -229,6 +255,7 @@ def test_batch_job_on_cuda_and_a_cuda_device_that_does_not_exist(tokenizerless_m
     one_line_error(capsys, f"--device 'cuda:{count}' does not exist: this machine has {count} CUDA device(s)")
 
 
+@pytest.mark.subprocess
 def test_warnings_print_once_even_where_transformers_propagates(model_folder, tmp_path):
     """transformers propagates its logs to the root logger when CI is set: a root handler would
     print each of its warnings twice. Our own warnings go through one handler."""
@@ -288,6 +315,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.subprocess
 def test_a_killed_stage_process_ends_the_job_cleanly_and_a_rerun_resumes(model_folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     count = 16
@@ -314,6 +342,7 @@ def test_a_killed_stage_process_ends_the_job_cleanly_and_a_rerun_resumes(model_f
     assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))
 
 
+@pytest.mark.subprocess
 def test_killing_the_job_takes_its_stage_processes_with_it(model_folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     write_lines(requests, [completion(f"q{i}", f"song {i}:", max_tokens=30, ignore_eos=True) for i in range(12)])
@@ -329,6 +358,7 @@ def test_killing_the_job_takes_its_stage_processes_with_it(model_folder, tmp_pat
     assert not any(alive(pid) for pid in stages), "a stage process outlived the job"
 
 
+@pytest.mark.subprocess
 def test_a_stage_that_stops_answering_ends_the_job_within_the_timeout(model_folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     write_lines(requests, [completion(f"q{i}", f"rhyme {i}:", max_tokens=30, ignore_eos=True) for i in range(12)])
@@ -345,6 +375,7 @@ def test_a_stage_that_stops_answering_ends_the_job_within_the_timeout(model_fold
     read_results(out)  # whole lines only
 
 
+@pytest.mark.subprocess
 def test_a_killed_replica_ends_the_job_cleanly_and_a_rerun_resumes(model_folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     count = 16

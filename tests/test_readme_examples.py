@@ -18,6 +18,7 @@ def test_readme_has_python_examples():
     assert BLOCKS, "README.md has no ```python block"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{index}" for index in range(len(BLOCKS))])
 def test_readme_block_runs(code):
     default_model_path()  # convert the default model here, so the block's timeout is for the block alone

@@ -1,7 +1,7 @@
 """Triton kernels on the chunked KV layout, each with a launcher and a pure-torch reference.
 
-Place in the stack: the bottom. Imports torch and triton only; knows tensors and pointers, never
-requests or schedules (cli/api -> runtime -> models -> kernels).
+Place in the stack: the bottom. May import torch and triton only, nothing of pipemax; knows tensors
+and pointers, never requests or schedules (worker -> models -> kernels; see pipemax/core's rules).
 
 KV layout (block-first). Per pipeline stage, a pool tensor
 
@@ -14,17 +14,21 @@ lists its chunk ids in position order: position p lives in chunk table[p // chun
 p % chunk_tokens. A slot (for the store kernel) is chunk_id * chunk_tokens + row. Every stage has a
 GPU pool and a larger host pool of the same chunk shape; attention reads only the GPU pool.
 
-Kernels (see each module's docstring for shapes):
-    decode_attention   one query per sequence, GQA, split-K over long contexts
-    prefill_attention  causal attention of packed new tokens over cached prefix + new tokens
-    store_kv           write new tokens' K/V into their slots at one layer
-    copy_chunks        whole chunks between pools (host->GPU, GPU->host, GPU->GPU)
-    copy_rows          single token rows at some layers (write-through to the host copy)
-    rms_norm           RMSNorm of rows, fused with the residual add before it
-    rope_store_kv      rotary embedding of q and k (Qwen3's q/k norm too) fused with the KV store
-    silu_and_mul       SiLU(gate) x up over the fused gate|up projection
-    gumbel_noise       per-row Philox Gumbel noise for sampling on the device
-    moe_experts        a MoE layer's routed experts: grouped GEMMs over tokens sorted by expert
+Kernels, one file each (see each module's docstring for shapes):
+    decode_attention.py   decode_attention: one query per sequence, GQA, split-K over long contexts
+    prefill_attention.py  prefill_attention: causal attention of packed new tokens over cached
+                          prefix + new tokens
+    attention_core.py     the K/V tile reads through a chunk table and the online softmax both share
+    kv_store.py           store_kv: write new tokens' K/V into their slots at one layer
+    kv_copy.py            copy_chunks: whole chunks between pools (host->GPU, GPU->host, GPU->GPU);
+                          copy_rows: single token rows at some layers (write-through to the host copy)
+    norm.py               rms_norm: RMSNorm of rows, fused with the residual add before it
+    rope.py               rope_store_kv: rotary embedding of q and k (Qwen3's q/k norm too) fused
+                          with the KV store
+    activation.py         silu_and_mul: SiLU(gate) x up over the fused gate|up projection
+    sampling_noise.py     gumbel_noise: per-row Philox Gumbel noise for sampling on the device
+    moe_gemm.py           moe_experts: a MoE layer's routed experts, grouped GEMMs over tokens sorted
+                          by expert
 Each has a `<name>_ref` in pure torch with the same arguments.
 
 Dtypes float32, float16 and bfloat16; head_dim up to 256 (64, 80, 96, 128 tested).

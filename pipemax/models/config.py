@@ -221,3 +221,16 @@ def load_model_config(model_path: str | Path, gguf_file: str | None = None) -> M
     except ValueError as error:  # transformers' message for an unknown model_type
         raise UnsupportedModelError(f"{error}; PipeMax supports {', '.join(SUPPORTED_ARCHITECTURES)}") from error
     return model_config_from_hf(hf_config)
+
+
+# What a model's step time and memory depend on: the key of step-cost and server profiles.
+MODEL_SHAPE_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                      "num_kv_heads", "head_dim", "vocab_size", "num_experts", "num_experts_per_tok",
+                      "moe_intermediate_size", "shared_expert_intermediate_size", "moe_layers", "pre_norm",
+                      "embed_dim")
+
+
+def model_shape(model_config) -> dict:
+    """What a model's step time and memory depend on, as JSON values (tuples as lists)."""
+    shape = {name: getattr(model_config, name, None) for name in MODEL_SHAPE_FIELDS}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in shape.items()}

@@ -13,13 +13,13 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
 
+import importlib  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
-
-import importlib  # noqa: E402
 
 # The package re-exports launchers under their modules' names, so fetch the modules themselves.
 decode_attention, prefill_attention, kv_store, kv_copy, norm, activation, rope, sampling_noise, moe_gemm = (

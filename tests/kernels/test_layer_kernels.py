@@ -8,7 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipemax.kernels import (
-    rms_norm, rms_norm_ref, rope_store_kv, rope_store_kv_ref, silu_and_mul, silu_and_mul_ref,
+    rms_norm,
+    rms_norm_ref,
+    rope_store_kv,
+    rope_store_kv_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
 )
 from pipemax.models.rope import RotaryEmbedding
 from tests.helpers import DTYPES, assert_close

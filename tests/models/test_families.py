@@ -4,22 +4,22 @@ with the torch reference kernels and the Triton kernels."""
 import pytest
 import torch
 
+from pipemax.core.kv_manager import KVManager
+from pipemax.core.sampling_params import SamplingParams
+from pipemax.core.scheduler import ScheduledSequence, StepPlan
+from pipemax.core.sequence import Sequence
+from pipemax.core.step_plan import StagePlan
 from pipemax.models import (
     LlamaFamilyModel,
-    build_model,
     UnsupportedModelError,
     WeightLoadError,
+    build_model,
     load_model,
     load_weights,
     model_config_from_hf,
 )
-from pipemax.runtime.kv_manager import KVManager
-from pipemax.runtime.kv_pool import KVPool, KVPoolSpec
-from pipemax.runtime.model_runner import ModelRunner
-from pipemax.runtime.scheduler import ScheduledSequence, StepPlan
-from pipemax.runtime.step_plan import StagePlan
-from pipemax.runtime.sampling import SamplingParams
-from pipemax.runtime.sequence import Sequence
+from pipemax.worker.kv_pool import KVPool, KVPoolSpec
+from pipemax.worker.model_runner import ModelRunner
 from tests.helpers import assert_close
 from tests.tiny_models import FAMILIES, save_tiny_model, tiny_hf_model
 
@@ -53,7 +53,7 @@ def run_all_logits(runner, kv, entries):
         return plan, runner.model.compute_logits(hidden)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers_prefill_then_decode(family, backend):
     hf = tiny_hf_model(family)

@@ -4,13 +4,12 @@ every request's KV offloaded between its steps; the stage split counts the exper
 
 import pytest
 import torch
-
-from pipemax import LLM, SamplingParams
 import transformers
 
+from pipemax import LLM, SamplingParams
 from pipemax.models import model_config_from_hf
-from pipemax.runtime.partition import partition_layers
-from tests.runtime.test_engine import hf_greedy
+from pipemax.parallel.partition import partition_layers
+from tests.engine.test_engine import hf_greedy
 from tests.tiny_models import COMMON, save_tiny_model
 
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "opt", "opt-350m"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipemax import LLM, SamplingParams
-from tests.runtime.test_engine import hf_greedy
+from tests.engine.test_engine import hf_greedy
 from tests.tiny_models import save_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -26,9 +26,9 @@ def test_moe_under_cuda_graphs_equals_transformers(family, tmp_path):
 def test_a_mixtral_shaped_model_runs_bf16_under_cuda_graphs():
     """Mixtral-8x7B's layer shape (2 layers, random weights) in bfloat16 with the real tiles:
     decode and piecewise graphs replay the grouped GEMMs, and every request gets its tokens."""
-    from bench.throughput import hf_config
+    from bench.bench_throughput import hf_config
+    from pipemax.engine.llm_engine import EngineConfig, LLMEngine
     from pipemax.models import build_model, model_config_from_hf
-    from pipemax.runtime.engine import EngineConfig, LLMEngine
 
     config = model_config_from_hf(hf_config("mixtral-8x7b-2l"))
     torch.manual_seed(0)

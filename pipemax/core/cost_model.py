@@ -1,0 +1,118 @@
+"""The step cost model: how long a micro-batch's step takes on a stage, from what it carries.
+
+    T = alpha * batch_tokens + beta * context_tokens + delta
+
+batch_tokens are the tokens the step computes (decodes + prefill pieces: the matmuls),
+context_tokens the KV positions its attention reads (the sequences' lengths), delta the fixed
+part (reading the weights, launches). It is fitted by least squares over a window of the
+engine's own measured steps and refitted as steps come in, seeded from a saved profile when one
+exists. Each prediction is scored against the step's measurement before that step joins the fit,
+so the reported error is the model's error on steps it had not seen.
+
+Plain Python (no torch): the fit is a three-unknown least squares, solved from its normal
+equations. The engine saves a fit after a run and seeds the next from it (engine/step_costs.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+
+class StepCostModel:
+    def __init__(self, window: int = 512, refit_every: int = 16,
+                 seed: tuple[float, float, float] | None = None):
+        self.samples: deque[tuple[int, int, float]] = deque(maxlen=window)
+        self.refit_every = refit_every
+        self.coefficients = seed  # (alpha, beta, delta) in seconds
+        self._since_fit = 0
+        self.fits = 0  # fits made from this model's own measured steps
+        self.abs_errors: deque[float] = deque(maxlen=window)  # |predicted - measured| / measured
+
+    @property
+    def ready(self) -> bool:
+        return self.coefficients is not None
+
+    def predict(self, batch_tokens: int, context_tokens: int) -> float | None:
+        if self.coefficients is None:
+            return None
+        alpha, beta, delta = self.coefficients
+        return max(0.0, alpha * batch_tokens + beta * context_tokens + delta)
+
+    def observe(self, batch_tokens: int, context_tokens: int, seconds: float) -> None:
+        predicted = self.predict(batch_tokens, context_tokens)
+        if predicted is not None and seconds > 0:
+            self.abs_errors.append(abs(predicted - seconds) / seconds)
+        self.samples.append((batch_tokens, context_tokens, seconds))
+        self._since_fit += 1
+        # The first fit as soon as there are 3 steps (a seed from a saved profile included: it
+        # only stands in until the run's own steps speak), then every refit_every steps.
+        if self._since_fit >= self.refit_every or (not self.fits and len(self.samples) >= 3):
+            self.fit()
+
+    def fit(self) -> None:
+        """Least squares over the window, coefficients clipped at zero (a negative cost per token
+        is noise). Too few or degenerate samples keep the last fit."""
+        self._since_fit = 0
+        if len(self.samples) < 3:
+            return
+        columns = [[float(b) for b, _, _ in self.samples], [float(c) for _, c, _ in self.samples],
+                   [1.0] * len(self.samples)]
+        target = [float(s) for _, _, s in self.samples]
+        # Scale the columns so tokens (thousands) and the constant condition alike.
+        scale = [max(1.0, max(abs(value) for value in column)) for column in columns]
+        scaled = [[value / factor for value in column] for column, factor in zip(columns, scale)]
+        solution = _least_squares(scaled, target)
+        if solution is None:
+            return
+        solution = [value / factor for value, factor in zip(solution, scale)]
+        alpha, beta, delta = (max(0.0, value) for value in solution)
+        if alpha == beta == delta == 0.0:
+            return
+        self.coefficients = (alpha, beta, delta)
+        self.fits += 1
+
+    def mean_error(self) -> float | None:
+        """Mean relative error of the predictions made so far (None before the first)."""
+        return sum(self.abs_errors) / len(self.abs_errors) if self.abs_errors else None
+
+    def stats(self) -> dict:
+        alpha, beta, delta = self.coefficients or (None, None, None)
+        return {"alpha_s_per_token": alpha, "beta_s_per_context_token": beta, "delta_s": delta,
+                "samples": len(self.samples), "mean_relative_error": self.mean_error()}
+
+
+def _least_squares(columns: list[list[float]], target: list[float]) -> list[float] | None:
+    """argmin_x |A x - target| for A given by its columns, through the normal equations (A^T A) x =
+    A^T target, solved by Gaussian elimination with partial pivoting. A rank-deficient A (every
+    step the same shape) takes the minimum-norm answer along the lost direction: unknowns whose
+    pivot vanishes are set to zero, as a least-squares solver's truncated answer would. None when
+    nothing is finite."""
+    size = len(columns)
+    gram = [[math.fsum(a * b for a, b in zip(columns[row], columns[col])) for col in range(size)]
+            for row in range(size)]
+    rhs = [math.fsum(a * t for a, t in zip(columns[row], target)) for row in range(size)]
+    largest = max((abs(value) for row in gram for value in row), default=0.0)
+    tolerance = largest * 1e-12
+    pivot_of: list[int | None] = [None] * size  # the row that solves each unknown
+    rows = list(range(size))
+    for col in range(size):
+        best = max(rows, key=lambda row: abs(gram[row][col]), default=None)
+        if best is None or abs(gram[best][col]) <= tolerance:
+            continue  # this unknown is not determined by the data: it stays 0
+        rows.remove(best)
+        pivot_of[col] = best
+        for row in rows:
+            factor = gram[row][col] / gram[best][col]
+            if factor:
+                for k in range(col, size):
+                    gram[row][k] -= factor * gram[best][k]
+                rhs[row] -= factor * rhs[best]
+    solution = [0.0] * size
+    for col in reversed(range(size)):
+        row = pivot_of[col]
+        if row is None:
+            continue
+        known = math.fsum(gram[row][k] * solution[k] for k in range(col + 1, size))
+        solution[col] = (rhs[row] - known) / gram[row][col]
+    return solution if all(math.isfinite(value) for value in solution) else None

@@ -1,0 +1,481 @@
+"""The engine loop: schedule a micro-batch -> run it through the pipeline -> read its tokens later.
+
+    plan = scheduler.schedule(m)         which sequences of micro-batch m, how many tokens each
+    pending = pipeline.submit(...)       every stage applies the plan; the last one samples
+    ... plan and submit the other micro-batches while the device works ...
+    tokens = pending.result()            the oldest step's tokens: stop checks, finished requests
+
+The host never waits for a step before it has launched every micro-batch that can run, so with
+M >= 2 micro-batches it plans one while the device runs another (P = 1), and with P stages every
+stage has work (M >= P). Only this loop knows requests and text; stages see step plans.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from pipemax.core.cost_model import StepCostModel
+from pipemax.core.kv_manager import KVManager
+from pipemax.core.prefetch_budget import PrefetchBudget
+from pipemax.core.scheduler import Scheduler, StepPlan
+from pipemax.core.sequence import Sequence
+from pipemax.core.step_plan import RecordingKVManager, SampledTokens, StagePlan
+from pipemax.models import LlamaFamilyModel, ModelConfig, load_model, model_config_at
+from pipemax.models.config import model_shape
+from pipemax.parallel.cluster import current_cluster
+from pipemax.parallel.distributed import DistributedPipeline, StageSpec, free_port, stage_devices
+from pipemax.parallel.partition import PartitionError, partition_layers
+from pipemax.parallel.pipeline import InProcessPipeline
+from pipemax.worker.kv_pool import KVPool, KVPoolSpec
+from pipemax.worker.kv_transfers import measure_copy_bandwidth
+from pipemax.worker.memory_budget import kv_budget_bytes
+from pipemax.worker.stage import PendingTokens, StageExecutor
+from pipemax.worker.timeline import Timeline, hidden_fraction
+
+from .config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-exported)
+from .step_costs import load_step_costs, save_step_costs, step_code_digest
+
+log = logging.getLogger("pipemax")
+
+
+@dataclass
+class FinishedRequest:
+    seq_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    stop_text_end: int | None = None  # where a matched stop string starts in the output text
+    num_preemptions: int = 0
+
+
+def check_prompt_ids(prompt_token_ids: list[int], max_model_len: int, vocab: int) -> None:
+    """Raise ValueError for a prompt an engine of that context and vocabulary cannot serve."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; the maximum context is "
+                         f"{max_model_len} tokens, output included")
+    bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+
+
+@dataclass
+class InFlight:
+    micro_batch: int
+    plan: StepPlan
+    pending: PendingTokens
+    span: object = None  # (start, end) of the step's device work in this process (the cost model's measure)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None, model: LlamaFamilyModel | None = None):
+        """Loads config.model, unless a built model (with weights, on the device) is given:
+        benchmarks pass random-weight models of real shapes that way."""
+        self.config = config
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        self.tokenizer = tokenizer
+        path = Path(config.model)
+        self.model_config: ModelConfig = model_config_at(path) if model is None else model.config
+        try:
+            self.stage_ranges = partition_layers(self.model_config, config.pipeline_parallel,
+                                                 list(config.stage_layers) if config.stage_layers else None)
+        except PartitionError as error:
+            option = "stage_layers" if config.stage_layers else "pipeline_parallel"
+            raise ConfigError(option, f"does not fit this model: {error}") from None
+        self.distributed = config.pipeline_transport == "distributed" and len(self.stage_ranges) > 1
+        self.cluster = current_cluster()  # under torchrun: this process heads a replica of the world
+        if self.cluster is not None and len(self.stage_ranges) > 1 and not self.distributed:
+            raise ConfigError("pipeline_transport", "inprocess runs every stage in one process: under torchrun the "
+                                                    "stages are torchrun's ranks (use distributed)")
+        if self.distributed and self.cluster is not None:  # the stage ranks' GPUs: alike, on their nodes
+            self.stage_devices = [str(self.device)] * len(self.stage_ranges)
+        elif self.distributed:
+            if model is not None:
+                raise ConfigError("pipeline_transport", "distributed: stage processes load their weights from the "
+                                                        "model path; a model built in memory runs inprocess only")
+            try:
+                self.stage_devices = stage_devices(self.device, len(self.stage_ranges))
+            except ValueError as error:
+                raise ConfigError("pipeline_parallel", f"{error}: use --pipeline-transport inprocess to run every "
+                                                       "stage on one device") from None
+        else:
+            self.stage_devices = [str(self.device)] * len(self.stage_ranges)
+        self._eos_token_ids = self._eos_token_ids_of(path)
+
+        # One chunk count for every stage: the scheduler's decisions must fit each stage's pool.
+        specs = [KVPoolSpec(end - start, self.model_config.num_kv_heads, self.model_config.head_dim,
+                            config.chunk_tokens, self.dtype) for start, end in self.stage_ranges]
+        if self.distributed:  # a pool per device: the tightest decides
+            budgets = [self._kv_budget_bytes(torch.device(device), [stage_range], here=rank == 0)
+                       for rank, (device, stage_range) in enumerate(zip(self.stage_devices, self.stage_ranges))]
+            num_chunks = min(budget // spec.chunk_bytes for budget, spec in zip(budgets, specs))
+            kv_bytes, chunk_bytes = min(budgets), max(spec.chunk_bytes for spec in specs)
+        else:  # every pool on this one device
+            kv_bytes = self._kv_budget_bytes(self.device, self.stage_ranges)
+            chunk_bytes = sum(spec.chunk_bytes for spec in specs)
+            num_chunks = kv_bytes // chunk_bytes
+        max_len = self.model_config.max_model_len
+        if config.max_model_len is not None and config.max_model_len > max_len:
+            log.warning("max_model_len %d is above this model's limit of %d tokens: using %d",
+                        config.max_model_len, max_len, max_len)
+        elif config.max_model_len is not None:
+            max_len = config.max_model_len
+        if num_chunks * config.chunk_tokens < max_len:
+            if num_chunks < 1:
+                raise ConfigError("kv_cache_gib", f"leaves a KV budget of {kv_bytes / 2**30:.2f} GiB, less than one "
+                                                  f"chunk of {chunk_bytes / 2**20:.2f} MiB: give the KV cache more")
+            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_chunks * config.chunk_tokens, max_len)
+            max_len = num_chunks * config.chunk_tokens
+        self.max_model_len = max_len
+        # Host pools: every stage's (on this node) together in host_kv_bytes, chunk ids shared.
+        self.num_host_chunks = config.host_kv_bytes() // sum(spec.chunk_bytes for spec in specs)
+        if config.offload != "off" and self.num_host_chunks < 1:
+            raise ConfigError("host_memory_gib", f"leaves no room for one host KV chunk of "
+                                                 f"{sum(spec.chunk_bytes for spec in specs) / 2**20:.2f} MiB")
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if self.distributed:  # the stage processes load their layers while this one loads stage 0
+            self.pipeline = self._spawn_stages(path, num_chunks, backend)
+        try:
+            if model is None:  # the distributed rank 0 holds stage 0 only
+                end = self.stage_ranges[0][1] if self.distributed else None
+                model = load_model(path, 0, end, device=self.device, dtype=self.dtype, config=self.model_config)
+            self.model = model
+            self._build_stages(model, specs, num_chunks, backend)
+        except BaseException:
+            if self.distributed:
+                self.pipeline.close()
+            raise
+        # The scheduler's own KV manager decides; every stage replays its log.
+        self.kv = RecordingKVManager(num_chunks, self.num_host_chunks, config.chunk_tokens)
+        self.num_micro_batches = config.num_micro_batches
+        self.step_cost_key = self._step_cost_key(config)
+        seed, path = load_step_costs(self.step_cost_key)
+        self.cost_model = StepCostModel(seed=seed)
+        self.cost_model_seeded_from = str(path) if seed is not None else None
+        budget = None
+        if config.offload == "auto":
+            # One device's link carries every in-process stage's chunks; a process per stage, its own.
+            link_chunk_bytes = (max if self.distributed else sum)(spec.chunk_bytes for spec in specs)
+            self.copy_bytes_per_second = (config.prefetch_gbs * 1e9 if config.prefetch_gbs is not None
+                                          else measure_copy_bandwidth(self.device))
+            budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, link_chunk_bytes,
+                                    self.num_micro_batches)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
+                                   self.num_micro_batches, config.offload, budget, self.cost_model,
+                                   prefix_caching=config.prefix_caching)
+        self._sequences: dict[int, Sequence] = {}
+        self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
+        self._released: list[int] = []  # finished since the last plan: the last stage drops their state
+        self._in_flight: deque[InFlight] = deque()
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.last_run_stats: dict = {}
+
+    def _build_stages(self, model: LlamaFamilyModel, specs: list[KVPoolSpec], num_chunks: int, backend: str) -> None:
+        config = self.config
+        local_ranges = self.stage_ranges[:1] if self.distributed else self.stage_ranges
+        self.stages = []
+        for index, ((start, end), spec) in enumerate(zip(local_ranges, specs)):
+            stage_model = model if (start, end) == (model.layer_start, model.layer_end) else model.stage(start, end)
+            pool = KVPool(spec, num_chunks, self.num_host_chunks, self.device, backend)
+            self.stages.append(StageExecutor(index, stage_model, pool,
+                                             KVManager(num_chunks, self.num_host_chunks, config.chunk_tokens), backend,
+                                             self._eos_token_ids, config.seed))
+        if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
+            for stage in self.stages:
+                stage.enable_cuda_graphs(config.max_num_seqs, self.max_model_len, config.max_num_batched_tokens)
+        if self.distributed:
+            self.pipeline.attach(self.stages[0])
+        else:
+            self.pipeline = InProcessPipeline(self.stages)
+
+    def _spawn_stages(self, path: Path, num_chunks: int, backend: str) -> DistributedPipeline:
+        """The stage processes, spawned on this node, or under torchrun the ranks after this one."""
+        config, world = self.config, len(self.stage_ranges)
+        head = self.cluster.rank if self.cluster is not None else 0
+        init_method = "env://" if self.cluster is not None else f"tcp://127.0.0.1:{free_port()}"
+        specs = [StageSpec(head + stage, world, init_method, config.stage_timeout, str(path), self.stage_ranges[stage],
+                           self.stage_devices[stage], self.dtype, config.chunk_tokens, num_chunks, backend,
+                           config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
+                           config.seed, head_rank=head, num_host_chunks=self.num_host_chunks,
+                           max_num_batched_tokens=config.max_num_batched_tokens)
+                 for stage in range(1, world)]
+        return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device, self.cluster)
+
+    def close(self) -> None:
+        """End the stage processes of a distributed pipeline (nothing to do in process)."""
+        self.pipeline.close()
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self._eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: set[int]) -> None:  # the last stage blocks them under min_tokens
+        self._eos_token_ids = set(ids)
+        if self.stages[-1].is_last:
+            self.stages[-1].eos_token_ids = set(ids)
+
+    @property
+    def runner(self):
+        """The model runner of a single-stage engine (tests swap its decode graphs)."""
+        if len(self.stages) != 1:
+            raise AttributeError("a pipelined engine has one runner per stage: see engine.stages")
+        return self.stages[0].runner
+
+    # ---- setup helpers -----------------------------------------------------------------------
+    def _kv_budget_bytes(self, device: torch.device, stage_ranges: list[tuple[int, int]], here: bool = True) -> int:
+        """KV bytes for the pools on one device, which holds the stages in stage_ranges; `here`:
+        the device this process runs on (another stage process's device is sized from its total)."""
+        config = self.config
+        if config.kv_cache_gib is not None:
+            return int(config.kv_cache_gib * 2**30)
+        if device.type != "cuda":
+            return 2**30
+        if config.gpu_memory_gib:
+            budget = int(config.gpu_memory_gib * 2**30)
+        elif here:  # 90% of what is free now (other processes, the weights already loaded count)
+            free_now, _ = torch.cuda.mem_get_info(device)
+            budget = int(0.9 * (free_now + torch.cuda.memory_allocated(device)))
+        else:  # another stage's GPU: asking for its free memory would open a context there from this process
+            budget = int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+        free = kv_budget_bytes(budget, self.model_config, stage_ranges, self.dtype, config.max_num_batched_tokens,
+                               config.max_num_seqs, config.cuda_graphs)
+        if free <= 0:
+            weights = sum(self.model_config.weight_bytes(self.dtype, start, end) for start, end in stage_ranges)
+            raise ConfigError("gpu_memory_gib", f"of {budget / 2**30:.1f} leaves no room for a KV cache after "
+                                                f"{weights / 2**30:.1f} GiB of weights on {device}: give PipeMax more "
+                                                "memory")
+        return free
+
+    def _eos_token_ids_of(self, path: Path) -> set[int]:
+        ids: set[int] = set()
+
+        def add(value):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+
+        add(getattr(self.model_config.hf_config, "eos_token_id", None))
+        generation_config = path / "generation_config.json" if path.is_dir() else None
+        if generation_config and generation_config.exists():
+            import json
+
+            add(json.loads(generation_config.read_text()).get("eos_token_id"))
+        if self.tokenizer is not None:
+            add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests ----------------------------------------------------------------------------
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError for a prompt this engine cannot serve."""
+        check_prompt_ids(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
+
+    def add_request(self, prompt_token_ids: list[int], params) -> int:
+        self.check_prompt(prompt_token_ids)
+        seq_id = next(self._ids)
+        seq = Sequence(seq_id, list(prompt_token_ids), params)
+        self._sequences[seq_id] = seq
+        self._new_seqs.append(seq)
+        self.scheduler.add(seq)
+        return seq_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort_all(self) -> None:
+        """Drop every unfinished request and reset every stage (after an interrupted run, which may
+        have stopped mid-step with some stages ahead of others). After a run that finished, nothing
+        is left to drop: the prefix cache stays, for the next run (every stage replayed it alike)."""
+        if not self.has_unfinished() and not self._in_flight:
+            return
+        self.scheduler.abort_all()
+        self.kv.reset()
+        self._sequences.clear()
+        self._new_seqs.clear()
+        self._released = []
+        self._in_flight.clear()  # their tokens, if any come, are dropped by the pipeline's reset
+        self.pipeline.reset()
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> Iterator[FinishedRequest]:
+        """Step until every added request has finished, yielding each as it finishes. Afterwards
+        `last_run_stats` holds the run's pipeline figures."""
+        in_flight = self._in_flight  # kept on the engine: an abort must account for steps still in flight
+        # The run's timeline (what ran when): for --trace, and for how much copy time compute hid.
+        timeline = Timeline(self.device) if self.config.trace or self.config.offload != "off" else None
+        self.pipeline.start_run(timeline)
+        self.scheduler.host_resident_ids.clear()
+        prefix = self.scheduler.prefix
+        if prefix is not None:
+            prefix.cached_tokens = prefix.needed_tokens = 0
+            self.scheduler.order_waiting_by_prefix()  # results are yielded as they finish: ids unchanged
+        cache = self.kv.prefix_cache
+        tier_moves_before = (cache, cache.num_demoted, cache.num_promoted)
+        steps_before, sequences, idle_rounds = self.num_steps, 0, 0
+        while True:
+            busy = {step.micro_batch for step in in_flight}
+            for micro_batch in range(self.num_micro_batches):
+                if micro_batch not in busy:
+                    planned = time.perf_counter()
+                    step = self._launch(micro_batch)
+                    if timeline is not None and step is not None:
+                        timeline.add_host(f"plan micro-batch {micro_batch}", planned, time.perf_counter())
+                    if step is not None:
+                        in_flight.append(step)
+                        sequences += len(step.plan.scheduled)
+            if not in_flight:
+                if not self.has_unfinished():
+                    break
+                # A group waits for another to shed a sequence at its turn: at most a round or two.
+                idle_rounds += 1
+                if idle_rounds > self.num_micro_batches + 1:
+                    raise RuntimeError("no sequence can make progress: give the KV cache more memory")
+                continue
+            idle_rounds = 0
+            step = in_flight.popleft()
+            waited = time.perf_counter()
+            sampled = step.pending.result()
+            if timeline is not None:
+                timeline.add_host(f"tokens of micro-batch {step.micro_batch}", waited, time.perf_counter())
+            self._measure(step)
+            yield from self._complete(step, sampled)
+        steps = self.num_steps - steps_before
+        self.last_run_stats = {"stages": len(self.stage_ranges), "micro_batches": self.num_micro_batches,
+                               "stage_layers": [end - start for start, end in self.stage_ranges], "steps": steps,
+                               "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
+                               "preemptions": self.scheduler.num_preemptions,
+                               "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
+        self.last_run_stats["cost_model"] = {**self.cost_model.stats(), "seeded_from": self.cost_model_seeded_from}
+        self.last_run_stats["prefix_cached_tokens"] = prefix.cached_tokens if prefix is not None else 0
+        if prefix is not None:
+            cache, demoted, promoted = tier_moves_before
+            if cache is not self.kv.prefix_cache:  # (reset by an abort in between: counted from there)
+                cache, demoted, promoted = self.kv.prefix_cache, 0, 0
+            self.last_run_stats["prefix_cache"] = {
+                "reused_tokens": prefix.cached_tokens, "prompt_tokens": prefix.needed_tokens,
+                "demoted_chunks": cache.num_demoted - demoted, "promoted_chunks": cache.num_promoted - promoted}
+        if steps:
+            save_step_costs(self.cost_model, self.step_cost_key)  # the next engine starts from this fit
+        if timeline is not None:
+            intervals = timeline.intervals()  # the run is over: one wait for the device
+            # On the CPU a copy runs on the thread that computes (inside a step, for write-through
+            # by layer): nothing runs beside it.
+            self.last_run_stats["copy_time_hidden_fraction"] = hidden_fraction(
+                intervals, concurrent=self.device.type == "cuda")
+            if self.config.trace:
+                timeline.write_trace(self.config.trace, intervals)
+        if self.config.offload != "off":
+            self.last_run_stats["offload"] = {"mode": self.config.offload,
+                                              "host_resident_requests": len(self.scheduler.host_resident_ids)}
+
+    def _launch(self, micro_batch: int) -> InFlight | None:
+        plan = self.scheduler.schedule(micro_batch)
+        if not plan.scheduled:
+            return None
+        for entry in plan.scheduled:
+            entry.seq.num_computed_tokens = entry.end
+        pending = self.pipeline.submit(self._stage_plan(micro_batch, plan))
+        self.num_steps += 1
+        return InFlight(micro_batch, plan, pending, self.pipeline.clock.step_span())
+
+    def _step_cost_key(self, config) -> dict:
+        """What a step's time depends on, naming the saved step-cost profile that fits it."""
+        mc = self.model_config
+        if self.device.type == "cuda":
+            hardware = torch.cuda.get_device_name(self.device)
+        else:
+            hardware = f"cpu x {torch.get_num_threads()} threads"
+        return {"device": hardware, **model_shape(mc),
+                "dtype": str(self.dtype).removeprefix("torch."), "stage_layers": [e - s for s, e in self.stage_ranges],
+                "transport": "distributed" if self.distributed else "inprocess",
+                "attention_backend": config.attention_backend, "chunk_tokens": config.chunk_tokens,
+                "offload": config.offload,  # (on the CPU, write-through runs inside the timed step)
+                "cuda_graphs": bool(config.cuda_graphs and self.device.type == "cuda"),
+                "step_code": step_code_digest(), "triton": triton.__version__}
+
+    def _measure(self, step: InFlight) -> None:
+        """The step's device time, once it has run (no waiting), teaches the cost model."""
+        if step.span is None:
+            return
+        seconds = self.pipeline.clock.span_seconds(step.span)
+        if seconds is not None:
+            self.cost_model.observe(step.plan.num_tokens, sum(e.end for e in step.plan.scheduled), seconds)
+
+    def _stage_plan(self, micro_batch: int, plan: StepPlan) -> StagePlan:
+        entries = plan.scheduled
+        token_ids: list[int] = []
+        for entry in entries:
+            token_ids += entry.seq.token_ids[entry.start:entry.end]
+        new_seqs = [(seq.seq_id, seq.prompt_token_ids, seq.params) for seq in self._new_seqs]
+        released, self._new_seqs, self._released = self._released, [], []
+        return StagePlan(
+            micro_batch=micro_batch, kv_ops=self.kv.take_log(), seq_ids=[e.seq.seq_id for e in entries],
+            starts=[e.start for e in entries], counts=[e.num_tokens for e in entries], num_decode=len(plan.decode),
+            samples=[e.samples for e in entries], token_ids=token_ids, new_seqs=new_seqs, released=released,
+        )
+
+    def _complete(self, step: InFlight, sampled: SampledTokens) -> list[FinishedRequest]:
+        finished = []
+        for index, seq_id in enumerate(sampled.seq_ids):
+            seq = self._sequences[seq_id]
+            seq.token_ids.append(sampled.tokens[index])
+            if seq.params.logprobs:
+                seq.output_logprobs.append(sampled.logprobs[index])
+            if seq.params.top_logprobs:
+                seq.output_top_logprobs.append(sampled.top_logprobs[index])
+            if self._check_stop(seq):
+                self.scheduler.finish(seq)
+                del self._sequences[seq_id]
+                self._released.append(seq_id)
+                finished.append(FinishedRequest(
+                    seq.seq_id, seq.prompt_token_ids, seq.output_token_ids, seq.finish_reason,
+                    seq.output_logprobs if seq.params.logprobs else None,
+                    seq.output_top_logprobs if seq.params.top_logprobs else None, seq.stop_text_end, seq.num_preemptions,
+                ))
+        self.scheduler.step_done(step.micro_batch)
+        return finished
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        params = seq.params
+        token = seq.token_ids[-1]
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif params.stop and self._stop_string_end(seq) is not None:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    def _stop_string_end(self, seq: Sequence) -> int | None:
+        """Character offset in the output text where the first stop string starts, if one has appeared."""
+        if self.tokenizer is None:
+            return None
+        longest = max(len(stop.encode()) for stop in seq.params.stop)
+        # A stop string that completes with the newest token lies within its last `longest` tokens
+        # plus a few: byte-level tokens carry at least one byte, and a few spare tokens cover
+        # special tokens that decode to nothing and a split character at the window's start.
+        window_start = max(seq.num_prompt_tokens, len(seq.token_ids) - (longest + 4))
+        tail = self.tokenizer.decode(seq.token_ids[window_start:], skip_special_tokens=True)
+        if not any(stop in tail for stop in seq.params.stop):
+            return None
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        positions = [text.find(stop) for stop in seq.params.stop if stop in text]
+        seq.stop_text_end = min(positions)
+        return seq.stop_text_end

@@ -1,0 +1,262 @@
+"""Microbenchmarks of `pipemax autotune`: what this server's links and GPUs really do.
+
+  - copy_rates: KV chunks gathered host -> GPU and GPU -> host, by chunk size, the two ways a copy
+    can go: one cudaMemcpyAsync per chunk ("memcpy") or one launch of PipeMax's Triton copy kernel
+    reading pinned memory over PCIe ("kernel", the engine's path);
+  - both_directions: a prefetch and a write-back at once (separate copy engines, or not);
+  - copy_beside_matmul: a prefetch while matmuls run on the compute stream, and how much slower
+    the matmuls get;
+  - step_costs: the model's step time over a grid of batch tokens x context, through the engine
+    itself on random weights of the model's shape, fitted to the offload cost model (per layer,
+    and the LM head's share);
+  - activation_link: hidden states from GPU 0 to GPU 1, when there are two.
+
+On a machine without a GPU they run on the CPU (host memory to host memory, the torch code the
+engine runs there), so a profile can still be written; the figures then describe the CPU.
+Every function returns plain numbers for the profile's "measurements".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from pipemax import kernels
+from pipemax.models import ModelConfig, build_model
+from pipemax.worker.kv_pool import KVPoolSpec, pinned_empty, unpin
+
+GB = 1e9
+
+
+def _timed(device: torch.device, run: Callable[[], None], repeats: int) -> float:
+    """Seconds per call of run, after one warm-up call (device time on CUDA)."""
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / repeats
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - started) / repeats
+
+
+class _Pools:
+    """A host pool (pinned on CUDA) and a device pool of the same chunks, and shuffled ids: a
+    prefetch gathers chunks scattered over the pools."""
+
+    def __init__(self, spec: KVPoolSpec, device: torch.device, total_bytes: int, seed: int = 0):
+        self.count = max(4, total_bytes // spec.chunk_bytes)
+        self.bytes = self.count * spec.chunk_bytes
+        shape = (self.count, *spec.chunk_shape)
+        if device.type == "cuda":
+            self.host = pinned_empty(shape, spec.dtype)
+            weakref.finalize(self, unpin, self.host)  # unregistered with its pool, as KVPool does
+        else:
+            self.host = torch.empty(shape, dtype=spec.dtype)
+        self.device_pool = torch.empty(shape, dtype=spec.dtype, device=device)
+        generator = torch.Generator().manual_seed(seed)
+        self.host_ids = torch.randperm(self.count, generator=generator).to(device)
+        self.device_ids = torch.randperm(self.count, generator=generator).to(device)
+        self.host_list, self.device_list = self.host_ids.tolist(), self.device_ids.tolist()
+
+    def copy(self, method: str, to_device: bool) -> None:
+        src, dst = (self.host, self.device_pool) if to_device else (self.device_pool, self.host)
+        src_ids, dst_ids = (self.host_ids, self.device_ids) if to_device else (self.device_ids, self.host_ids)
+        if method == "kernel":
+            if self.device_pool.device.type == "cuda":
+                kernels.copy_chunks(src, dst, src_ids, dst_ids)
+            else:  # the engine's copy on the CPU
+                kernels.copy_chunks_ref(src, dst, src_ids, dst_ids)
+            return
+        src_list, dst_list = (self.host_list, self.device_list) if to_device else (self.device_list, self.host_list)
+        for source, target in zip(src_list, dst_list):  # one cudaMemcpyAsync per chunk
+            dst[target].copy_(src[source], non_blocking=True)
+
+
+def copy_rates(spec_of: Callable[[int], KVPoolSpec], chunk_sizes: list[int], device: torch.device,
+               total_bytes: int, repeats: int = 3, progress: Callable[[], None] = lambda: None) -> list[dict]:
+    """[{chunk_tokens, chunk_bytes, method, direction, gbs}] for every chunk size, method and
+    direction (h2d: host to GPU, a prefetch; d2h: GPU to host, an offload)."""
+    rates = []
+    for chunk_tokens in chunk_sizes:
+        spec = spec_of(chunk_tokens)
+        pools = _Pools(spec, device, total_bytes)
+        for method in ("memcpy", "kernel"):
+            for direction in ("h2d", "d2h"):
+                seconds = _timed(device, lambda: pools.copy(method, direction == "h2d"), repeats)
+                rates.append({"chunk_tokens": chunk_tokens, "chunk_bytes": spec.chunk_bytes, "method": method,
+                              "direction": direction, "gbs": pools.bytes / seconds / GB})
+                progress()
+        del pools
+    return rates
+
+
+def best_chunk_tokens(rates: list[dict], share: float = 0.9) -> tuple[int, float]:
+    """The smallest chunk whose kernel prefetch reaches `share` of the best one (small chunks waste
+    less of the pool on half-filled last chunks), and its rate in bytes/s."""
+    prefetch = sorted((r for r in rates if r["method"] == "kernel" and r["direction"] == "h2d"),
+                      key=lambda r: r["chunk_tokens"])
+    best = max(r["gbs"] for r in prefetch)
+    chosen = next(r for r in prefetch if r["gbs"] >= share * best)
+    return chosen["chunk_tokens"], chosen["gbs"] * GB
+
+
+def both_directions(spec: KVPoolSpec, device: torch.device, total_bytes: int, repeats: int = 3) -> dict:
+    """A prefetch and a write-back at once, each on its own stream: the rate of each and together."""
+    prefetch_pools, offload_pools = _Pools(spec, device, total_bytes, 1), _Pools(spec, device, total_bytes, 2)
+    if device.type == "cuda":
+        streams = [torch.cuda.Stream(device), torch.cuda.Stream(device)]
+
+        def run():
+            current = torch.cuda.current_stream(device)
+            for stream in streams:
+                stream.wait_stream(current)
+            with torch.cuda.stream(streams[0]):
+                prefetch_pools.copy("kernel", True)
+            with torch.cuda.stream(streams[1]):
+                offload_pools.copy("kernel", False)
+            for stream in streams:
+                current.wait_stream(stream)
+    else:  # no copy engines: one after the other
+        def run():
+            prefetch_pools.copy("kernel", True)
+            offload_pools.copy("kernel", False)
+    seconds = _timed(device, run, repeats)
+    moved = prefetch_pools.bytes + offload_pools.bytes
+    return {"total_gbs": moved / seconds / GB, "each_gbs": moved / 2 / seconds / GB,
+            "concurrent": device.type == "cuda"}
+
+
+def copy_beside_matmul(spec: KVPoolSpec, device: torch.device, dtype: torch.dtype, total_bytes: int,
+                       matmul_size: int, matmuls: int) -> dict:
+    """A prefetch on its own stream while `matmuls` matmuls run on the compute stream: the copy's
+    rate then, and the matmuls' time against the same matmuls alone."""
+    pools = _Pools(spec, device, total_bytes, 3)
+    a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
+    b = torch.randn(matmul_size, matmul_size, device=device).to(dtype)
+
+    def compute():
+        for _ in range(matmuls):
+            torch.mm(a, b)
+
+    alone = _timed(device, compute, 2)
+    if device.type != "cuda":  # nothing runs beside the CPU's matmuls
+        copy = _timed(device, lambda: pools.copy("kernel", True), 2)
+        return {"copy_gbs": pools.bytes / copy / GB, "matmul_slowdown": 1.0, "concurrent": False}
+    stream = torch.cuda.Stream(device, priority=-1)  # the prefetch stream's priority in the engine
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]  # copy start/end, compute start/end
+
+    def both():
+        compute_stream = torch.cuda.current_stream(device)
+        stream.wait_stream(compute_stream)
+        with torch.cuda.stream(stream):
+            events[0].record(stream)
+            pools.copy("kernel", True)
+            events[1].record(stream)
+        events[2].record(compute_stream)
+        compute()  # timed on its own stream: the copy's tail does not count as the matmuls'
+        events[3].record(compute_stream)
+        compute_stream.wait_stream(stream)
+
+    both()
+    torch.cuda.synchronize(device)
+    copy_seconds = events[0].elapsed_time(events[1]) / 1000
+    matmul_seconds = events[2].elapsed_time(events[3]) / 1000
+    return {"copy_gbs": pools.bytes / copy_seconds / GB, "matmul_slowdown": matmul_seconds / alone if alone else 1.0,
+            "concurrent": True}
+
+
+def activation_link(hidden_size: int, dtype: torch.dtype, tokens: int = 4096, repeats: int = 5) -> float | None:
+    """GPU 0 -> GPU 1 bytes/s for a step's hidden states (None with fewer than two GPUs)."""
+    if torch.cuda.device_count() < 2:
+        return None
+    source = torch.randn(tokens, hidden_size, device="cuda:0").to(dtype)
+    target = torch.empty_like(source, device="cuda:1")
+    seconds = _timed(torch.device("cuda:0"), lambda: target.copy_(source, non_blocking=True), repeats)
+    torch.cuda.synchronize("cuda:1")
+    return source.numel() * source.element_size() / seconds
+
+
+def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: torch.dtype,
+               pairs: list[tuple[int, int]], chunk_tokens: int = 16,
+               progress: Callable[[], None] = lambda: None) -> tuple[tuple[float, float, float], dict]:
+    """(alpha, beta, delta) of a model of `layers` layers of config's shape (with its embedding and
+    LM head), fitted to the engine's own measured steps over (batch, prompt length) pairs (each a
+    prefill, then decodes): the cost model the engine itself fits. Also {samples, mean error}."""
+    from pipemax.core.cost_model import StepCostModel
+    from pipemax.core.sampling_params import SamplingParams
+    from pipemax.engine.llm_engine import EngineConfig, LLMEngine
+
+    stage_config = dataclasses.replace(config, num_layers=layers)
+    pairs = fitting_pairs(stage_config, layers, device, dtype, pairs, chunk_tokens)
+    torch.manual_seed(0)
+    model = build_model(stage_config, device=device, dtype=dtype)
+    for param in model.parameters():  # random weights of a sane scale: the time is the same
+        torch.nn.init.normal_(param, std=0.02)
+    max_batch, longest = max(b for b, _ in pairs), max(p for _, p in pairs)
+    kv_tokens = max(batch * (prompt + 8 + chunk_tokens) for batch, prompt in pairs)
+    kv_gib = kv_tokens * 2 * config.kv_size * layers * torch.tensor([], dtype=dtype).element_size() / 2**30
+    engine = LLMEngine(EngineConfig(
+        model=f"random:{config.architecture}", dtype=str(dtype).removeprefix("torch."), device=str(device),
+        max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch), chunk_tokens=chunk_tokens,
+        kv_cache_gib=max(kv_gib * 1.2, 1 / 64), max_model_len=longest + 8), model=model)
+    samples = []
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for warm_up in (True, False):  # the first pass compiles kernels and captures graphs
+        for batch, prompt in pairs:
+            engine.cost_model = StepCostModel()
+            for index in range(batch):
+                engine.add_request([(7 * index + position) % config.vocab_size for position in range(prompt)], params)
+            for _ in engine.run():
+                pass
+            if not warm_up:
+                samples += list(engine.cost_model.samples)
+                progress()
+    fit = StepCostModel(window=len(samples) + 1)
+    fit.samples.extend(samples)
+    fit.fit()
+    errors = [abs(fit.predict(tokens, context) - seconds) / seconds for tokens, context, seconds in samples
+              if seconds > 0 and fit.ready]
+    del engine, model
+    return fit.coefficients or (0.0, 0.0, 0.0), {
+        "samples": len(samples), "mean_relative_error": sum(errors) / len(errors) if errors else None}
+
+
+def fitting_pairs(stage_config: ModelConfig, layers: int, device: torch.device, dtype: torch.dtype,
+                  pairs: list[tuple[int, int]], chunk_tokens: int) -> list[tuple[int, int]]:
+    """The grid's (batch, prompt) pairs whose KV fits beside the measured model's weights on the
+    device (90% of what is free now); at least the smallest pair."""
+    from pipemax.worker.memory_budget import kv_budget_bytes
+
+    if device.type != "cuda":
+        return pairs
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = kv_budget_bytes(int(0.9 * free), stage_config, [(0, layers)], dtype, 2048, max(b for b, _ in pairs), True)
+    token_bytes = 2 * stage_config.kv_size * layers * torch.tensor([], dtype=dtype).element_size()
+    fitting = [(b, p) for b, p in pairs if b * (p + 8 + chunk_tokens) * token_bytes * 1.2 <= budget]
+    return fitting or [min(pairs)]
+
+
+def split_layer_costs(fits: dict[int, tuple[float, float, float]]):
+    """Per-layer and LM-head costs (server_plan.ComputeCosts) from (alpha, beta, delta) fitted at
+    two depths: the difference per layer is a layer's, what is left at the shallower depth the
+    head's and the step's fixed overhead (each clipped at zero: noise)."""
+    from .server_plan import ComputeCosts
+    from .simulator import StageCosts
+
+    (shallow, fit_shallow), (deep, fit_deep) = sorted(fits.items())
+    layer = [max(0.0, (d - s) / (deep - shallow)) for d, s in zip(fit_deep, fit_shallow)]
+    if not any(layer):  # the depths did not differ beyond noise (tiny models on a busy CPU): share it out
+        return ComputeCosts(StageCosts(*(value / deep for value in fit_deep)), StageCosts(0.0, 0.0, 0.0))
+    head = [max(0.0, s - shallow * per) for s, per in zip(fit_shallow, layer)]
+    return ComputeCosts(StageCosts(*layer), StageCosts(*head))

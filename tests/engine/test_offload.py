@@ -1,0 +1,452 @@
+"""KV offload: host-resident sequences are prefetched into staging chunks before their step and
+their new rows written through to the host; greedy ids equal offload off (and transformers) for
+one and several stages; the scheduler's residency decisions replay exactly on every stage; the
+copies are exact."""
+
+import pytest
+import torch
+
+from pipemax.core.kv_manager import KVManager, Residency
+from pipemax.core.sampling_params import SamplingParams
+from pipemax.core.scheduler import Scheduler
+from pipemax.core.sequence import Sequence
+from pipemax.core.step_plan import RecordingKVManager, apply_kv_ops
+from pipemax.engine.config import ConfigError, EngineConfig
+from pipemax.worker.kv_pool import KVPool, KVPoolSpec
+from pipemax.worker.kv_transfers import KVTransfers
+from tests.engine.test_engine import MAX_TOKENS, hf_greedy
+from tests.helpers import assert_all_free_or_cached, settled_kv_managers
+from tests.parallel.test_pipeline import run, tiny  # noqa: F401 (fixture)
+
+CHUNK_BYTES = 8 * 3 * 2 * 2 * 32 * 4  # one chunk of the tiny qwen3: 8 tokens, 3 layers, K and V, 2 x 32, fp32
+
+
+def gib(chunks: int) -> float:
+    return chunks * CHUNK_BYTES / 2**30
+
+
+@pytest.mark.parametrize("options", [
+    dict(micro_batches=2),  # P = 1: one micro-batch computes while the other's KV is on the host
+    dict(pipeline_parallel=2),
+    dict(pipeline_parallel=2, micro_batches=3, stage_layers="1,2", max_num_batched_tokens=9),  # chunked prefill
+    pytest.param(dict(pipeline_parallel=2, pipeline_transport="distributed"), marks=pytest.mark.subprocess),  # gloo
+], ids=["p1-m2", "p2", "p2-m3-chunked", "p2-processes"])
+def test_forced_offload_gives_the_ids_of_no_offload(tiny, options):  # noqa: F811
+    folder, hf, prompts = tiny
+    reference, _ = run(folder, prompts)
+    assert reference == [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts]
+    # A GPU pool of 12 chunks (the longest sequence needs 6), a host pool for everything.
+    ids, llm = run(folder, prompts, offload="force", kv_cache_gib=gib(12), host_memory_gib=gib(200), **options)
+    with llm:
+        assert ids == reference
+        stats = llm.last_run_stats
+        assert stats["offload"]["host_resident_requests"] == len(prompts)
+        moved = stats["transfers"]
+        assert moved["bytes_prefetched"] > 0
+        # Admitted host-resident: each prompt's KV reached the host by write-through as it was
+        # produced (every stage's layers together make a token's row), never by an offload copy.
+        assert moved["bytes_offloaded"] == 0
+        assert moved["bytes_written_back"] >= sum(map(len, prompts)) * CHUNK_BYTES // 8
+        if options.get("pipeline_transport") != "distributed":
+            assert_all_free_or_cached(settled_kv_managers(llm))  # no chunk leaked on either side
+
+
+def test_offload_admits_more_than_the_gpu_pool_holds(tiny):  # noqa: F811
+    folder, _, prompts = tiny
+    options = dict(micro_batches=2, kv_cache_gib=gib(12), max_num_seqs=4)
+    _, plain = run(folder, prompts, **options)
+    _, offloaded = run(folder, prompts, offload="force", host_memory_gib=gib(200), **options)
+    # Without offload the small pool forces recomputation; host-resident micro-batches free it.
+    assert offloaded.engine.scheduler.num_preemptions < plain.engine.scheduler.num_preemptions
+
+
+def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 4) -> Sequence:
+    return Sequence(seq_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def test_force_keeps_each_micro_batch_on_the_host_between_its_steps():
+    kv = RecordingKVManager(num_gpu_chunks=8, num_host_chunks=32, chunk_tokens=8)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload="force")
+    for seq_id, length in enumerate([10, 12, 9, 14]):
+        scheduler.add(make_seq(seq_id, length))
+    first = scheduler.schedule(0)
+    assert first.scheduled
+    for entry in first.scheduled:
+        entry.seq.num_computed_tokens = entry.end
+        entry.seq.token_ids.append(7)
+    scheduler.step_done(0)
+    group = scheduler.groups[0]
+    assert group and all(kv.residency(s.seq_id) is Residency.HOST for s in group)
+    assert kv.gpu.num_free == kv.gpu.num_chunks  # micro-batch 0's KV is all on the host now
+    second = scheduler.schedule(0)
+    assert {e.seq.seq_id for e in second.decode} == {s.seq_id for s in group}
+    assert all(kv.residency(s.seq_id) is Residency.STAGED for s in group)
+    ops = [op for op, _, _ in kv.log]
+    # Admitted host-resident (staged: its prefill written through), released, prefetched, grown.
+    assert "offload" not in ops
+    assert (ops.index("allocate_staged") < ops.index("release_staging") < ops.index("prefetch")
+            < max(i for i, op in enumerate(ops) if op == "append"))
+    # A stage replaying the log ends in the same state, chunk for chunk.
+    stage = KVManager(8, 32, 8)
+    apply_kv_ops(stage, kv.take_log())
+    for seq in group:
+        assert stage.sequence(seq.seq_id) == kv.sequence(seq.seq_id)
+    scheduler.step_done(0)
+    assert all(kv.residency(s.seq_id) is Residency.HOST for s in group)
+    assert [op for op, _, _ in kv.log] == ["release_staging"] * len(group)
+
+
+def run_to_completion(scheduler: Scheduler, micro_batches: int, steps: int = 200, after_step=None) -> int:
+    """Steps the scheduler's micro-batches in turn, as the engine would (calling after_step after
+    each); the most sequences running at once."""
+    most = 0
+    for step in range(steps):
+        micro_batch = step % micro_batches
+        plan = scheduler.schedule(micro_batch)
+        most = max(most, len(scheduler.running))
+        for entry in plan.scheduled:
+            entry.seq.num_computed_tokens = entry.end
+            if entry.samples:
+                entry.seq.token_ids.append(5)
+        for seq in list(scheduler.groups[micro_batch]):
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                scheduler.finish(seq)
+        scheduler.step_done(micro_batch)
+        if after_step is not None:
+            after_step()
+        if not scheduler.has_unfinished():
+            return most
+    raise AssertionError("the requests did not finish")
+
+
+def test_host_resident_micro_batches_let_more_sequences_run_than_the_gpu_pool_holds():
+    # 4 GPU chunks; each sequence needs 2 (9 prompt + 5 output tokens, chunks of 8).
+    def scheduler(offload):
+        kv = RecordingKVManager(num_gpu_chunks=4, num_host_chunks=32, chunk_tokens=8)
+        scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload=offload)
+        for seq_id in range(4):
+            scheduler.add(make_seq(seq_id, 9, max_tokens=5))
+        return scheduler
+
+    plain, forced = scheduler("off"), scheduler("force")
+    assert run_to_completion(plain, 2) == 2
+    assert run_to_completion(forced, 2) == 4 and forced.num_preemptions == 0
+    assert forced.kv.gpu.num_free == 4 and forced.kv.host.num_free == 32
+
+
+def test_sequences_that_cannot_all_be_staged_take_turns():
+    kv = RecordingKVManager(num_gpu_chunks=5, num_host_chunks=32, chunk_tokens=8)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, num_micro_batches=1, offload="force")
+    seqs = [make_seq(i, 9, max_tokens=6) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    # Staging leaves a chunk per staged sequence for its growth: not all three fit at once.
+    run_to_completion(scheduler, 1)
+    assert all(seq.num_output_tokens == 6 for seq in seqs)  # none starved
+    assert kv.gpu.num_free == 5 and kv.host.num_free == 32
+
+
+def test_copies_are_exact():
+    spec = KVPoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, chunk_tokens=8, dtype=torch.float16)
+    pool = KVPool(spec, 6, 6, "cpu", backend="torch")
+    pool.gpu.copy_(torch.randn(pool.gpu.shape).to(torch.float16))
+    pool.host.copy_(torch.randn(pool.host.shape).to(torch.float16))
+    transfers = KVTransfers(pool)
+    gpu_before, host_before = pool.gpu.clone(), pool.host.clone()
+    transfers.offload(0, [(0, 5), (3, 1)])
+    assert torch.equal(pool.host[5], gpu_before[0]) and torch.equal(pool.host[1], gpu_before[3])
+    transfers.prefetch(1, [(2, 4)])
+    assert torch.equal(pool.gpu[4], host_before[2])
+    from pipemax.core.kv_manager import RowCopy
+    pool.gpu[1, :, :, 3] = 7.0
+    transfers.write_back({2: [RowCopy(gpu_chunk=1, host_chunk=0, row=3)]})
+    assert torch.equal(pool.host[0, :, :, 3], pool.gpu[1, :, :, 3])
+    assert torch.equal(pool.host[0, :, :, 2], host_before[0, :, :, 2])  # only that row
+    counters = transfers.counters()
+    assert counters["bytes_offloaded"] == 2 * spec.chunk_bytes and counters["bytes_prefetched"] == spec.chunk_bytes
+    assert counters["bytes_written_back"] == spec.chunk_bytes // 8
+
+
+def test_offload_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="offload must be one of off, auto, force"):
+        EngineConfig(model="m", offload="sometimes")
+    with pytest.raises(ConfigError, match="host_memory_gib sizes the host KV pool of offload and of the prefix "
+                                          "cache's host tier: set offload or prefix_caching too"):
+        EngineConfig(model="m", host_memory_gib=1, prefix_caching=False)
+    with pytest.raises(ConfigError, match="of host memory available now"):
+        EngineConfig(model="m", offload="force", host_memory_gib=10**6)
+
+
+def test_auto_offloads_within_the_budget_and_keeps_the_ids(tiny):  # noqa: F811
+    folder, _, prompts = tiny
+    reference, _ = run(folder, prompts)
+    ids, llm = run(folder, prompts, offload="auto", micro_batches=2, kv_cache_gib=gib(12), host_memory_gib=gib(200))
+    assert ids == reference
+    assert llm.last_run_stats["offload"]["host_resident_requests"] > 0  # the small pool blocked admissions
+    # One micro-batch has nothing to hide a prefetch behind: auto moves nothing.
+    ids, llm = run(folder, prompts, offload="auto", kv_cache_gib=gib(12), host_memory_gib=gib(200))
+    assert ids == reference and llm.last_run_stats["offload"]["host_resident_requests"] == 0
+    assert llm.last_run_stats["transfers"]["bytes_prefetched"] == 0
+
+
+class FixedCost:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def predict(self, batch_tokens, context_tokens):
+        return self.seconds
+
+
+def test_the_budget_is_bandwidth_times_the_other_micro_batches_predicted_steps():
+    from pipemax.core.prefetch_budget import PrefetchBudget
+
+    budget = PrefetchBudget(FixedCost(0.004), bytes_per_second=50e9, chunk_bytes=2**20, num_micro_batches=3)
+    assert budget.budget_chunks(0) == 0  # nothing known yet
+    budget.record(1, 128, 10_000)
+    # Micro-batch 2 has not run yet: taken to carry what the others do.
+    assert budget.budget_chunks(0) == int(50e9 * 0.008 // 2**20)
+    budget.record(2, 128, 10_000)
+    assert budget.budget_chunks(0) == int(50e9 * 0.008 // 2**20)  # two steps of 4 ms ahead
+    assert budget.budget_chunks(1) == int(50e9 * 0.008 // 2**20)  # micro-batch 0 taken as typical
+    assert PrefetchBudget(FixedCost(None), 50e9, 2**20, 2).budget_chunks(0) == 0  # no model yet: no budget
+
+
+def auto_scheduler(seconds, gpu_chunks, max_num_seqs, max_tokens_per_step, requests, prompt_len):
+    """offload=auto over two micro-batches, each step predicted to take `seconds` (a budget of
+    seconds x 10 chunks of 100 bytes at 1000 B/s)."""
+    from pipemax.core.prefetch_budget import PrefetchBudget
+
+    kv = RecordingKVManager(num_gpu_chunks=gpu_chunks, num_host_chunks=64, chunk_tokens=8)
+    budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
+    scheduler = Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_per_step,
+                          num_micro_batches=2, offload="auto", budget=budget)
+    for seq_id in range(requests):
+        scheduler.add(make_seq(seq_id, prompt_len, max_tokens=5))
+    return scheduler
+
+
+def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
+    def scheduler(seconds):
+        return auto_scheduler(seconds, gpu_chunks=4, max_num_seqs=4, max_tokens_per_step=64, requests=6, prompt_len=9)
+
+    none = scheduler(0.0)
+    run_to_completion(none, 2)
+    assert not none.host_resident_ids  # a zero budget: exactly offload off
+    roomy = scheduler(1.0)  # 10 chunks of budget per micro-batch
+    original = roomy._apply_residency_plan
+
+    def checked(micro_batch):
+        original(micro_batch)
+        host = [s for s in roomy.groups[micro_batch]
+                if roomy.kv.residency(s.seq_id) is Residency.HOST]
+        assert sum(len(roomy.kv.sequence(s.seq_id).host_chunks) + 1 for s in host) <= \
+            roomy.budget.budget_chunks(micro_batch)
+
+    roomy._apply_residency_plan = checked
+    most = run_to_completion(roomy, 2)
+    assert roomy.host_resident_ids and most > 2  # more than the 4-chunk GPU pool holds at once
+
+
+def test_the_cost_model_learns_a_linear_step_time_and_reports_its_error():
+    from pipemax.core.cost_model import StepCostModel
+
+    model = StepCostModel(refit_every=4)
+    assert model.predict(10, 100) is None
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        tokens, context = torch.randint(1, 512, (2,), generator=generator).tolist()
+        context *= 20
+        model.observe(tokens, context, 2e-6 * tokens + 5e-8 * context + 3e-3)
+    alpha, beta, delta = model.coefficients
+    assert abs(alpha - 2e-6) < 1e-8 and abs(beta - 5e-8) < 1e-10 and abs(delta - 3e-3) < 1e-6
+    assert model.predict(100, 1000) == pytest.approx(2e-4 + 5e-5 + 3e-3)
+    assert model.stats()["mean_relative_error"] < 0.05  # after the first fits, the predictions are exact
+
+
+def test_the_trace_shows_every_stream_and_the_hidden_share_is_measured(tiny, tmp_path):  # noqa: F811
+    import json
+
+    folder, _, prompts = tiny
+    trace = tmp_path / "trace.json"
+    _, llm = run(folder, prompts, offload="force", pipeline_parallel=2, kv_cache_gib=gib(12),
+                 host_memory_gib=gib(200), trace=str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert {"host", "stage 0 compute", "stage 1 compute", "stage 0 prefetch", "stage 1 prefetch",
+            "stage 0 write-back", "stage 1 write-back"} <= tracks
+    spans = [e for e in events if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    steps = llm.last_run_stats["steps"]
+    assert sum(e["name"] == "step" for e in spans) == 2 * steps  # each stage's compute of each step
+    # Prompts are written through layer by layer, inside their steps' compute spans.
+    write_rows = [e for e in spans if e["name"].startswith("write rows L")]
+    assert write_rows
+    # On the CPU copies run on the computing thread, never beside compute.
+    assert llm.last_run_stats["copy_time_hidden_fraction"] == 0.0
+
+
+def test_hidden_fraction_counts_copy_time_under_compute():
+    from pipemax.worker.timeline import hidden_fraction
+
+    intervals = [("stage 0 compute", "step", 0.0, 1.0), ("stage 0 compute", "step", 2.0, 3.0),
+                 ("stage 0 prefetch", "prefetch", 0.5, 1.5), ("stage 0 write-back", "write rows", 2.5, 2.75),
+                 ("host", "plan", 0.0, 3.0)]
+    assert hidden_fraction(intervals) == pytest.approx((0.5 + 0.25) / (1.0 + 0.25))
+    assert hidden_fraction(intervals[:2]) is None
+    assert hidden_fraction(intervals, concurrent=False) == 0.0  # one thread: nothing ran beside
+
+
+def test_under_auto_a_heavy_micro_batch_hands_a_sequence_to_the_lightest():
+    from pipemax.core.cost_model import StepCostModel
+    from pipemax.core.prefetch_budget import PrefetchBudget
+
+    kv = RecordingKVManager(num_gpu_chunks=64, num_host_chunks=16, chunk_tokens=8)
+    model = StepCostModel(seed=(0.0, 1e-3, 0.0))  # step time = 1 ms per context token
+    budget = PrefetchBudget(FixedCost(0.0), bytes_per_second=1.0, chunk_bytes=1, num_micro_batches=2)
+    scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=256, num_micro_batches=2, offload="auto",
+                          budget=budget, cost_model=model)
+    seqs = [make_seq(i, length, max_tokens=50) for i, length in enumerate([60, 50, 40, 8])]
+    for seq in seqs:
+        scheduler.add(seq)
+    scheduler.groups[0] = []
+    plan = scheduler.schedule(0)  # micro-batch 0 admits everything it may (fair share: 2) ...
+    plan1 = scheduler.schedule(1)  # ... and 1 the rest
+    for entry in plan.scheduled + plan1.scheduled:
+        entry.seq.num_computed_tokens = entry.end
+        entry.seq.token_ids.append(1)
+    heavy = max((0, 1), key=scheduler.predicted_step)
+    light = 1 - heavy
+    assert scheduler.predicted_step(heavy) > 1.1 * scheduler.predicted_step(light)
+    before = abs(scheduler.predicted_step(0) - scheduler.predicted_step(1))
+    scheduler.step_done(heavy)
+    assert scheduler.num_moves == 1
+    assert abs(scheduler.predicted_step(0) - scheduler.predicted_step(1)) < before
+    assert all(seq.micro_batch == m for m, group in enumerate(scheduler.groups) for seq in group)
+    for group in scheduler.groups:
+        assert [s.admission for s in group] == sorted(s.admission for s in group)
+    gap = abs(scheduler.predicted_step(0) - scheduler.predicted_step(1))
+    scheduler.step_done(light)  # a move only ever narrows the gap
+    assert abs(scheduler.predicted_step(0) - scheduler.predicted_step(1)) <= gap
+
+
+def test_a_shed_sequence_does_not_take_its_chunks_back_from_the_older_one():
+    # Two sequences that do not fit the pool together, in two micro-batches: the newer one, in
+    # chunked prefill, is shed for the older one to grow; re-admitting it at once took the chunks
+    # back every time, and the older one never finished.
+    kv = RecordingKVManager(num_gpu_chunks=7, num_host_chunks=0, chunk_tokens=8)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=32, num_micro_batches=2)
+    seqs = [make_seq(0, 19, max_tokens=7), make_seq(1, 33, max_tokens=1)]
+    for seq in seqs:
+        scheduler.add(seq)
+    run_to_completion(scheduler, 2, steps=100)
+    assert [seq.num_output_tokens for seq in seqs] == [7, 1]
+
+
+def test_only_nccl_gets_process_group_options():
+    from pipemax.parallel.distributed import process_group_options
+
+    assert process_group_options("gloo") is None
+
+
+def test_prefill_rows_are_written_through_layer_by_layer_exactly():
+    from pipemax.core.kv_manager import RowCopy
+
+    spec = KVPoolSpec(num_layers=3, num_kv_heads=2, head_dim=16, chunk_tokens=8, dtype=torch.bfloat16)
+    pool = KVPool(spec, 4, 4, "cpu", backend="torch")
+    pool.gpu.copy_(torch.randn(pool.gpu.shape).to(spec.dtype))
+    host_before = pool.host.clone()
+    transfers = KVTransfers(pool)
+    rows = {5: [RowCopy(2, 1, row) for row in range(8)] + [RowCopy(0, 3, 0), RowCopy(0, 3, 1)]}
+    after_store = transfers.write_back_by_layer(rows)
+    after_store(0)  # layer 0's K/V were stored: only layer 0 goes to the host
+    assert torch.equal(pool.host[1, 0], pool.gpu[2, 0]) and torch.equal(pool.host[3, 0, :, :2], pool.gpu[0, 0, :, :2])
+    assert torch.equal(pool.host[1, 1:], host_before[1, 1:]) and torch.equal(pool.host[3, 0, :, 2:], host_before[3, 0, :, 2:])
+    after_store(1)
+    after_store(2)
+    assert torch.equal(pool.host[1], pool.gpu[2]) and torch.equal(pool.host[3, :, :, :2], pool.gpu[0, :, :, :2])
+    assert torch.equal(pool.host[3, :, :, 2:], host_before[3, :, :, 2:])  # nothing past the rows
+    assert transfers.counters()["bytes_written_back"] == 10 * spec.chunk_bytes // 8  # 10 rows, all layers
+    assert transfers.write_back_by_layer({}) is None
+
+
+def test_a_host_resident_request_is_admitted_staged_so_its_prefill_never_needs_an_offload():
+    kv = KVManager(num_gpu_chunks=4, num_host_chunks=4, chunk_tokens=8)
+    chunks = kv.allocate_staged(0, 12)
+    held = kv.sequence(0)
+    assert held.residency is Residency.STAGED and chunks == held.gpu_chunks and len(held.host_chunks) == 2
+    assert [r.host_chunk for r in kv.write_back_rows(0, 0, 12)] == [held.host_chunks[0]] * 8 + [held.host_chunks[1]] * 4
+    kv.release_staging(0)
+    assert kv.gpu.num_free == 4 and kv.residency(0) is Residency.HOST
+    from pipemax.core.kv_manager import PoolExhaustedError
+    with pytest.raises(PoolExhaustedError) as error:
+        kv.allocate_staged(1, 24)  # 3 host chunks, 2 free: nothing is taken
+    assert error.value.pool == "host" and kv.gpu.num_free == 4 and 1 not in kv.sequences
+
+
+def test_auto_admits_requests_to_the_host_only_within_the_budget_while_others_wait():
+    def admitted_staged(seconds):
+        # Prompts of 4 chunks prefilled 2 chunks a step: room for a step's staging, not for a whole request.
+        scheduler = auto_scheduler(seconds, gpu_chunks=10, max_num_seqs=8, max_tokens_per_step=16, requests=8,
+                                   prompt_len=30)
+        kv = scheduler.kv
+        staged = set()
+        original = kv.allocate_staged
+
+        def recording(seq_id, tokens):
+            staged.add(seq_id)
+            assert kv.gpu.num_free < kv.chunks_for(30) + 1  # only a request that would wait for GPU chunks
+            return original(seq_id, tokens)
+
+        kv.allocate_staged = recording
+        run_to_completion(scheduler, 2)
+        return staged
+
+    assert not admitted_staged(0.0)  # no budget: no request starts on the host
+    assert admitted_staged(1.0)  # 10 chunks of budget per micro-batch: some do
+
+
+def test_the_cost_model_is_saved_after_a_run_and_seeds_the_next_engine(tiny, tmp_path, monkeypatch):  # noqa: F811
+    import json
+
+    folder, _, prompts = tiny
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path / "profiles"))
+    options = dict(micro_batches=2, offload="auto", kv_cache_gib=gib(12), host_memory_gib=gib(200))
+    _, first = run(folder, prompts, **options)
+    with first:
+        assert first.last_run_stats["cost_model"]["seeded_from"] is None
+        fitted = first.engine.cost_model.coefficients
+    [saved] = (tmp_path / "profiles").glob("step-costs-*.json")
+    record = json.loads(saved.read_text())
+    assert record["coefficients"] == list(fitted) and record["key"]["stage_layers"] == [3]
+    _, second = run(folder, prompts, **options)
+    with second:
+        assert second.last_run_stats["cost_model"]["seeded_from"] == str(saved)
+    # Another stage split is another setup: its own profile, not this one's.
+    _, split = run(folder, prompts, pipeline_parallel=2, **options)
+    with split:
+        assert split.last_run_stats["cost_model"]["seeded_from"] is None
+    assert len(list((tmp_path / "profiles").glob("step-costs-*.json"))) == 2
+
+
+def test_a_damaged_or_foreign_step_cost_profile_is_ignored(tmp_path, monkeypatch, caplog):
+    import json
+
+    from pipemax.core.cost_model import StepCostModel
+    from pipemax.engine.step_costs import load_step_costs, save_step_costs, step_costs_path
+
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path))
+    key = {"device": "cpu", "num_layers": 3}
+    assert load_step_costs(key) == (None, step_costs_path(key))
+    model = StepCostModel(seed=(1e-4, 1e-6, 1e-3))
+    assert save_step_costs(model, key) is None  # a seed alone has learned nothing: not saved
+    for tokens in (10, 20, 40, 80):
+        model.observe(tokens, 100 * tokens, 1e-4 * tokens + 1e-3)
+    model.fit()
+    path = save_step_costs(model, key)
+    assert load_step_costs(key)[0] == pytest.approx(model.coefficients)
+    record = json.loads(path.read_text())
+    for damaged in ("{not json", json.dumps({**record, "key": {"device": "H100"}}),
+                    json.dumps({**record, "coefficients": [1.0, -2.0, 0.0]})):
+        path.write_text(damaged)
+        assert load_step_costs(key)[0] is None
+    assert "ignoring the step-cost profile" in caplog.text
