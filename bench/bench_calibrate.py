@@ -32,7 +32,7 @@ from pipemax.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from pipemax.models import LlamaFamilyModel, model_config_from_hf  # noqa: E402
 from pipemax.tuning.server_plan import ComputeCosts  # noqa: E402
 from pipemax.tuning.server_profile import load_profile  # noqa: E402
-from pipemax.tuning.simulator import SimulatedServer, StageCosts, simulate  # noqa: E402
+from pipemax.tuning.simulator import SimulatedServer, simulate  # noqa: E402
 
 TARGETS = {1: 0.10}  # P = 1; every emulated pipeline: 0.15
 

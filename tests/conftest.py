@@ -16,8 +16,12 @@ FAST = os.environ.get("PIPEMAX_TEST_FAST") == "1"  # make test-fast
 
 # Under pytest-xdist every worker shares the cores: one torch thread per core each, not one per
 # core per worker (oversubscribed threads spin and every worker slows down).
+# The processes tests start (jobs, stage processes, torchrun ranks) inherit the same share through
+# OMP_NUM_THREADS: OpenMP threads that outnumber the cores spin-wait, burning the CPU other tests need.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    THREADS_PER_WORKER = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(THREADS_PER_WORKER)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS_PER_WORKER))
 
 # Hypothesis profiles (HYPOTHESIS_PROFILE picks one):
 #   ci        the default, and what CI runs: a fixed number of examples from a fixed seed, so a

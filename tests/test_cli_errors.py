@@ -188,7 +188,7 @@ def test_a_second_job_on_the_same_output_refuses_at_once(model_folder, tmp_path)
     requests = tmp_path / "requests.jsonl"
     # One request at a time, far more than can finish while the test runs: the first job is still
     # writing when the second starts, however loaded the machine. It is stopped afterwards.
-    count = 2000
+    count = 500
     write_lines(requests, [completion(f"q{i}", f"list {i}:", max_tokens=64, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     first, env = start_and_wait_for_results(job_command(model_folder, requests, out), out, 1)
@@ -319,7 +319,7 @@ def alive(pid: int) -> bool:
 def test_a_killed_stage_process_ends_the_job_cleanly_and_a_rerun_resumes(model_folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     count = 16
-    write_lines(requests, [completion(f"q{i}", f"verse {i}:", max_tokens=30, ignore_eos=True) for i in range(count)])
+    write_lines(requests, [completion(f"q{i}", f"verse {i}:", max_tokens=12, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     command = job_command(model_folder, requests, out, "--pipeline-parallel", "2", "--stage-timeout", "30")
     job, env = start_and_wait_for_results(command, out, 2)
@@ -379,7 +379,7 @@ def test_a_stage_that_stops_answering_ends_the_job_within_the_timeout(model_fold
 def test_a_killed_replica_ends_the_job_cleanly_and_a_rerun_resumes(model_folder, tmp_path):
     requests = tmp_path / "requests.jsonl"
     count = 16
-    write_lines(requests, [completion(f"q{i}", f"ode {i}:", max_tokens=30, ignore_eos=True) for i in range(count)])
+    write_lines(requests, [completion(f"q{i}", f"ode {i}:", max_tokens=12, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     command = job_command(model_folder, requests, out, "--data-parallel", "2")
     job, env = start_and_wait_for_results(command, out, 2)

@@ -1,6 +1,7 @@
 """The package layout's import rules (pipemax/*/__init__.py state them; DESIGN.md draws them).
 
-    cli -> api -> tuning, batch -> engine -> parallel -> worker -> core, models -> kernels
+    cli -> api, batch, tuning;  api, tuning -> engine -> parallel -> worker -> core, models -> kernels;
+    batch -> core only
 
 Imports point down only. core is plain Python (no torch): the host's decisions must be testable and
 replayable without a device. kernels import nothing of pipemax. Checked on the source (every import
@@ -31,22 +32,32 @@ LOWER = {  # what each part may import of pipemax, besides itself
 }
 TOP_MODULES = {"api.py": "api", "__init__.py": "api", "cli.py": "cli", "__main__.py": "cli"}
 NO_TENSOR_LIBRARIES = {"torch", "triton", "numpy", "transformers", "safetensors", "pynvml"}
+KERNEL_LIBRARIES = {"torch", "triton"}  # besides the standard library: kernels are the bottom
 
 
 def part_of(path: Path) -> str:
     relative = path.relative_to(PACKAGE)
-    return relative.parts[0] if len(relative.parts) > 1 else TOP_MODULES[relative.name]
+    if len(relative.parts) > 1:
+        return relative.parts[0]
+    if relative.name not in TOP_MODULES:
+        raise AssertionError(f"pipemax/{relative.name}: a new top-level module; give it a place in LOWER and "
+                             "TOP_MODULES (or put it in a package)")
+    return TOP_MODULES[relative.name]
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
     """(line, absolute dotted name) of everything a file imports; `from pipemax import kernels`
-    gives pipemax.kernels, `from pipemax import __version__` gives pipemax."""
+    gives pipemax.kernels, `from pipemax import __version__` gives pipemax. importlib.import_module
+    and __import__ calls on a constant name count too."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    relative = path.relative_to(PACKAGE.parent).with_suffix("")
-    here = list(relative.parts if path.name == "__init__.py" else relative.parts[:-1])
+    here = list(path.relative_to(PACKAGE.parent).parts[:-1])  # the package a relative import starts from
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and ast.unparse(node.func) in (
+                    "importlib.import_module", "import_module", "__import__"):
+            found.append((node.lineno, node.args[0].value))
+        elif isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -80,8 +91,12 @@ def layout_violations() -> list[str]:
         for line, name in imported_modules(path):
             where = f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
             target = target_part(name)
-            if part == "core" and name.split(".")[0] in NO_TENSOR_LIBRARIES:
+            top = name.split(".")[0]
+            if part == "core" and top in NO_TENSOR_LIBRARIES:
                 problems.append(f"{where}: core is plain Python")
+            if part == "kernels" and top != "pipemax" and top not in KERNEL_LIBRARIES \
+                    and top not in sys.stdlib_module_names:
+                problems.append(f"{where}: kernels may import torch and triton only")
             if target is None or target == part:
                 continue
             if target not in LOWER[part]:
@@ -100,6 +115,10 @@ def test_the_rules_catch_what_they_guard_against(tmp_path, monkeypatch):
         "kernels/norm.py": "from pipemax.models import ModelConfig\n",
         "engine/step_costs.py": "from pipemax import __version__\n",
         "worker/stage.py": "def later():\n    from ..parallel.pipeline import InProcessPipeline\n",
+        "worker/__init__.py": "from ..engine import llm_engine\n",
+        "core/__init__.py": "from .. import engine\n",
+        "models/loader.py": "importlib.import_module('pipemax.worker.stage')\n",
+        "kernels/rope.py": "import transformers\n",
     }
     copy = tmp_path / "pipemax"
     for source in PACKAGE.rglob("*.py"):
@@ -137,3 +156,11 @@ def test_each_package_states_its_place(part):
     for module in (PACKAGE / part).glob("*.py"):
         if module.name != "__init__.py" and not module.name.startswith("_"):
             assert module.name in doc, f"pipemax/{part}/__init__.py does not say what {module.name} owns"
+
+
+def test_bench_scripts_shadow_no_package():
+    """Run as a script, a bench file's folder comes first on sys.path: bench/kernels.py once hid the
+    `kernels` package that transformers imports. Every script is named bench_*.py."""
+    bench = PACKAGE.parent / "bench"
+    scripts = [path.name for path in bench.glob("*.py") if path.name != "__init__.py"]
+    assert scripts and all(name.startswith("bench_") for name in scripts), scripts

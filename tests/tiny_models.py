@@ -54,6 +54,8 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
     config = FAMILIES[family]()
     for key, value in overrides.items():
         setattr(config, key, value)
+    if getattr(config, "layer_types", None) is not None:  # one entry per layer, made with the config
+        config.layer_types = [config.layer_types[0]] * config.num_hidden_layers
     torch.manual_seed(seed)
     model = MODEL_CLASSES[family](config).eval()
     with torch.no_grad():

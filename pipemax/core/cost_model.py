@@ -40,6 +40,8 @@ class StepCostModel:
         return max(0.0, alpha * batch_tokens + beta * context_tokens + delta)
 
     def observe(self, batch_tokens: int, context_tokens: int, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds >= 0):
+            return  # a clock that failed teaches nothing, and would block every later fit
         predicted = self.predict(batch_tokens, context_tokens)
         if predicted is not None and seconds > 0:
             self.abs_errors.append(abs(predicted - seconds) / seconds)
@@ -83,36 +85,55 @@ class StepCostModel:
 
 
 def _least_squares(columns: list[list[float]], target: list[float]) -> list[float] | None:
-    """argmin_x |A x - target| for A given by its columns, through the normal equations (A^T A) x =
-    A^T target, solved by Gaussian elimination with partial pivoting. A rank-deficient A (every
-    step the same shape) takes the minimum-norm answer along the lost direction: unknowns whose
-    pivot vanishes are set to zero, as a least-squares solver's truncated answer would. None when
-    nothing is finite."""
+    """The minimum-norm x minimising |A x - target|, A given by its (few) columns: x = pinv(A^T A)
+    A^T target, with the pseudo-inverse from the symmetric eigendecomposition of the Gram matrix
+    (cyclic Jacobi; three unknowns converge in a few sweeps). Directions the data does not
+    determine (every step the same shape: alpha, beta and delta cannot be told apart) get no
+    weight, as a least-squares solver's minimum-norm answer gives them none. None when the
+    answer is not finite."""
     size = len(columns)
     gram = [[math.fsum(a * b for a, b in zip(columns[row], columns[col])) for col in range(size)]
             for row in range(size)]
     rhs = [math.fsum(a * t for a, t in zip(columns[row], target)) for row in range(size)]
-    largest = max((abs(value) for row in gram for value in row), default=0.0)
-    tolerance = largest * 1e-12
-    pivot_of: list[int | None] = [None] * size  # the row that solves each unknown
-    rows = list(range(size))
-    for col in range(size):
-        best = max(rows, key=lambda row: abs(gram[row][col]), default=None)
-        if best is None or abs(gram[best][col]) <= tolerance:
-            continue  # this unknown is not determined by the data: it stays 0
-        rows.remove(best)
-        pivot_of[col] = best
-        for row in rows:
-            factor = gram[row][col] / gram[best][col]
-            if factor:
-                for k in range(col, size):
-                    gram[row][k] -= factor * gram[best][k]
-                rhs[row] -= factor * rhs[best]
+    values, vectors = _symmetric_eigen(gram)
+    largest = max((abs(value) for value in values), default=0.0)
+    if not math.isfinite(largest) or largest == 0.0:
+        return None
+    # Eigenvalues of A^T A are squared singular values: below this, rounding decides them.
+    cutoff = largest * 1e-13
     solution = [0.0] * size
-    for col in reversed(range(size)):
-        row = pivot_of[col]
-        if row is None:
-            continue
-        known = math.fsum(gram[row][k] * solution[k] for k in range(col + 1, size))
-        solution[col] = (rhs[row] - known) / gram[row][col]
+    for value, vector in zip(values, vectors):
+        if value > cutoff:
+            weight = math.fsum(v * r for v, r in zip(vector, rhs)) / value
+            solution = [s + weight * v for s, v in zip(solution, vector)]
     return solution if all(math.isfinite(value) for value in solution) else None
+
+
+def _symmetric_eigen(matrix: list[list[float]], sweeps: int = 50) -> tuple[list[float], list[list[float]]]:
+    """Eigenvalues and eigenvectors (as rows) of a small symmetric matrix, by cyclic Jacobi
+    rotations."""
+    size = len(matrix)
+    a = [row[:] for row in matrix]
+    v = [[float(row == col) for col in range(size)] for row in range(size)]  # columns: eigenvectors
+    for _ in range(sweeps):
+        off = math.fsum(a[p][q] ** 2 for p in range(size) for q in range(size) if p != q)
+        if off <= 1e-30 * math.fsum(a[p][p] ** 2 for p in range(size)) or off == 0.0:
+            break
+        for p in range(size - 1):
+            for q in range(p + 1, size):
+                if a[p][q] == 0.0:
+                    continue
+                theta = (a[q][q] - a[p][p]) / (2 * a[p][q])
+                t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1))
+                c = 1 / math.sqrt(t * t + 1)
+                s = t * c
+                for k in range(size):  # A <- A J (columns p, q)
+                    akp, akq = a[k][p], a[k][q]
+                    a[k][p], a[k][q] = c * akp - s * akq, s * akp + c * akq
+                for k in range(size):  # A <- J^T A (rows p, q)
+                    apk, aqk = a[p][k], a[q][k]
+                    a[p][k], a[q][k] = c * apk - s * aqk, s * apk + c * aqk
+                for k in range(size):
+                    vkp, vkq = v[k][p], v[k][q]
+                    v[k][p], v[k][q] = c * vkp - s * vkq, s * vkp + c * vkq
+    return [a[i][i] for i in range(size)], [[v[k][i] for k in range(size)] for i in range(size)]

@@ -408,7 +408,7 @@ class LLMEngine:
                 "attention_backend": config.attention_backend, "chunk_tokens": config.chunk_tokens,
                 "offload": config.offload,  # (on the CPU, write-through runs inside the timed step)
                 "cuda_graphs": bool(config.cuda_graphs and self.device.type == "cuda"),
-                "step_code": step_code_digest(), "triton": triton.__version__}
+                "step_code": step_code_digest(), "torch": torch.__version__, "triton": triton.__version__}
 
     def _measure(self, step: InFlight) -> None:
         """The step's device time, once it has run (no waiting), teaches the cost model."""

@@ -23,15 +23,18 @@ from pipemax.models.default_model import cache_dir
 
 log = logging.getLogger("pipemax")
 PROFILE_KIND = "pipemax step costs"
-# The code a step runs: a saved fit is reused only by the same kernels, models and stage code.
-STEP_CODE_PACKAGES = ("kernels", "models", "worker")
+# The code a step runs: a saved fit is reused only by the same kernels, models, stage and transport code.
+STEP_CODE_PACKAGES = ("kernels", "models", "worker", "parallel")
 
 
 @cache
 def step_code_digest() -> str:
     """A digest of the sources of the packages a step runs (STEP_CODE_PACKAGES), for the key of a
     step-cost profile: any change to them, not only a new release, makes old fits stale."""
-    package_root = Path(__file__).resolve().parent.parent
+    return code_digest(Path(__file__).resolve().parent.parent)
+
+
+def code_digest(package_root: Path) -> str:
     digest = hashlib.sha256()
     for package in STEP_CODE_PACKAGES:
         for source in sorted((package_root / package).glob("*.py")):

@@ -1,7 +1,7 @@
 """Model wrappers per HF family, weight loading, layer ranges (stages).
 
 Place in the stack: worker -> models -> kernels. May import kernels, torch, transformers,
-safetensors; never core, worker or anything above. Models call kernels through
+safetensors, gguf; never core, worker or anything above. Models call kernels through
 `attention.ChunkedAttention` and hold no KV bookkeeping; a model object can be built for any
 contiguous layer range, so a pipeline stage loads only its own layers.
 

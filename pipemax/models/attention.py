@@ -1,8 +1,8 @@
 """The attention interface between models and kernels.
 
 A model layer hands q, k, v of the step's tokens to `ChunkedAttention`; it stores k, v into the
-stage's GPU KV pool and attends through the chunk tables in `AttentionMetadata`. The runtime
-builds the metadata (it knows the sequences); models never see requests or block ids beyond it.
+stage's GPU KV pool and attends through the chunk tables in `AttentionMetadata`. The worker's
+model runner builds the metadata (it knows the sequences); models never see requests or block ids beyond it.
 
 Token order in a step: the decode tokens first (one per decoding sequence), then the prefill
 tokens of each prefilling sequence, packed.
@@ -60,7 +60,7 @@ class ChunkedAttention:
         self.scale = scale
         self.ops = LayerOps(backend)
         # Called with the layer index right after each layer's K/V are stored, in eager steps
-        # only (the runtime writes KV through to the host from there); None: nothing to call.
+        # only (the worker writes KV through to the host from there); None: nothing to call.
         self.after_store = None
 
     def rotate_store(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,

@@ -8,6 +8,7 @@ renamed when complete, so an interrupted conversion never leaves a half-written 
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -37,11 +38,17 @@ def bundled_gguf() -> Path:
 
 
 def default_model_path() -> Path:
-    """The converted default model's folder, converting it on first use."""
+    """The converted default model's folder, converting it on first use. Processes that start
+    together (two jobs, test workers) convert once: the first holds a lock while it converts, the
+    others wait for it and read its folder."""
     target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "model.safetensors").exists():
         return target
-    convert_gguf(bundled_gguf(), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not (target / "model.safetensors").exists():
+            convert_gguf(bundled_gguf(), target)
     return target
 
 

@@ -2,7 +2,7 @@
 LayerNorm with biases, a ReLU MLP (fc1, fc2), biases everywhere, multi-head attention without
 rotary embeddings, and the 350m variant's post-LN layers and word embeddings of another width
 (projected in and out). The same interface as the Llama family (begin, layers with
-before_attention / after_attention, finish, stage), so the runtime, pipeline stages, offload and
+before_attention / after_attention, finish, stage), so the worker, pipeline stages, offload and
 CUDA graphs treat it alike. Numerics as transformers: each op in the dtype, LayerNorm through
 torch.
 """

@@ -12,6 +12,7 @@ Owns
     plan_command.py      the `pipemax plan` command
     profile_settings.py  serve-offline's settings: a flag, else the saved profile, else the default
 
-May import: engine (autotune runs it to measure), parallel, worker, core, models, kernels. The
-engine never imports tuning: it takes the settings tuning chose as plain options.
+May import: engine (autotune runs it to measure; server profiles sit beside its saved step costs),
+parallel, worker, core, models, kernels. The engine never imports tuning: it takes the settings
+tuning chose as plain options.
 """

@@ -14,7 +14,8 @@ Owns
     sampling.py          the sampler on the device: penalties, Gumbel-max with Philox noise, logprobs
     timeline.py          what ran when on this device: hidden copy time, --trace
 
-May import: core, models, kernels, torch, triton. Never imports parallel, engine, tuning, batch,
+May import: core, models, kernels (kernels._common too: the tile choices and device guard the
+launchers use, which graph capture must repeat), torch, triton. Never imports parallel, engine, tuning, batch,
 api or cli: a stage does not know how it is placed or who drives it. It decides nothing either:
 it replays what core decided (step plans and their KV operations).
 """

@@ -15,8 +15,6 @@ Penalties, applied to the logits before the choice (greedy included):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pipemax import kernels

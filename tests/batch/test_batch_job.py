@@ -135,7 +135,7 @@ def test_resume_drops_a_line_cut_short(model_folder, tmp_path):
 def test_killed_job_resumes_with_every_result_exactly_once(model_folder, tmp_path, pipeline):
     requests = tmp_path / "requests.jsonl"
     count = 24
-    write_lines(requests, [completion(f"req-{i}", f"story {i}:", max_tokens=20, ignore_eos=True) for i in range(count)])
+    write_lines(requests, [completion(f"req-{i}", f"story {i}:", max_tokens=10, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "pipemax.cli", "serve-offline", "--model", str(model_folder), "-i", str(requests),
                "-o", str(out), "--no-progress", "--max-batch", "2", "--max-model-len", "256", "--served-model-name", "tiny",

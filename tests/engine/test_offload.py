@@ -3,6 +3,8 @@ their new rows written through to the host; greedy ids equal offload off (and tr
 one and several stages; the scheduler's residency decisions replay exactly on every stage; the
 copies are exact."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -247,22 +249,6 @@ def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
     assert roomy.host_resident_ids and most > 2  # more than the 4-chunk GPU pool holds at once
 
 
-def test_the_cost_model_learns_a_linear_step_time_and_reports_its_error():
-    from pipemax.core.cost_model import StepCostModel
-
-    model = StepCostModel(refit_every=4)
-    assert model.predict(10, 100) is None
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(64):
-        tokens, context = torch.randint(1, 512, (2,), generator=generator).tolist()
-        context *= 20
-        model.observe(tokens, context, 2e-6 * tokens + 5e-8 * context + 3e-3)
-    alpha, beta, delta = model.coefficients
-    assert abs(alpha - 2e-6) < 1e-8 and abs(beta - 5e-8) < 1e-10 and abs(delta - 3e-3) < 1e-6
-    assert model.predict(100, 1000) == pytest.approx(2e-4 + 5e-5 + 3e-3)
-    assert model.stats()["mean_relative_error"] < 0.05  # after the first fits, the predictions are exact
-
-
 def test_the_trace_shows_every_stream_and_the_hidden_share_is_measured(tiny, tmp_path):  # noqa: F811
     import json
 
@@ -450,3 +436,19 @@ def test_a_damaged_or_foreign_step_cost_profile_is_ignored(tmp_path, monkeypatch
         path.write_text(damaged)
         assert load_step_costs(key)[0] is None
     assert "ignoring the step-cost profile" in caplog.text
+
+
+def test_a_step_cost_profile_is_keyed_by_the_code_a_step_runs(tmp_path):
+    import shutil
+
+    from pipemax.engine.step_costs import code_digest, step_code_digest
+
+    package = Path(__file__).resolve().parents[2] / "pipemax"
+    copy = tmp_path / "pipemax"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_digest(copy) == step_code_digest()
+    (copy / "tuning" / "server_plan.py").write_text("# planning does not change a step's time\n")
+    assert code_digest(copy) == step_code_digest()
+    with (copy / "kernels" / "norm.py").open("a") as source:
+        source.write("# a kernel edit does\n")
+    assert code_digest(copy) != step_code_digest()

@@ -89,3 +89,31 @@ def test_a_moe_gguf_loads_the_weights_of_its_checkpoint(tmp_path, family, archit
     assert from_gguf.keys() == expected.keys()
     for name, param in from_gguf.items():
         assert torch.equal(param, expected[name]), name
+
+
+def test_processes_starting_together_convert_the_default_model_once(tmp_path, monkeypatch):
+    """Two jobs (or test workers) on a fresh machine: one converts, the other waits and reads its
+    folder (flock excludes separate opens of the lock file, threads included)."""
+    import threading
+    import time
+
+    from pipemax.models import default_model
+
+    monkeypatch.setenv("PIPEMAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_model, "bundled_gguf", lambda: tmp_path / "model.gguf")
+    conversions = []
+
+    def slow_convert(gguf_path, target):
+        conversions.append(target)
+        time.sleep(0.3)  # long enough for the other caller to arrive while this one converts
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(default_model, "convert_gguf", slow_convert)
+    paths = []
+    callers = [threading.Thread(target=lambda: paths.append(default_model.default_model_path())) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(conversions) == 1 and len(paths) == 2 and all((p / "model.safetensors").exists() for p in paths)

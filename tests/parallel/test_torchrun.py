@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipemax.cli import main
 from tests.batch.test_batch_job import ROOT, chat, completion, read_results, write_lines
 from tests.test_cli_errors import alive, read_proc
 
@@ -85,14 +86,19 @@ REQUESTS = [completion(f"c{i}", f"count to {i}:", max_tokens=12, ignore_eos=True
     chat("chat", "say hi", max_tokens=8), completion("seeded", "once upon", temperature=0.8, seed=3, max_tokens=10)]
 
 
+@pytest.fixture(scope="module")
+def reference(four_layer_model, tmp_path_factory):
+    """REQUESTS run as one plain job (in this process: one torch thread, as every rank has)."""
+    folder = tmp_path_factory.mktemp("reference")
+    write_lines(folder / "requests.jsonl", REQUESTS)
+    assert main(job_args(four_layer_model, folder / "requests.jsonl", folder / "reference.jsonl")) == 0
+    return folder / "reference.jsonl"
+
+
 @pytest.mark.parametrize("stages,replicas", [(4, 1), (2, 2)], ids=["pp4-across-nodes", "pp2xdp2"])
-def test_two_nodes_give_the_results_of_one_process(four_layer_model, tmp_path, stages, replicas):
+def test_two_nodes_give_the_results_of_one_process(four_layer_model, reference, tmp_path, stages, replicas):
     requests = tmp_path / "requests.jsonl"
     write_lines(requests, REQUESTS)
-    reference = tmp_path / "reference.jsonl"
-    plain = subprocess.run([sys.executable, "-m", "pipemax", *job_args(four_layer_model, requests, reference)],
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=240)
-    assert plain.returncode == 0, plain.stderr[-2000:]
 
     out = tmp_path / "out.jsonl"
     nodes = start_nodes(job_args(four_layer_model, requests, out, "--pipeline-parallel", str(stages),
@@ -117,7 +123,7 @@ def rank_pid(run_id: str, rank: int) -> int | None:
 def test_a_killed_rank_ends_the_job_with_whole_lines_and_a_rerun_resumes(four_layer_model, tmp_path):
     requests = tmp_path / "requests.jsonl"
     count = 16
-    write_lines(requests, [completion(f"q{i}", f"verse {i}:", max_tokens=40, ignore_eos=True) for i in range(count)])
+    write_lines(requests, [completion(f"q{i}", f"verse {i}:", max_tokens=16, ignore_eos=True) for i in range(count)])
     out = tmp_path / "out.jsonl"
     args = job_args(four_layer_model, requests, out, "--pipeline-parallel", "2", "--data-parallel", "2",
                     "--max-batch", "1", "--stage-timeout", "30")
@@ -134,8 +140,12 @@ def test_a_killed_rank_ends_the_job_with_whole_lines_and_a_rerun_resumes(four_la
     assert time.time() - started < 60
     assert nodes[0].returncode != 0 and nodes[1].returncode != 0
     said = next(line for line in stderr.splitlines() if line.startswith("pipemax: "))
-    assert said.startswith("pipemax: replica 1 on rank 2 failed: StageFailure: the pipeline broke while ") and \
-        "stage 1 on rank 3 is gone" in said and said.endswith("run the same command again to resume"), said
+    # Two true stories, by a race torchrun runs: rank 2 sees its stage gone and reports it, or
+    # node 1's torchrun agent, seeing rank 3 dead, stops rank 2 first and rank 0 loses rank 2.
+    assert said.startswith("pipemax: replica 1 on rank 2 failed: ") and said.endswith(
+        "run the same command again to resume"), said
+    assert ("StageFailure: the pipeline broke while " in said and "stage 1 on rank 3 is gone" in said) or \
+        "lost the connection (" in said, said
     assert not alive(victim) and all(rank_pid("killed-rank", rank) is None for rank in range(4)), "a rank was left"
     written = read_results(out)  # whole lines only
     assert 2 <= len(written) < count

@@ -74,12 +74,13 @@ def run(folder, prompts, params, piecewise, **options):
 
 
 def test_steps_with_prefill_give_the_ids_of_eager_steps(tmp_path):
-    save_tiny_model("qwen3", tmp_path, max_position_embeddings=256)
+    # Two layers: pieces between attentions, and a last piece with the LM head.
+    save_tiny_model("qwen3", tmp_path, max_position_embeddings=256, num_hidden_layers=2)
     generator = torch.Generator().manual_seed(2)
     # Prompts longer than a step (chunked prefill) beside decodes: mixed steps of many sizes.
     prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 45, 12, 30, 7)]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (8, 5, 9, 4, 6)]
-    params[2] = SamplingParams(temperature=0.9, seed=3, max_tokens=9, ignore_eos=True)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (5, 3, 5, 3, 4)]
+    params[2] = SamplingParams(temperature=0.9, seed=3, max_tokens=5, ignore_eos=True)
     options = dict(max_num_seqs=4, kv_cache_gib=0.01)
     eager, _ = run(tmp_path, prompts, params, False, **options)
     pieces, llm = run(tmp_path, prompts, params, True, **options)
@@ -88,10 +89,10 @@ def test_steps_with_prefill_give_the_ids_of_eager_steps(tmp_path):
 
 
 def test_two_stages_and_forced_offload_write_through_between_pieces(tmp_path):
-    save_tiny_model("llama3", tmp_path, max_position_embeddings=256)
+    save_tiny_model("llama3", tmp_path, max_position_embeddings=256, num_hidden_layers=2)  # a layer a stage
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (20, 9, 33)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     options = dict(max_num_seqs=4, kv_cache_gib=0.01, pipeline_parallel=2, pipeline_transport="inprocess",
                    micro_batches=2, offload="force",
                    host_memory_gib=0.01)
