@@ -83,6 +83,9 @@ def pytest_collection_modifyitems(config, items):
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("device") == "cpu":
             item.add_marker(pytest.mark.interpreter)
+    # The long tests (processes, the interpreter) first: pytest-xdist hands tests out in this
+    # order, so the workers finish together on short tests instead of one waiting on a long one.
+    items.sort(key=lambda item: not any(item.get_closest_marker(mark) for mark in ("subprocess", "interpreter")))
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,30 @@
-"""The GPU benchmark script runs end to end (tiny shapes, CPU), so it does not rot between GPU sessions."""
+"""The GPU benchmark scripts run end to end (tiny shapes, CPU), so they do not rot between GPU
+sessions. The kernel benchmark runs as a script, as gpu_check.sh runs it (a script's folder comes
+first on sys.path: bench/kernels.py once shadowed an installed package that way, and
+tests/test_layout.py keeps every bench file's name apart); the others run their main() here, which
+saves a process start each."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.subprocess
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_main(module, argv, capsys, monkeypatch) -> str:
+    """A bench script's main(argv) in this process; returns what it printed."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", [f"bench/{module}.py", *argv])  # for a main() that reads sys.argv
+    main = importlib.import_module(f"bench.{module}").main
+    assert (main(argv) if main.__code__.co_argcount else main()) in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.subprocess
 def test_kernel_benchmark_smoke(tmp_path):
     out = tmp_path / "kernels.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--smoke", "--json", str(out)],
@@ -21,57 +35,42 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert '"device": "CPU (smoke)"' in out.read_text()
 
 
-def test_prefix_cache_benchmark_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_throughput.py"), "--smoke", "--workload", "fewshot",
-                             "--prefix-caching", "on,off", "--skip-peer"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "pipemax (mixed, M=1, prefix cache)" in result.stdout and "pipemax (mixed, M=1) " in result.stdout
-    assert "prefix cache 160 of 360 prompt tokens (44%)" in result.stdout  # 5 of 6 reuse 2 chunks of the 40 shared
-    assert "prefix cache on / off, pipemax (mixed, M=1): " in result.stdout
+def test_prefix_cache_benchmark_smoke(capsys, monkeypatch):
+    stdout = run_main("bench_throughput", ["--smoke", "--workload", "fewshot", "--prefix-caching", "on,off",
+                                           "--skip-peer"], capsys, monkeypatch)
+    assert "pipemax (mixed, M=1, prefix cache)" in stdout and "pipemax (mixed, M=1) " in stdout
+    assert "prefix cache 160 of 360 prompt tokens (44%)" in stdout  # 5 of 6 reuse 2 chunks of the 40 shared
+    assert "prefix cache on / off, pipemax (mixed, M=1): " in stdout
 
 
-def test_throughput_benchmark_smoke(tmp_path):
+def test_throughput_benchmark_smoke(tmp_path, capsys, monkeypatch):
     out = tmp_path / "throughput.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_throughput.py"), "--smoke", "--prefill-mode", "both",
-                             "--pipeline-parallel", "1,2", "--offload", "off,force", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = run_main("bench_throughput", ["--smoke", "--prefill-mode", "both", "--pipeline-parallel", "1,2",
+                                           "--offload", "off,force", "--json", str(out)], capsys, monkeypatch)
     for system in ("pipemax (mixed, M=1)", "pipemax (separate, M=1)", "pipemax (mixed, P=2, M=2)",
                    "pipemax (mixed, P=2, M=2, offload force)", "transformers generate"):
-        assert system in result.stdout
-    import json
-
+        assert system in stdout
     report = json.loads(out.read_text())
     assert all(r["generated_tokens"] == 6 * 8 for r in report["results"])
 
 
-def test_host_step_build_benchmark_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_host_step.py"), "--batch", "8", "--context",
-                             "40", "--steps", "5"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "device tables (now)" in result.stdout and "ratio" in result.stdout
+def test_host_step_build_benchmark_smoke(capsys, monkeypatch):
+    stdout = run_main("bench_host_step", ["--batch", "8", "--context", "40", "--steps", "5"], capsys, monkeypatch)
+    assert "device tables (now)" in stdout and "ratio" in stdout
 
 
-def test_calibration_benchmark_smoke(tmp_path):
+def test_calibration_benchmark_smoke(tmp_path, capsys, monkeypatch):
     out = tmp_path / "calibrate.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_calibrate.py"), "--smoke", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "P=1, M=1" in result.stdout and "P=2, M=2 (in process)" in result.stdout
-    import json
-
+    stdout = run_main("bench_calibrate", ["--smoke", "--json", str(out)], capsys, monkeypatch)
+    assert "P=1, M=1" in stdout and "P=2, M=2 (in process)" in stdout
     report = json.loads(out.read_text())
     assert report["device"] == "CPU (smoke)" and len(report["rows"]) == 2
     assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0 for r in report["rows"])
 
 
-def test_peers_benchmark_smoke(tmp_path):
+def test_peers_benchmark_smoke(tmp_path, capsys, monkeypatch):
     out = tmp_path / "peers.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_peers.py"), "--smoke", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
+    run_main("bench_peers", ["--smoke", "--json", str(out)], capsys, monkeypatch)
     rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["pipemax (mixed, M=1)"]["generated_tokens"] == 6 * 6
     assert rows["transformers generate"]["generated_tokens"] == 6 * 6

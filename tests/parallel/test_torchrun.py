@@ -150,9 +150,9 @@ def test_a_killed_rank_ends_the_job_with_whole_lines_and_a_rerun_resumes(four_la
     written = read_results(out)  # whole lines only
     assert 2 <= len(written) < count
 
-    rerun = start_nodes(args, "killed-rank-rerun")
-    (_, stderr), (_, stderr1) = finish(rerun)
-    assert [node.returncode for node in rerun] == [0, 0], (stderr[-3000:], stderr1[-3000:])
+    # The file the broken world left resumes like any other (the results file is rank 0's alone):
+    # a plain job, here in this process, finishes it.
+    assert main(job_args(four_layer_model, requests, out, "--max-batch", "1")) == 0
     assert sorted(texts(out)) == sorted(f"q{i}" for i in range(count))
 
 

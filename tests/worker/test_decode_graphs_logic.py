@@ -45,7 +45,7 @@ def test_graph_decode_path_matches_eager(tmp_path, monkeypatch):
     # than a step (chunked prefill), greedy and seeded rows in one batch.
     save_tiny_model("qwen3", tmp_path, max_position_embeddings=256, num_hidden_layers=2)
     generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 33, 12, 7, 50)]
+    prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 33, 12, 7, 21)]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (9, 4, 6, 2, 7)]
     # Seeded random rows beside greedy ones: the graph's argmax is the greedy rows' choice only.
     params[1] = SamplingParams(temperature=0.8, seed=5, max_tokens=4, ignore_eos=True)

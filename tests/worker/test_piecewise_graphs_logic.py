@@ -78,7 +78,7 @@ def test_steps_with_prefill_give_the_ids_of_eager_steps(tmp_path):
     save_tiny_model("qwen3", tmp_path, max_position_embeddings=256, num_hidden_layers=2)
     generator = torch.Generator().manual_seed(2)
     # Prompts longer than a step (chunked prefill) beside decodes: mixed steps of many sizes.
-    prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 45, 12, 30, 7)]
+    prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 40, 12, 17, 3)]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (5, 3, 5, 3, 4)]
     params[2] = SamplingParams(temperature=0.9, seed=3, max_tokens=5, ignore_eos=True)
     options = dict(max_num_seqs=4, kv_cache_gib=0.01)
