@@ -78,7 +78,7 @@ def predict(costs: ComputeCosts, config, dtype, workload, chunks: int, micro_bat
     return simulate(schedule, server, args.chunk_tokens).generated_tokens_per_s
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.2-1b", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--workload", default="sharegpt", choices=["sharegpt", "longbench"])
@@ -90,7 +90,7 @@ def main() -> int:
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.num_prompts, args.max_batch, args.max_batched_tokens = "tiny", 12, 8, 64
         args.kv_cache_gib = 1 / 64

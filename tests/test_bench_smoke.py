@@ -14,13 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_main(module, argv, capsys, monkeypatch) -> str:
+def run_main(module, argv, capsys) -> str:
     """A bench script's main(argv) in this process; returns what it printed."""
     import importlib
 
-    monkeypatch.setattr(sys, "argv", [f"bench/{module}.py", *argv])  # for a main() that reads sys.argv
-    main = importlib.import_module(f"bench.{module}").main
-    assert (main(argv) if main.__code__.co_argcount else main()) in (0, None)
+    assert importlib.import_module(f"bench.{module}").main(argv) in (0, None)
     return capsys.readouterr().out
 
 
@@ -35,18 +33,18 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert '"device": "CPU (smoke)"' in out.read_text()
 
 
-def test_prefix_cache_benchmark_smoke(capsys, monkeypatch):
+def test_prefix_cache_benchmark_smoke(capsys):
     stdout = run_main("bench_throughput", ["--smoke", "--workload", "fewshot", "--prefix-caching", "on,off",
-                                           "--skip-peer"], capsys, monkeypatch)
+                                           "--skip-peer"], capsys)
     assert "pipemax (mixed, M=1, prefix cache)" in stdout and "pipemax (mixed, M=1) " in stdout
     assert "prefix cache 160 of 360 prompt tokens (44%)" in stdout  # 5 of 6 reuse 2 chunks of the 40 shared
     assert "prefix cache on / off, pipemax (mixed, M=1): " in stdout
 
 
-def test_throughput_benchmark_smoke(tmp_path, capsys, monkeypatch):
+def test_throughput_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     stdout = run_main("bench_throughput", ["--smoke", "--prefill-mode", "both", "--pipeline-parallel", "1,2",
-                                           "--offload", "off,force", "--json", str(out)], capsys, monkeypatch)
+                                           "--offload", "off,force", "--json", str(out)], capsys)
     for system in ("pipemax (mixed, M=1)", "pipemax (separate, M=1)", "pipemax (mixed, P=2, M=2)",
                    "pipemax (mixed, P=2, M=2, offload force)", "transformers generate"):
         assert system in stdout
@@ -54,23 +52,23 @@ def test_throughput_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert all(r["generated_tokens"] == 6 * 8 for r in report["results"])
 
 
-def test_host_step_build_benchmark_smoke(capsys, monkeypatch):
-    stdout = run_main("bench_host_step", ["--batch", "8", "--context", "40", "--steps", "5"], capsys, monkeypatch)
+def test_host_step_build_benchmark_smoke(capsys):
+    stdout = run_main("bench_host_step", ["--batch", "8", "--context", "40", "--steps", "5"], capsys)
     assert "device tables (now)" in stdout and "ratio" in stdout
 
 
-def test_calibration_benchmark_smoke(tmp_path, capsys, monkeypatch):
+def test_calibration_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "calibrate.json"
-    stdout = run_main("bench_calibrate", ["--smoke", "--json", str(out)], capsys, monkeypatch)
+    stdout = run_main("bench_calibrate", ["--smoke", "--json", str(out)], capsys)
     assert "P=1, M=1" in stdout and "P=2, M=2 (in process)" in stdout
     report = json.loads(out.read_text())
     assert report["device"] == "CPU (smoke)" and len(report["rows"]) == 2
     assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0 for r in report["rows"])
 
 
-def test_peers_benchmark_smoke(tmp_path, capsys, monkeypatch):
+def test_peers_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "peers.json"
-    run_main("bench_peers", ["--smoke", "--json", str(out)], capsys, monkeypatch)
+    run_main("bench_peers", ["--smoke", "--json", str(out)], capsys)
     rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["pipemax (mixed, M=1)"]["generated_tokens"] == 6 * 6
     assert rows["transformers generate"]["generated_tokens"] == 6 * 6
