@@ -154,8 +154,9 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     seconds = time.perf_counter() - start
     prompt_tokens = sum(len(p) for p, _ in workload)
     stats = engine.last_run_stats
-    note = (f"{stats['steps']} steps of {stats['mean_micro_batch_seqs']:.0f} seqs, {stats['preemptions']} preemptions, "
-            f"{engine.kv.gpu.num_chunks} chunks, device waited for host {stats['device_waited_for_host_fraction']:.0%}")
+    note = (f"{stats['steps']} steps of {stats['mean_micro_batch_seqs']:.0f} seqs, "
+            f"{stats['mean_in_flight_seqs']:.0f} in flight, {stats['preemptions']} preemptions, "
+            f"{engine.kv.num_gpu_chunks} chunks, device waited for host {stats['device_waited_for_host_fraction']:.0%}")
     if stages > 1:
         note += ", stage busy " + "/".join(f"{1 - b:.0%}" for b in stats["stage_bubble_fraction"])
     if "prefix_cache" in stats:
@@ -165,7 +166,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     if offload != "off":
         moved = stats["transfers"]
         hidden = stats.get("copy_time_hidden_fraction")
-        note += (f", {stats['offload']['host_resident_requests']} host-resident, "
+        note += (f", ring 2 x {engine.staging_chunks} chunks, {stats['offload']['host_resident_requests']} host-resident, "
                  f"{moved['bytes_prefetched'] / 1e9:.1f} GB prefetched at {moved['copy_gb_per_s']:.1f} GB/s, "
                  f"{'-' if hidden is None else f'{hidden:.0%}'} of copy time hidden")
     error = stats.get("cost_model", {}).get("mean_relative_error")

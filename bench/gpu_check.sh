@@ -7,6 +7,8 @@
 # tool's output folder) or bench/out. (The P/M grid of issue 7 and the prefill modes were measured
 # on an H100 and are in RESULTS.md; rerun them by hand with bench/bench_throughput.py.)
 #   bash bench/gpu_check.sh          (device tool: timeout_s 560)
+# A second call runs bench/gpu_check_offload.sh: issue 20's per-stage KV residency (the staging
+# ring's GPU tests, decode-heavy off / auto / force at P = 2 and 4, auto declining on one device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -10,7 +10,6 @@ import heapq
 class ChunkState(enum.Enum):
     FREE = "free"
     OWNED = "owned"
-    STAGING = "staging"
     CACHED = "cached"  # a full chunk of a cached prefix (prefix caching): shared, reference-counted
 
 

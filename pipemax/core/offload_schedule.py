@@ -1,6 +1,6 @@
 """The engine's schedule without tensors: a pure function from a workload and its settings to
 the rounds the engine would run, each saying which micro-batches compute, with which tokens,
-what every stage prefetches, writes back and releases before each step, and which steps come
+what every stage prefetches and writes back around each step, and which steps come
 back.
 
 It drives the real Scheduler and a KV manager exactly as the engine's loop does (engine.run):
@@ -20,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cost_model import StepCostModel
-from .kv_manager import Residency
 from .prefetch_budget import PrefetchBudget
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -41,6 +40,7 @@ class ScheduleSettings:
     step_cost: tuple[float, float, float] | None = None  # (alpha, beta, delta): the cost model's seed
     bytes_per_second: float = 0.0  # prefetch bandwidth (offload=auto)
     chunk_bytes: int = 1  # bytes one chunk moves (offload=auto)
+    staging_chunks: int = 0  # S: one slot of the staging ring (0: offload moves nothing)
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Step:
     micro_batch: int
     kv_ops: tuple[KVOp, ...]  # what every stage replays (and copies) before the step computes
     computes: tuple[tuple[int, int, int], ...]  # (request, first position, tokens)
-    host_resident: tuple[int, ...]  # requests computed from staging chunks: prefetched, written back
+    host_resident: tuple[int, ...]  # requests computed from the step's staging slot: prefetched, written back
     prefetch_chunks: int = 0  # chunks every stage copies host -> GPU before this step computes
 
     @property
@@ -73,7 +73,6 @@ class Round:
     returned: tuple[int, ...]  # indices of the steps that came back at its end, oldest first
     finished: tuple[int, ...]  # requests that finished with them
     moved: tuple[int, ...] = ()  # requests moved to another micro-batch as those steps came back
-    staged: tuple[int, ...] = ()  # requests holding staging chunks after the returns
 
 
 @dataclass
@@ -93,7 +92,8 @@ def plan_schedule(requests: list[tuple[int, int]], settings: ScheduleSettings,
                   returns: list[int] | None = None, max_rounds: int = 100_000) -> Schedule:
     """requests: (prompt tokens, output tokens) each; returns: steps taken back at the end of
     each round (clipped to 1..in flight; default 1, as the engine)."""
-    kv = RecordingKVManager(settings.num_gpu_chunks, settings.num_host_chunks, settings.chunk_tokens)
+    kv = RecordingKVManager(settings.num_gpu_chunks, settings.num_host_chunks, settings.chunk_tokens,
+                            settings.staging_chunks)
     cost = StepCostModel(seed=settings.step_cost) if settings.step_cost is not None else None
     budget = None
     if settings.offload == "auto":
@@ -122,13 +122,12 @@ def plan_schedule(requests: list[tuple[int, int]], settings: ScheduleSettings,
             for entry in plan.scheduled:
                 entry.seq.num_computed_tokens = entry.end
             ops = tuple(kv.take_log())
-            prefetched = [seq_id for op, seq_id, _ in ops if op == "prefetch"]
             step = Step(step_count, micro_batch, ops,
                         tuple((e.seq.seq_id, e.start, e.num_tokens) for e in plan.scheduled),
-                        tuple(e.seq.seq_id for e in plan.scheduled
-                              if kv.residency(e.seq.seq_id) is Residency.STAGED),
-                        # (a prefetch copies the chunks holding what was computed before this step)
-                        sum(kv.chunks_for(e.start) for e in plan.scheduled if e.seq.seq_id in prefetched))
+                        tuple(e.seq.seq_id for e in plan.scheduled if kv.sequence(e.seq.seq_id).staged),
+                        # (each logged stage / fetch carries the chunks it copies: none for a
+                        # sequence that finds its KV still in its slot)
+                        sum(copied for op, _, copied in ops if op in ("stage", "fetch")))
             step_count += 1
             launched.append(step)
             in_flight.append((step, plan.scheduled))
@@ -154,8 +153,7 @@ def plan_schedule(requests: list[tuple[int, int]], settings: ScheduleSettings,
             returned.append(step.index)
         moved = tuple(seq.seq_id for seq in scheduler.running if groups_before.get(seq.seq_id, seq.micro_batch)
                       != seq.micro_batch)
-        staged = tuple(seq.seq_id for seq in scheduler.running if kv.residency(seq.seq_id) is Residency.STAGED)
-        schedule.rounds.append(Round(tuple(launched), tuple(returned), tuple(finished), moved, staged))
+        schedule.rounds.append(Round(tuple(launched), tuple(returned), tuple(finished), moved))
     else:
         raise RuntimeError(f"the schedule did not finish in {max_rounds} rounds")
     schedule.preemptions = scheduler.num_preemptions

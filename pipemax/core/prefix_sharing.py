@@ -107,7 +107,7 @@ class PrefixSharing:
                 continue
             done = self.indexed[seq.seq_id]
             full = min(seq.num_computed_tokens, len(seq.token_ids)) // chunk_tokens
-            if full <= done or self.kv.residency(seq.seq_id) not in (Residency.GPU, Residency.STAGED):
+            if full <= done or self.kv.residency(seq.seq_id) is not Residency.GPU:
                 continue  # (most decode steps fill no chunk; a host-resident one computed nothing)
             keys = self.keys[seq.seq_id]
             if len(keys) < full:  # chunks of generated tokens: their keys follow on

@@ -10,7 +10,8 @@ tensors or a KV manager, over random states (tests/core/test_residency_plan.py).
 Two steps, as the design asks:
 
 1. Greedy fill of the returned micro-batch's prefetch budget. Over budget (the predictions moved),
-   staged sequences go back to being GPU-resident, the smallest first. While requests wait for
+   host-resident sequences are fetched back to the GPU's owned region while it has room, the
+   smallest first. While requests wait for
    GPU chunks, GPU-resident decoding sequences go to the host, the longest first (the most GPU
    chunks freed per sequence), while they fit the budget and the host pool.
 2. Local refinement.
@@ -30,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-GPU, HOST, STAGED = "gpu", "host", "staged"
+GPU, HOST = "gpu", "host"
 MARGIN = 0.1  # a move must shorten the slowest predicted step by this share of the spread: no churn
 MAX_MOVES = 2  # moves between micro-batches per returned step
 
@@ -43,13 +44,13 @@ class SeqState:
     length: int  # context tokens its next step reads
     tokens: int  # tokens its next step computes (1 while decoding)
     decoding: bool
-    residency: str  # GPU, HOST or STAGED
+    residency: str  # GPU or HOST
     admission: int  # admission order (groups stay sorted by it: the preemption order)
 
     @property
     def host_load(self) -> int:
         """Chunks it prefetches before its next step, + the one its growth may open."""
-        return self.chunks + 1 if self.residency in (HOST, STAGED) else 0
+        return self.chunks + 1 if self.residency == HOST else 0
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,12 @@ class ResidencyState:
     blocked: bool  # requests wait for GPU chunks
     max_num_seqs: int
     max_num_batched_tokens: int
+    gpu_free: int = 0  # owned chunks an allocation can get now (a fetch back to the GPU needs them)
 
 
 @dataclass
 class ResidencyPlan:
-    to_gpu: list[int] = field(default_factory=list)  # staged -> GPU-resident
+    to_gpu: list[int] = field(default_factory=list)  # host -> GPU-resident (fetched back)
     to_host: list[int] = field(default_factory=list)  # GPU-resident -> host (offload)
     moves: list[tuple[int, int]] = field(default_factory=list)  # (seq_id, its new micro-batch), in order
 
@@ -85,10 +87,14 @@ def plan_residency(state: ResidencyState, predict: Predict) -> ResidencyPlan:
     load = sum(seq.host_load for seq in mine)
     host_free = state.host_free
 
-    # 1. Greedy fill. Over budget: staged ones come back, the smallest first.
-    for seq in sorted((s for s in mine if s.residency == STAGED), key=lambda s: (s.chunks, s.seq_id)):
+    # 1. Greedy fill. Over budget: host-resident ones come back while the GPU has room, the smallest first.
+    gpu_free = state.gpu_free
+    for seq in sorted((s for s in mine if s.residency == HOST), key=lambda s: (s.chunks, s.seq_id)):
         if load <= budget:
             break
+        if seq.chunks + 1 > gpu_free:
+            continue
+        gpu_free -= seq.chunks
         plan.to_gpu.append(seq.seq_id)
         seqs[seq.seq_id] = replace(seq, residency=GPU)
         load -= seq.host_load

@@ -24,19 +24,26 @@ another group (whose step may be in flight, reading its KV), the blocked sequenc
 that group sheds its newest sequence at its next turn; groups evicting each other in turn could
 otherwise go on forever.
 
-Offload (offload="force"): every request is admitted host-resident: its KV is computed into
-staging chunks and written through to its host chunks as each layer produces it, so after the
-step its staging chunks are simply released (a sequence that had to stay on the GPU, the host
-pool being full, is offloaded after its step when room appears); before its next step, it is
-prefetched into staging chunks again. The GPU pool then holds only the micro-batches that
-run, and admission is bounded by the host pool. A sequence that cannot be staged (the GPU pool
-is full) waits for a later step; preemption only picks sequences that hold GPU chunks.
+Offload: a running sequence is GPU-resident (its KV in the owned region of the GPU pool) or
+host-resident (its KV in pinned host memory). A host-resident sequence that a step computes is
+staged for it: the step's staging slot (kv_manager.py: slot n mod 2 of a ring of 2 x S chunks)
+holds its chunks, prefetched before the step on each stage, and its new rows are written through
+to the host copy; nothing is released afterwards, the slot is reused two steps later. So only
+the step computing and the next one hold host-resident KV on a GPU, and admission is bounded by
+the owned region (GPU-resident sequences), each step's slot (the host-resident sequences it
+computes, S chunks with their growth) and the host pool.
 
-offload="auto" makes sequences host-resident only while requests wait for lack of GPU chunks,
-and only as much KV per micro-batch as its prefetch budget (prefetch_budget.py) lets come back
-while the other micro-batches compute: new requests the budget covers are admitted
-host-resident (as under force), and decoding sequences are offloaded, the longest first. A micro-batch over its
-budget (the predictions moved) takes staged sequences back onto the GPU. Without a budget
+offload="force": every request is admitted host-resident while its micro-batch's host-resident
+KV fits a slot; its prefill is computed in the slot and written through as each layer produces
+it. A sequence admitted on the GPU (the slot or the host pool full, or a cached prefix to share)
+goes to the host after its step when there is room. Host-resident sequences of a micro-batch
+that do not all fit its slot take turns, the longest waiting first.
+
+offload="auto" moves KV to the host only while requests wait for lack of owned chunks, and only
+as much per step as its prefetch budget (prefetch_budget.py) lets come back while the step before
+it computes: new requests the budget covers are admitted host-resident (as under force), and
+decoding sequences are offloaded, the longest first. A micro-batch over its budget (the
+predictions moved) fetches host-resident sequences back to the owned region. Without a budget
 nothing moves, so auto costs nothing where offload cannot pay.
 """
 
@@ -48,7 +55,7 @@ from dataclasses import dataclass
 from .kv_manager import KVManager, PoolExhaustedError, Residency
 from .prefix_order import prefix_order
 from .prefix_sharing import PrefixSharing
-from .residency_plan import GPU, HOST, STAGED, ResidencyState, SeqState, plan_residency
+from .residency_plan import GPU, HOST, ResidencyState, SeqState, plan_residency
 from .sequence import Sequence, SequenceStatus
 
 PREFILL_MODES = ("mixed", "separate")
@@ -105,6 +112,9 @@ class Scheduler:
         self.num_moves = 0  # sequences moved between micro-batches to balance them
         self.host_resident_ids: set[int] = set()  # sequences that have been host-resident (for stats)
         self._last_run: dict[int, int] = {}  # seq_id -> the step it last ran in (staging goes oldest first)
+        self._staging_need: dict[int, int] = {}
+        # Steps scheduled since the pool last made a sequence wait or preempted one (none yet: quiet).
+        self._quiet_steps = 2 * num_micro_batches
         self._steps = 0
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
@@ -118,11 +128,13 @@ class Scheduler:
         self.groups: list[list[Sequence]] = [[] for _ in range(num_micro_batches)]  # each in admission order
         self.num_preemptions = 0
         self._admissions = 0  # global admission counter: the preemption order across groups
-        self._must_shed: set[int] = set()  # groups to preempt their newest sequence at their next turn
+        # Groups to preempt their newest sequence holding chunks of a pool (GPU or host) at their next turn.
+        self._must_shed: dict[int, str] = {}
         # Groups whose running sequences could not grow and wait for another group to shed: until
         # they have had their turn, nobody admits new requests (a shed sequence re-admitted at once
         # would take the chunks back, and the older sequence would wait forever).
         self._starved: set[int] = set()
+        self._grows_first = False  # the group being scheduled was starved: no admissions in this step
         self._in_flight: set[int] = set()  # micro-batches scheduled and not yet back (step_done)
         # Preempted while planning this step: not admitted again in it (it would only be preempted
         # again at its next step, and in "separate" mode keep the decodes from ever running).
@@ -188,17 +200,22 @@ class Scheduler:
     def schedule(self, micro_batch: int = 0) -> StepPlan:
         """The next step of one micro-batch (empty when it has nothing it can run now)."""
         group = self.groups[micro_batch]
-        self._starved.discard(micro_batch)  # its turn: it tries to grow again
+        self._quiet_steps += 1
+        # Its turn: it tries to grow again, before admitting anyone (in "separate" mode an admitted
+        # prompt would take the step, and the freed chunks, from the sequences that waited for them).
+        self._grows_first = micro_batch in self._starved
+        self._starved.discard(micro_batch)
         self._promoted_now = 0  # host-only cached chunks this step's admissions bring back
         self._preempted_now = set()
-        must_shed = micro_batch in self._must_shed
-        self._must_shed.discard(micro_batch)
+        must_shed = self._must_shed.pop(micro_batch, None)
         if must_shed and self._starved:  # (no group starved any more: room appeared meanwhile)
-            holding = [s for s in group if self._on_gpu(s)]
+            holding = [s for s in group if self._holds(s, must_shed)]
             if holding:
                 self._preempt(group, holding[-1])
+        self._staging_need = {}  # staged seq_id -> the staging chunks it may take this step, growth included
         if self.offload != "off":
-            self._stage_in(group)
+            self.kv.begin_step(self._steps)
+            self._stage_host_resident(group)
         plan = StepPlan([], [])
         if self.prefill_mode == "mixed":
             budget = self._schedule_decodes(group, plan, self.max_num_batched_tokens)
@@ -211,10 +228,10 @@ class Scheduler:
         # if it was admitted again since: its new entry is the one that counts).
         plan.decode = [s for s in plan.decode if self._still_valid(s)]
         plan.prefill = [s for s in plan.prefill if self._still_valid(s)]
-        if self.offload != "off":
+        if self.offload != "off" and plan.scheduled:
             for entry in plan.scheduled:
                 self._last_run[entry.seq.seq_id] = self._steps
-            self._steps += 1
+            self._steps += 1  # (an empty plan is never launched: the next one takes its slot)
         if plan.scheduled:
             self._in_flight.add(micro_batch)
         if self.budget is not None and plan.scheduled:
@@ -230,7 +247,9 @@ class Scheduler:
         return plan
 
     def _fits_empty_pool(self, seq: Sequence) -> bool:
-        return self.kv.chunks_for(len(seq.token_ids) + 1) <= self.kv.gpu.num_chunks
+        need = self.kv.chunks_for(len(seq.token_ids) + 1)
+        return need <= self.kv.gpu.num_chunks or (self.offload != "off"
+                                                  and need <= min(self.kv.staging_chunks, self.kv.host.num_chunks))
 
     @staticmethod
     def _still_valid(entry: ScheduledSequence) -> bool:
@@ -249,10 +268,9 @@ class Scheduler:
             return
         for seq in self.groups[micro_batch]:
             held = self.kv.sequence(seq.seq_id)
-            if held.residency is Residency.STAGED:
-                self.kv.release_staging(seq.seq_id)
-            elif held.residency is Residency.GPU and len(held.gpu_chunks) <= self.kv.host_available:
-                self.kv.offload(seq.seq_id)  # (a full host pool leaves it on the GPU)
+            if held.residency is Residency.GPU and len(held.gpu_chunks) <= self.kv.host_available \
+                    and self._host_load(micro_batch) + self._staging_cost(seq) <= self.kv.staging_chunks:
+                self.kv.offload(seq.seq_id)  # (a full host pool or slot leaves it on the GPU)
                 self.host_resident_ids.add(seq.seq_id)
 
     def predicted_step(self, micro_batch: int) -> float | None:
@@ -261,15 +279,15 @@ class Scheduler:
 
     def residency_state(self, micro_batch: int) -> ResidencyState:
         """What plan_residency needs, as plain data: micro_batch's step is back."""
-        names = {Residency.GPU: GPU, Residency.HOST: HOST, Residency.STAGED: STAGED}
+        names = {Residency.GPU: GPU, Residency.HOST: HOST}
         seqs = tuple(
             SeqState(seq.seq_id, group, self._chunks_held(seq), len(seq.token_ids), max(1, seq.num_uncomputed_tokens),
                      seq.is_decoding, names[self.kv.residency(seq.seq_id)], seq.admission)
             for group, members in enumerate(self.groups) for seq in members)
         return ResidencyState(seqs, micro_batch, frozenset(self._in_flight),
-                              tuple(self.budget.budget_chunks(m) for m in range(len(self.groups))),
+                              tuple(self._host_budget(m) for m in range(len(self.groups))),
                               self.kv.host_available, self.requests_wait(), self.max_num_seqs,
-                              self.max_num_batched_tokens)
+                              self.max_num_batched_tokens, self.kv.gpu_available)
 
     def requests_wait(self) -> bool:
         """Requests wait for lack of GPU chunks: the next one's whole KV does not fit the pool now
@@ -281,27 +299,36 @@ class Scheduler:
         return self.kv.chunks_for(len(seq.token_ids)) + 1 <= self.kv.gpu_available
 
     def _apply_residency_plan(self, micro_batch: int) -> None:
-        """auto: fit the micro-batch's host-resident KV to its prefetch budget, balance the
-        micro-batches, then release the staging of what stays on the host."""
+        """auto: fit the micro-batch's host-resident KV to its prefetch budget, then balance the
+        micro-batches."""
         plan = plan_residency(self.residency_state(micro_batch), self._predict_seconds)
-        # Its staged sequences, before any moves: one moved away must not keep staging chunks.
-        staged = [seq for seq in self.groups[micro_batch] if self.kv.residency(seq.seq_id) is Residency.STAGED]
         for seq_id in plan.to_gpu:
-            self.kv.make_gpu_resident(seq_id)
+            self.kv.fetch(seq_id)
         for seq_id in plan.to_host:
             self.kv.offload(seq_id)
             self.host_resident_ids.add(seq_id)
         by_id = {seq.seq_id: seq for seq in self.running}
-        for seq_id, target in plan.moves:
+        # No balancing while the pool is contended (a preemption or a shed request within the last
+        # two rounds): a sequence moved away from the chunks it waits for lets a new request take
+        # them, and the two could trade places forever.
+        moves = plan.moves if self._quiet_steps >= 2 * len(self.groups) else []
+        for seq_id, target in moves:
             seq = by_id[seq_id]
             self.groups[seq.micro_batch].remove(seq)
             self.groups[target].append(seq)
             self.groups[target].sort(key=lambda s: s.admission)  # groups stay in admission order (preemption)
             seq.micro_batch = target
             self.num_moves += 1
-        for seq in staged:
-            if self.kv.residency(seq.seq_id) is Residency.STAGED:  # (not made GPU-resident)
-                self.kv.release_staging(seq.seq_id)
+
+    def _host_budget(self, micro_batch: int) -> int:
+        """Chunks the micro-batch's host-resident sequences may hold (each + the one its growth may
+        open): a staging slot under force; under auto also what its prefetch can bring back
+        while the step before it computes."""
+        if self.offload == "force":
+            return self.kv.staging_chunks
+        if self.offload == "auto":
+            return min(self.kv.staging_chunks, self.budget.budget_chunks(micro_batch))
+        return 0
 
     def _predict_seconds(self, tokens: int, context: int) -> float | None:
         return self._predict((tokens, context))
@@ -317,29 +344,53 @@ class Scheduler:
             return None
         return self.cost_model.predict(*load) if load[0] > 0 else 0.0
 
-    def _stage_in(self, group: list[Sequence]) -> None:
-        """Prefetch the group's host-resident sequences into staging chunks while they fit, the
-        longest waiting first (so none starves when not all fit)."""
+    def _stage_host_resident(self, group: list[Sequence]) -> None:
+        """Stage the group's host-resident sequences in this step's slot while they fit with
+        their growth, the longest waiting first (so none starves when not all fit)."""
         host_resident = [seq for seq in group if self.kv.residency(seq.seq_id) is Residency.HOST]
-        room = self.kv.gpu_available
         for seq in sorted(host_resident, key=lambda seq: self._last_run.get(seq.seq_id, -1)):
-            # Its chunks and the one its next token may open: staging one that then cannot grow
-            # would only evict another. One that does not fit waits; smaller ones may go first.
             held = self.kv.sequence(seq.seq_id)
-            needed = max(len(held.host_chunks), self.kv.chunks_for(held.num_tokens + 1))
-            if needed > room:
+            growth = 1 if seq.is_decoding else min(seq.num_uncomputed_tokens, self.max_num_batched_tokens)
+            needed = self.kv.chunks_for(held.num_tokens + growth)
+            if needed > self.kv.staging_chunks:  # it outgrew a slot: to the owned region, or recomputed there
+                try:
+                    self.kv.fetch(seq.seq_id)
+                except PoolExhaustedError:
+                    self._preempt(group, seq)
                 continue
-            self.kv.prefetch(seq.seq_id)
-            room -= needed
+            if needed > self._ring_free():
+                continue  # one that does not fit waits; smaller ones may go first
+            self.kv.stage(seq.seq_id)
+            self._staging_need[seq.seq_id] = needed
 
-    def _on_gpu(self, seq: Sequence) -> bool:
-        return self.offload == "off" or self.kv.residency(seq.seq_id) is not Residency.HOST
+    def _ring_free(self) -> int:
+        """Staging chunks of this step's slot that neither a sequence nor a staged one's growth
+        has taken."""
+        reserved = 0
+        for seq_id, needed in self._staging_need.items():
+            held = self.kv.sequences.get(seq_id)
+            if held is not None and held.staged:
+                reserved += max(0, needed - len(held.staging))
+        return self.kv.ring_room - reserved
+
+    def _holds_gpu(self, seq: Sequence) -> bool:
+        """Its KV is in owned chunks (preempting it frees some)."""
+        return self.offload == "off" or self.kv.residency(seq.seq_id) is Residency.GPU
+
+    def _holds(self, seq: Sequence, pool: str) -> bool:
+        """Preempting it frees chunks of the pool ("GPU": owned chunks, "host": host chunks)."""
+        return self._holds_gpu(seq) if pool == "GPU" else self.kv.residency(seq.seq_id) is Residency.HOST
+
+    def _runnable(self, seq: Sequence) -> bool:
+        """Its KV is on the GPU for this step: owned, or staged in this step's slot."""
+        return self.offload == "off" or self.kv.residency(seq.seq_id) is Residency.GPU \
+            or self.kv.sequence(seq.seq_id).staged
 
     def _schedule_decodes(self, group: list[Sequence], plan: StepPlan, budget: int) -> int:
         for seq in list(group):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding or not self._on_gpu(seq):
+            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding or not self._runnable(seq):
                 continue  # preempted meanwhile, still prefilling, or not staged this step
             if self._grow(group, seq, 1):
                 plan.decode.append(ScheduledSequence(seq, seq.num_computed_tokens, 1, seq.num_preemptions))
@@ -350,7 +401,7 @@ class Scheduler:
         for seq in list(group):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.is_decoding or not self._on_gpu(seq):
+            if seq.status is not SequenceStatus.RUNNING or seq.is_decoding or not self._runnable(seq):
                 continue
             count = min(seq.num_uncomputed_tokens, budget)
             if self._grow(group, seq, count):
@@ -359,7 +410,7 @@ class Scheduler:
         share = -(-(len(self.waiting) + sum(len(g) for g in self.groups)) // len(self.groups))
         deferred = 0  # waiting requests passed over: a running sequence is computing their next chunk
         while len(self.waiting) > deferred and budget > 0 and len(group) < min(self.max_num_seqs, share) \
-                and not self._starved and deferred < MAX_DEFERRED:
+                and not self._starved and not self._grows_first and deferred < MAX_DEFERRED:
             seq = self.waiting[deferred]
             if seq.seq_id in self._preempted_now:
                 break
@@ -399,39 +450,44 @@ class Scheduler:
             return []
         room = None
         if self.budget is not None:
-            room = self.budget.budget_chunks(micro_batch) - self._host_load(micro_batch) - self._promoted_now
+            room = self._host_budget(micro_batch) - self._host_load(micro_batch) - self._promoted_now
         return self.prefix.match(seq, room)
 
     def _allocate_new(self, seq: Sequence, micro_batch: int, count: int) -> None:
-        """KV for a request being admitted. One that will be host-resident is allocated staged
-        (host chunks, and staging chunks for this step), so that its prefill KV is written
-        through to the host as each layer produces it, overlapped with the following layers,
-        rather than offloaded after the step."""
-        if self._admits_to_host(seq, micro_batch):
+        """KV for a request being admitted. One that will be host-resident is allocated in this
+        step's staging slot and its host chunks, so that its prefill KV is written through to
+        the host as each layer produces it, overlapped with the following layers, rather than
+        offloaded after the step."""
+        if self._admits_to_host(seq, micro_batch, count):
             try:
-                self.kv.allocate_staged(seq.seq_id, count)
+                self.kv.allocate_host(seq.seq_id, count)
                 self.host_resident_ids.add(seq.seq_id)
                 return
             except PoolExhaustedError as error:
-                if error.pool != "host":
+                if error.pool == "GPU":
                     raise
-        self.kv.allocate(seq.seq_id, count)  # (a full host pool leaves it on the GPU)
+        self.kv.allocate(seq.seq_id, count)  # (a full host pool or slot leaves it on the GPU)
 
-    def _admits_to_host(self, seq: Sequence, micro_batch: int) -> bool:
-        """force: every request. auto: one whose whole KV (+ its growth) does not fit the GPU pool
-        now (it would wait for chunks) and the micro-batch's prefetch budget still covers."""
-        if self.offload == "force":
-            return True
-        if self.offload != "auto" or self._fits_gpu(seq):
+    def _admits_to_host(self, seq: Sequence, micro_batch: int, count: int) -> bool:
+        """force: every request. auto: one whose whole KV (+ its growth) does not fit the owned
+        region now (it would wait for chunks). Either way only while the micro-batch's host-resident
+        KV (its whole prompt + its growth counted) stays within its budget, and this step's chunks
+        fit the slot."""
+        if self.offload == "off" or (self.offload == "auto" and self._fits_gpu(seq)):
             return False
-        cost = self.kv.chunks_for(len(seq.token_ids)) + 1
-        return self._host_load(micro_batch) + cost <= self.budget.budget_chunks(micro_batch)
+        if self.kv.chunks_for(count) > self._ring_free():
+            return False
+        return self._host_load(micro_batch) + self._staging_cost(seq) <= self._host_budget(micro_batch)
 
     def _host_load(self, micro_batch: int) -> int:
-        """Chunks the micro-batch's host-resident sequences prefetch before its next step (each
-        + the one its growth may open)."""
-        return sum(self._chunks_held(seq) + 1 for seq in self.groups[micro_batch]
-                   if self.kv.residency(seq.seq_id) in (Residency.STAGED, Residency.HOST))
+        """Staging chunks the micro-batch's host-resident sequences take at its next step."""
+        return sum(self._staging_cost(seq) for seq in self.groups[micro_batch]
+                   if self.kv.residency(seq.seq_id) is Residency.HOST)
+
+    def _staging_cost(self, seq: Sequence) -> int:
+        """Staging chunks a sequence takes at its next step: its whole KV, the token it computes
+        next included (a prompt: all of it), and one token more."""
+        return self.kv.chunks_for(len(seq.token_ids) + 1)
 
     def _chunks_held(self, seq: Sequence) -> int:
         held = self.kv.sequence(seq.seq_id)
@@ -445,13 +501,20 @@ class Scheduler:
                 self.kv.append(seq.seq_id, count)
                 return True
             except PoolExhaustedError as error:
-                if error.pool == "host":  # a staged sequence cannot grow its host copy: keep it on the GPU
-                    self.kv.make_gpu_resident(seq.seq_id)
-                    continue
-                # The newest sequence that holds GPU chunks: a host-resident one frees none.
-                newest = max((s for g in self.groups for s in g if self._on_gpu(s)), key=lambda s: s.admission)
+                if error.pool == "staging":  # its slot is full: it runs at a later step
+                    return False
+                if error.pool == "host":  # a staged sequence cannot grow its host copy: to the GPU
+                    try:
+                        self.kv.fetch(seq.seq_id)
+                        continue
+                    except PoolExhaustedError:
+                        pass
+                # The newest sequence holding chunks of the exhausted pool is recomputed.
+                pool = "host" if error.pool == "host" else "GPU"
+                newest = max((s for g in self.groups for s in g if self._holds(s, pool)), key=lambda s: s.admission)
+                self._quiet_steps = 0
                 if newest.micro_batch != seq.micro_batch:  # its group may be in flight: it sheds at its turn
-                    self._must_shed.add(newest.micro_batch)
+                    self._must_shed[newest.micro_batch] = pool
                     self._starved.add(seq.micro_batch)
                     return False
                 self._preempt(group, newest)

@@ -10,11 +10,11 @@ deterministic (lowest free id first), so every stage ends up with the same chunk
 ever sending one. The prefix cache's decisions too: "cache_chunk", "allocate_with_prefix" (a
 sequence that starts with cached entries, promoting host-only ones) and each eviction of a cached
 chunk ("evict_gpu", which may demote it to the host, and "evict_host"), logged before the operation
-that needed the room, so a stage never chooses what to evict. Residency changes travel the same
-way: "offload" (GPU -> host), "prefetch" (host -> staging chunks), "allocate_staged" (a new
-sequence that lives on the host, computed into staging chunks) and "release_staging"; the
-scheduler counts them done at once, each stage runs their copies (kv_transfers.py) and orders
-later work after them.
+that needed the room, so a stage never chooses what to evict. Residency travels the same way:
+"begin_step" opens the step's staging slot, "stage" gives a host-resident sequence ring ids there
+(its prefetch), "allocate_host" admits a new host-resident sequence into the slot, "offload" and
+"fetch" move a sequence between the owned region and the host. The scheduler counts every copy
+done at once; each stage runs them (kv_transfers.py) and orders later work after them by events.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from .kv_manager import KVManager
 from .sampling_params import SamplingParams
 
-KVOp = tuple[str, int, object]  # (operation, seq_id, tokens): allocate, allocate_staged, append, free,
-# offload, prefetch, release_staging, make_gpu_resident; cache_chunk (seq_id, chunk index),
+KVOp = tuple[str, int, object]  # (operation, seq_id, tokens): allocate, allocate_host, append, free,
+# offload, stage, fetch; begin_step (step, 0); cache_chunk (seq_id, chunk index),
 # allocate_with_prefix (seq_id, (entries, tokens)), evict_gpu (entry, demoted), evict_host (entry, 0)
 
 
@@ -68,8 +68,8 @@ class SampledTokens:
 class RecordingKVManager(KVManager):
     """The scheduler's KV manager: it also logs each successful change for the stages to replay."""
 
-    def __init__(self, num_gpu_chunks: int, num_host_chunks: int, chunk_tokens: int):
-        super().__init__(num_gpu_chunks, num_host_chunks, chunk_tokens)
+    def __init__(self, num_gpu_chunks: int, num_host_chunks: int, chunk_tokens: int, staging_chunks: int = 0):
+        super().__init__(num_gpu_chunks, num_host_chunks, chunk_tokens, staging_chunks)
         self.log: list[KVOp] = []
         self.prefix_cache.on_evict = self._log_eviction  # (kept across reset)
 
@@ -81,10 +81,14 @@ class RecordingKVManager(KVManager):
         self.log.append(("allocate", seq_id, num_tokens))
         return chunks
 
-    def allocate_staged(self, seq_id: int, num_tokens: int) -> list[int]:
-        chunks = super().allocate_staged(seq_id, num_tokens)
-        self.log.append(("allocate_staged", seq_id, num_tokens))
+    def allocate_host(self, seq_id: int, num_tokens: int) -> list[int]:
+        chunks = super().allocate_host(seq_id, num_tokens)
+        self.log.append(("allocate_host", seq_id, num_tokens))
         return chunks
+
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        self.log.append(("begin_step", step, 0))
 
     def append(self, seq_id: int, count: int = 1) -> None:
         super().append(seq_id, count)
@@ -104,25 +108,20 @@ class RecordingKVManager(KVManager):
         super().free(seq_id)
         self.log.append(("free", seq_id, 0))
 
-    def offload(self, seq_id: int) -> None:
-        """GPU-resident -> host-resident, the copy counted as done (stages order around it)."""
-        self.begin_offload(seq_id)
-        self.finish_offload(seq_id)
-        self.log.append(("offload", seq_id, 0))
+    def offload(self, seq_id: int) -> list[tuple[int, int]]:
+        pairs = super().offload(seq_id)
+        self.log.append(("offload", seq_id, len(pairs)))  # (the chunks it copies)
+        return pairs
 
-    def prefetch(self, seq_id: int) -> None:
-        """Host-resident -> staged for its next step."""
-        self.begin_prefetch(seq_id)
-        self.finish_prefetch(seq_id)
-        self.log.append(("prefetch", seq_id, 0))
+    def stage(self, seq_id: int) -> list[tuple[int, int]]:
+        pairs = super().stage(seq_id)
+        self.log.append(("stage", seq_id, len(pairs)))  # (the chunks it copies)
+        return pairs
 
-    def release_staging(self, seq_id: int) -> None:
-        super().release_staging(seq_id)
-        self.log.append(("release_staging", seq_id, 0))
-
-    def make_gpu_resident(self, seq_id: int) -> None:
-        super().make_gpu_resident(seq_id)
-        self.log.append(("make_gpu_resident", seq_id, 0))
+    def fetch(self, seq_id: int) -> list[tuple[int, int]]:
+        pairs = super().fetch(seq_id)
+        self.log.append(("fetch", seq_id, len(pairs)))  # (the chunks it copies)
+        return pairs
 
     def reset(self) -> None:
         super().reset()
@@ -139,11 +138,19 @@ def apply_kv_ops(kv: KVManager, ops: list[KVOp], copies=None) -> None:
     (kv_transfers.KVTransfers) runs the copies of residency changes and of the prefix cache's
     tiers, and orders chunk reuse."""
     for op, seq_id, tokens in ops:
-        if op in ("allocate", "allocate_staged"):
-            chunks = kv.allocate(seq_id, tokens) if op == "allocate" else kv.allocate_staged(seq_id, tokens)
+        if op == "begin_step":
+            kv.begin_step(seq_id)
+            if copies is not None:
+                copies.begin_step(seq_id)
+        elif op == "allocate":
+            chunks = kv.allocate(seq_id, tokens)
             _run_cache_copies(kv, copies)
             if copies is not None:
                 copies.claim(chunks)
+        elif op == "allocate_host":
+            kv.allocate_host(seq_id, tokens)
+            _run_cache_copies(kv, copies)
+            if copies is not None:
                 copies.claim_host(kv.sequence(seq_id).host_chunks)
         elif op == "allocate_with_prefix":
             shared, num_tokens = tokens
@@ -166,29 +173,28 @@ def apply_kv_ops(kv: KVManager, ops: list[KVOp], copies=None) -> None:
                 copies.claim_host(held.host_chunks[host_before:])
         elif op == "free":
             if copies is not None:
-                copies.freeing(seq_id, kv.sequence(seq_id).gpu_chunks, finished=True, cached=_cached(kv, seq_id))
+                held = kv.sequence(seq_id)
+                copies.freeing(seq_id, held.gpu_chunks, finished=True, cached=_cached(kv, seq_id),
+                               host_chunks=held.host_chunks)
             kv.free(seq_id)
         elif op == "offload":
             cached = _cached(kv, seq_id)
-            pairs = kv.begin_offload(seq_id)
+            pairs = kv.offload(seq_id)
             _run_cache_copies(kv, copies)
             if copies is not None:
                 copies.claim_host([host for _, host in pairs])
                 copies.offload(seq_id, pairs)
                 copies.freeing(seq_id, [gpu for gpu, _ in pairs], cached=cached)
-            kv.finish_offload(seq_id)
-        elif op == "prefetch":
-            pairs = kv.begin_prefetch(seq_id)
-            _run_cache_copies(kv, copies)
+        elif op == "stage":
+            pairs = kv.stage(seq_id)
             if copies is not None:
                 copies.prefetch(seq_id, pairs)
-            kv.finish_prefetch(seq_id)
-        elif op == "release_staging":
+        elif op == "fetch":
+            pairs = kv.fetch(seq_id)
+            _run_cache_copies(kv, copies)
             if copies is not None:
-                copies.freeing(seq_id, kv.sequence(seq_id).gpu_chunks, cached=_cached(kv, seq_id))
-            kv.release_staging(seq_id)
-        elif op == "make_gpu_resident":
-            kv.make_gpu_resident(seq_id)
+                copies.claim([gpu for _, gpu in pairs])
+                copies.prefetch(seq_id, pairs, host_freed=True)
         else:
             raise ValueError(f"unknown KV operation {op!r}")
 

@@ -40,6 +40,9 @@ from .llm_engine import LLMEngine, check_prompt_ids
 def replica_configs(config: EngineConfig) -> list[EngineConfig]:
     device = config.resolved_device()
     replicas, stages = config.data_parallel, config.pipeline_parallel
+    if config.offload != "off" or config.host_memory_gib is not None:
+        # One node's host pool, pinned once: each replica gets its share, not the whole.
+        config = dataclasses.replace(config, host_memory_gib=config.host_kv_bytes() / 2**30 / replicas)
     if device.type != "cuda":
         return [dataclasses.replace(config, data_parallel=1, device="cpu") for _ in range(replicas)]
     first, count = device.index or 0, torch.cuda.device_count()

@@ -25,7 +25,7 @@ import triton
 
 from pipemax.core.cost_model import StepCostModel
 from pipemax.core.kv_manager import KVManager
-from pipemax.core.prefetch_budget import PrefetchBudget
+from pipemax.core.prefetch_budget import PrefetchBudget, staging_slot_chunks
 from pipemax.core.scheduler import Scheduler, StepPlan
 from pipemax.core.sequence import Sequence
 from pipemax.core.step_plan import RecordingKVManager, SampledTokens, StagePlan
@@ -133,18 +133,36 @@ class LLMEngine:
                         config.max_model_len, max_len, max_len)
         elif config.max_model_len is not None:
             max_len = config.max_model_len
-        if num_chunks * config.chunk_tokens < max_len:
-            if num_chunks < 1:
-                raise ConfigError("kv_cache_gib", f"leaves a KV budget of {kv_bytes / 2**30:.2f} GiB, less than one "
-                                                  f"chunk of {chunk_bytes / 2**20:.2f} MiB: give the KV cache more")
-            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", num_chunks * config.chunk_tokens, max_len)
-            max_len = num_chunks * config.chunk_tokens
-        self.max_model_len = max_len
+        # The staging ring (offload): its size depends on the fitted step costs, known before the
+        # stages are built (every stage's KV manager splits its pool the same way).
+        self.num_micro_batches = config.num_micro_batches
+        self.step_cost_key = self._step_cost_key(config)
+        seed, seed_path = load_step_costs(self.step_cost_key)
+        self.cost_model = StepCostModel(seed=seed)
+        self.cost_model_seeded_from = str(seed_path) if seed is not None else None
+        # One device's link carries every in-process stage's chunks; a process per stage, its own.
+        self.link_chunk_bytes = (max if self.distributed else sum)(spec.chunk_bytes for spec in specs)
+        self.copy_bytes_per_second = 0.0
+        if config.offload == "auto":
+            self.copy_bytes_per_second = (config.prefetch_gbs * 1e9 if config.prefetch_gbs is not None
+                                          else measure_copy_bandwidth(self.device))
+        self.staging_chunks = staging_slot_chunks(config.offload, num_chunks, self.num_micro_batches,
+                                                  config.prefix_caching, self._step_budget_chunks(num_chunks))
         # Host pools: every stage's (on this node) together in host_kv_bytes, chunk ids shared.
         self.num_host_chunks = config.host_kv_bytes() // sum(spec.chunk_bytes for spec in specs)
         if config.offload != "off" and self.num_host_chunks < 1:
             raise ConfigError("host_memory_gib", f"leaves no room for one host KV chunk of "
                                                  f"{sum(spec.chunk_bytes for spec in specs) / 2**20:.2f} MiB")
+        # A sequence lives whole in the owned region, or in one staging slot and its host copy.
+        owned = num_chunks - 2 * self.staging_chunks
+        room = max(owned, min(self.staging_chunks, self.num_host_chunks))
+        if room * config.chunk_tokens < max_len:
+            if room < 1:
+                raise ConfigError("kv_cache_gib", f"leaves a KV budget of {kv_bytes / 2**30:.2f} GiB, less than one "
+                                                  f"chunk of {chunk_bytes / 2**20:.2f} MiB: give the KV cache more")
+            log.warning("KV pool holds %d tokens: max_model_len lowered from %d", room * config.chunk_tokens, max_len)
+            max_len = room * config.chunk_tokens
+        self.max_model_len = max_len
         backend = config.attention_backend
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -161,19 +179,10 @@ class LLMEngine:
                 self.pipeline.close()
             raise
         # The scheduler's own KV manager decides; every stage replays its log.
-        self.kv = RecordingKVManager(num_chunks, self.num_host_chunks, config.chunk_tokens)
-        self.num_micro_batches = config.num_micro_batches
-        self.step_cost_key = self._step_cost_key(config)
-        seed, path = load_step_costs(self.step_cost_key)
-        self.cost_model = StepCostModel(seed=seed)
-        self.cost_model_seeded_from = str(path) if seed is not None else None
+        self.kv = RecordingKVManager(num_chunks, self.num_host_chunks, config.chunk_tokens, self.staging_chunks)
         budget = None
         if config.offload == "auto":
-            # One device's link carries every in-process stage's chunks; a process per stage, its own.
-            link_chunk_bytes = (max if self.distributed else sum)(spec.chunk_bytes for spec in specs)
-            self.copy_bytes_per_second = (config.prefetch_gbs * 1e9 if config.prefetch_gbs is not None
-                                          else measure_copy_bandwidth(self.device))
-            budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, link_chunk_bytes,
+            budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, self.link_chunk_bytes,
                                     self.num_micro_batches)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_mode,
                                    self.num_micro_batches, config.offload, budget, self.cost_model,
@@ -193,8 +202,8 @@ class LLMEngine:
         for index, ((start, end), spec) in enumerate(zip(local_ranges, specs)):
             stage_model = model if (start, end) == (model.layer_start, model.layer_end) else model.stage(start, end)
             pool = KVPool(spec, num_chunks, self.num_host_chunks, self.device, backend)
-            self.stages.append(StageExecutor(index, stage_model, pool,
-                                             KVManager(num_chunks, self.num_host_chunks, config.chunk_tokens), backend,
+            kv = KVManager(num_chunks, self.num_host_chunks, config.chunk_tokens, self.staging_chunks)
+            self.stages.append(StageExecutor(index, stage_model, pool, kv, backend,
                                              self._eos_token_ids, config.seed))
         if config.cuda_graphs and self.device.type == "cuda" and backend == "triton":
             for stage in self.stages:
@@ -213,7 +222,8 @@ class LLMEngine:
                            self.stage_devices[stage], self.dtype, config.chunk_tokens, num_chunks, backend,
                            config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
                            config.seed, head_rank=head, num_host_chunks=self.num_host_chunks,
-                           max_num_batched_tokens=config.max_num_batched_tokens)
+                           max_num_batched_tokens=config.max_num_batched_tokens,
+                           staging_chunks=self.staging_chunks)
                  for stage in range(1, world)]
         return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device, self.cluster)
 
@@ -239,6 +249,18 @@ class LLMEngine:
         return self.stages[0].runner
 
     # ---- setup helpers -----------------------------------------------------------------------
+    def _step_budget_chunks(self, num_chunks: int) -> int:
+        """offload=auto: the chunks one step's prefetch can bring back behind a full decode step
+        of the step before (the fitted cost model's prediction); 0 without a fit."""
+        if self.config.offload != "auto" or not self.cost_model.ready:
+            return 0
+        seqs = self.config.max_num_seqs
+        context = min(num_chunks * self.config.chunk_tokens, seqs * self.model_config.max_model_len // 2)
+        seconds = self.cost_model.predict(seqs, context)
+        if not seconds:
+            return 0
+        return int(self.copy_bytes_per_second * seconds // self.link_chunk_bytes)
+
     def _kv_budget_bytes(self, device: torch.device, stage_ranges: list[tuple[int, int]], here: bool = True) -> int:
         """KV bytes for the pools on one device, which holds the stages in stage_ranges; `here`:
         the device this process runs on (another stage process's device is sized from its total)."""
@@ -329,6 +351,7 @@ class LLMEngine:
         cache = self.kv.prefix_cache
         tier_moves_before = (cache, cache.num_demoted, cache.num_promoted)
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0
+        in_flight_seqs = 0  # summed at each launch: the sequences of every step in flight then
         while True:
             busy = {step.micro_batch for step in in_flight}
             for micro_batch in range(self.num_micro_batches):
@@ -340,6 +363,7 @@ class LLMEngine:
                     if step is not None:
                         in_flight.append(step)
                         sequences += len(step.plan.scheduled)
+                        in_flight_seqs += sum(len(flying.plan.scheduled) for flying in in_flight)
             if not in_flight:
                 if not self.has_unfinished():
                     break
@@ -360,6 +384,9 @@ class LLMEngine:
         self.last_run_stats = {"stages": len(self.stage_ranges), "micro_batches": self.num_micro_batches,
                                "stage_layers": [end - start for start, end in self.stage_ranges], "steps": steps,
                                "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
+                               # What the GPUs' KV serves at once: offload's gain (M steps in flight,
+                               # each with its slot), where off's single pool is shared by all of them.
+                               "mean_in_flight_seqs": in_flight_seqs / steps if steps else 0.0,
                                "preemptions": self.scheduler.num_preemptions,
                                "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
         self.last_run_stats["cost_model"] = {**self.cost_model.stats(), "seeded_from": self.cost_model_seeded_from}

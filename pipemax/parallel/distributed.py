@@ -88,6 +88,7 @@ class StageSpec:
     head_rank: int = 0  # the rank of the pipeline's stage 0 (not 0 for other replicas under torchrun)
     num_host_chunks: int = 0  # the stage's host KV pool (offload)
     max_num_batched_tokens: int = 0  # CUDA graphs for steps with prefill: token buckets up to this
+    staging_chunks: int = 0  # one slot of the staging ring (offload), as on every stage
 
     @property
     def is_last(self) -> bool:
@@ -539,12 +540,18 @@ def serve_stage(spec: StageSpec, mailbox: Mailbox, report) -> None:
     from .pipeline import StageClock
 
     clock = StageClock(stage.device, spec.world_size)
+    # The last stage hands each step's tokens to a sender thread and takes the next plan at once:
+    # waiting for the sampled ids here would leave its device idle while it receives, replays and
+    # prepares the next step.
+    tokens = TokenSender(mailbox, head, stage.device, report) if last else None
     try:
         while True:
             message = mailbox.receive(rank - 1)
             if message[0] == "stop":
                 if not last:
                     mailbox.send(message, rank + 1)
+                else:
+                    tokens.close()  # every step's tokens before "stopped"
                 mailbox.send(("stopped",), head)  # the head's receiver for this rank may end
                 break
             if message[0] == "reset":
@@ -559,13 +566,44 @@ def serve_stage(spec: StageSpec, mailbox: Mailbox, report) -> None:
             # This stage's device time and copies so far, for the run's stats.
             busy = {**busy, rank: {"busy": clock.folded_busy(), **stage.transfers.counters()}}
             if last:
-                mailbox.send(("tokens", out.result(), busy), head)
+                tokens.put(out, busy)
             else:  # a copy of its own: a graph buffer is overwritten by the next replay
                 mailbox.send(("step", plan, busy), rank + 1, out.clone() if out.is_cuda else out.contiguous())
     except Exception as error:  # tell the head why: it names the stage and the cause
         report(f"{type(error).__name__}: {error}")
         os._exit(1)
     mailbox.flush()
+
+
+class TokenSender:
+    """The last stage's sampled ids to the head, from a thread of their own, in step order: the
+    thread waits for each step's ids to reach the host (PendingTokens.result) while the stage's
+    loop goes on to the next plan. The next step of the same sequences is planned only after
+    their ids reach the head, so the sampler history they record is in place by then."""
+
+    def __init__(self, mailbox: Mailbox, head: int, device: torch.device, report):
+        self.mailbox, self.head, self.device, self.report = mailbox, head, device, report
+        self.pending: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="pipemax-token-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, out, busy: dict) -> None:
+        self.pending.put((out, busy))
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.thread.join()
+
+    def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            while (item := self.pending.get()) is not None:
+                out, busy = item
+                self.mailbox.send(("tokens", out.result(), busy), self.head)
+        except Exception as error:  # as the stage's loop does: the head names the stage and the cause
+            self.report(f"{type(error).__name__}: {error}")
+            os._exit(1)
 
 
 def build_stage(spec: StageSpec) -> StageExecutor:
@@ -579,7 +617,7 @@ def build_stage(spec: StageSpec) -> StageExecutor:
     config = model.config
     kv_spec = KVPoolSpec(end - start, config.num_kv_heads, config.head_dim, spec.chunk_tokens, spec.dtype)
     pool = KVPool(kv_spec, spec.num_chunks, spec.num_host_chunks, device, spec.attention_backend)
-    kv = KVManager(spec.num_chunks, spec.num_host_chunks, spec.chunk_tokens)
+    kv = KVManager(spec.num_chunks, spec.num_host_chunks, spec.chunk_tokens, spec.staging_chunks)
     stage = StageExecutor(spec.rank - spec.head_rank, model, pool, kv,
                           spec.attention_backend, spec.eos_token_ids, spec.seed)
     if spec.cuda_graphs and device.type == "cuda" and spec.attention_backend == "triton":

@@ -1,14 +1,17 @@
 """`pipemax plan`: what a server would do with a model and a workload, for servers not at hand.
 
     pipemax plan --gpus 8 --gpu-memory-gib 32 --pcie-gbs 55 --hbm-tbs 1.8 --tflops 200 \\
-        --model CONFIG_OR_FOLDER --workload sharegpt|longbench|FILE.jsonl [--json]
+        --model CONFIG_OR_FOLDER --workload sharegpt|longbench|decode-heavy|FILE.jsonl [--json]
 
 It compares three layouts on the same server: a pipeline stage per GPU with offload=auto
-(pp_offload) and without (pp), and the whole model on each GPU, a replica per GPU (dp). For each it
-chooses the settings (server_plan.choose_plan), then replays the real scheduler on the workload and
-times it with the server's model (server_plan.simulate_plan). Compute comes from a roofline of the
-given peaks, or from the step costs an autotune profile measured (--profile); every flag given
-overrides the profile.
+(pp_offload: each stage's staging ring, sized as the engine will) and without (pp, with the same
+per-step limits), and the whole model on each GPU, a replica per GPU (dp). For each it chooses the
+settings (server_plan.choose_plan), then replays the real scheduler on the workload and times it
+with the server's model (server_plan.simulate_plan); a ring that the simulation finds slower than
+pp is dropped. The table gives the whole run's generated tokens/s and the steady state's (while
+requests wait to start, as in a long job), a slot of the ring in GB and the share of the run a
+stage waited on its copies. Compute comes from a roofline of the given peaks, or from the step costs an
+autotune profile measured (--profile); every flag given overrides the profile.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def add_plan_parser(commands) -> None:
     plan.add_argument("--model", required=True, help="a model folder, its config.json, or a .gguf file (no weights "
                                                      "are read)")
     plan.add_argument("--workload", default="sharegpt",
-                      help="sharegpt, longbench (synthetic lengths) or a .jsonl file of requests (default sharegpt)")
+                      help="sharegpt, longbench, decode-heavy (synthetic lengths) or a .jsonl file of requests "
+                           "(default sharegpt)")
     plan.add_argument("--num-prompts", type=int, default=2000, help="requests of a synthetic workload (default 2000)")
     plan.add_argument("--profile", type=Path, help="an autotune profile: its measured costs, bandwidths and memory")
     plan.add_argument("--gpus", type=int, help="GPUs in the server (default: the profile's, else 1)")
@@ -176,23 +180,21 @@ def server_facts(args, config, dtype):
 
 
 def compare_layouts(facts, config, dtype, workload) -> dict:
-    """{layout: Plan (with its simulation) or PlanError}."""
+    """{layout: Plan (with its simulation) or PlanError}, in LAYOUTS order. pp is simulated first:
+    pp_offload's staging ring is kept only where it beats it (server_plan.simulate_plan)."""
     from .server_plan import PlanError, choose_plan, simulate_plan
 
     results = {}
-    for layout in LAYOUTS:
+    for layout in ("pp", "pp_offload", "dp"):
         try:
             plan = choose_plan(facts, config, dtype, workload, layout)
-        except PlanError as error:
-            results[layout] = error
-            continue
-        try:
-            simulate_plan(plan, facts, config, dtype, workload)
+            plain = results.get("pp") if layout == "pp_offload" else None
+            simulate_plan(plan, facts, config, dtype, workload, None if isinstance(plain, PlanError) else plain)
         except PlanError as error:
             results[layout] = error
             continue
         results[layout] = plan
-    return results
+    return {layout: results[layout] for layout in LAYOUTS}
 
 
 def layouts_json(results: dict) -> dict:
@@ -204,17 +206,24 @@ def layouts_json(results: dict) -> dict:
             continue
         simulated = result.simulation
         out[layout] = {"fits": True, **{key: simulated[key] for key in (
-            "generated_tokens_per_s", "total_tokens_per_s", "stage_utilisation", "pcie_gbs",
-            "prefetch_gbs", "host_resident_requests", "preemptions", "mean_sequences_per_step", "requests")},
+            "generated_tokens_per_s", "steady_generated_tokens_per_s", "total_tokens_per_s", "stage_utilisation",
+            "pcie_gbs", "prefetch_gbs", "exposed_copy_fraction", "host_resident_requests", "preemptions",
+            "mean_sequences_per_step", "requests")},
             "bubble_fraction": 1 - sum(simulated["stage_utilisation"]) / len(simulated["stage_utilisation"]),
             "steady_state_estimate_tokens_per_s": result.estimated_generated_tokens_per_s,
+            "batch_per_micro_batch": result.batch_per_micro_batch,
+            "staging_chunks": result.staging_chunks, "staging_gb": result.staging_bytes / 1e9,
             "settings": result.engine_options()}
     return out
 
 
 def format_table(results: dict, facts) -> list[str]:
-    lines = [f"{'layout':<11} {'stages x replicas':>17} {'M':>3} {'batch':>6} {'gen tok/s':>10} {'total tok/s':>12} "
-             f"{'stage busy':>10} {'PCIe GB/s':>9} {'host-resident':>13}"]
+    """A row per layout: the whole run's generated tokens/s and the steady state's (while requests
+    wait to start), one slot of the staging ring (GB, each GPU) and the share of the run the busiest
+    stage's computes waited on copies."""
+    lines = [f"{'layout':<11} {'stages x replicas':>17} {'M':>3} {'batch':>6} {'gen tok/s':>10} {'steady':>8} "
+             f"{'total tok/s':>12} {'stage busy':>10} {'PCIe GB/s':>9} {'slot GB':>7} {'exposed':>7} "
+             f"{'host-resident':>13}"]
     for layout, result in results.items():
         if isinstance(result, Exception):
             lines.append(f"{layout:<11} does not fit: {str(result).removeprefix(layout + ': ')}")
@@ -222,8 +231,10 @@ def format_table(results: dict, facts) -> list[str]:
         s = result.simulation
         busy = s["stage_utilisation"]
         lines.append(f"{layout:<11} {f'{result.stages} x {result.replicas}':>17} {result.micro_batches:>3} "
-                     f"{result.max_num_seqs:>6} {s['generated_tokens_per_s']:>10,.0f} {s['total_tokens_per_s']:>12,.0f} "
-                     f"{sum(busy) / len(busy):>10.0%} {s['pcie_gbs']:>9.1f} {s['host_resident_requests']:>13,}")
+                     f"{result.max_num_seqs:>6} {s['generated_tokens_per_s']:>10,.0f} "
+                     f"{s['steady_generated_tokens_per_s']:>8,.0f} {s['total_tokens_per_s']:>12,.0f} "
+                     f"{sum(busy) / len(busy):>10.0%} {s['pcie_gbs']:>9.1f} {result.staging_bytes / 1e9:>7.2f} "
+                     f"{s['exposed_copy_fraction']:>7.1%} {s['host_resident_requests']:>13,}")
     from .server_plan import best_layout
 
     fitting = {k: v for k, v in results.items() if not isinstance(v, Exception)}

@@ -1,10 +1,13 @@
 """Request shapes for planning and benchmarks: (prompt tokens, output tokens) per request.
 
-Synthetic workloads have log-normal lengths (sigma 0.6) around published means: ShareGPT
-conversations (344 in, 237 out) and LongBench documents (2,700 in, 100 out). A JSONL file gives
-a real job's shapes: each line either {"prompt_tokens": N, "output_tokens": M}, or an OpenAI batch
-request whose prompt is counted with the model's tokenizer (about 4 characters a token without
-one) and whose output is its max_tokens / max_completion_tokens.
+Synthetic workloads have log-normal lengths around their means: ShareGPT conversations (344 in,
+237 out) and LongBench documents (2,700 in, 100 out), published means with a wide spread (sigma
+0.6), and decode-heavy work (512 in, 2,048 out: long generations from short prompts, where KV
+capacity limits the batch), narrowly spread (sigma 0.1) so that requests do not all finish
+together. A JSONL file gives a real job's shapes: each line either {"prompt_tokens": N,
+"output_tokens": M}, or an OpenAI batch request whose prompt is counted with the model's
+tokenizer (about 4 characters a token without one) and whose output is its max_tokens /
+max_completion_tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-SYNTHETIC = {"sharegpt": (344, 237), "longbench": (2700, 100)}  # (mean input, mean output) tokens
+# (mean input, mean output) tokens, sigma of their logarithms, longest output
+SYNTHETIC = {"sharegpt": (344, 237, 0.6, 1024), "longbench": (2700, 100, 0.6, 1024),
+             "decode-heavy": (512, 2048, 0.1, 4096)}
 DEFAULT_OUTPUT_TOKENS = 256  # for a request that names no max_tokens (the plan says how many did)
 
 
@@ -28,15 +33,14 @@ def synthetic_lengths(kind: str, num_prompts: int, seed: int = 0) -> list[tuple[
     if kind not in SYNTHETIC:
         raise WorkloadError(f"unknown workload {kind!r}: use {', '.join(SYNTHETIC)} or a .jsonl file")
     generator = torch.Generator().manual_seed(seed)
-    mean_in, mean_out = SYNTHETIC[kind]
-    sigma = 0.6
+    mean_in, mean_out, sigma, longest_output = SYNTHETIC[kind]
 
     def lognormal(mean, low, high):
         mu = math.log(mean) - sigma**2 / 2
         values = torch.empty(num_prompts).log_normal_(mu, sigma, generator=generator)
         return [int(min(max(v, low), high)) for v in values.tolist()]
 
-    return list(zip(lognormal(mean_in, 4, 7000), lognormal(mean_out, 1, 1024)))
+    return list(zip(lognormal(mean_in, 4, 7000), lognormal(mean_out, 1, longest_output)))
 
 
 def lengths_from_jsonl(path: Path, tokenizer=None) -> tuple[list[tuple[int, int]], int]:

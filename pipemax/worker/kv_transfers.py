@@ -1,20 +1,24 @@
 """One stage's KV copies between its GPU pool and its pinned host pool, off the compute stream.
 
-Prefetches (host -> staging chunks) run on a host-to-device stream, offloads and write-back rows
-(GPU -> host) on a device-to-host stream; both are Triton kernels that read or write the pinned
-host pool directly (kv_pool.py). The stage replays each plan's KV operations through `replay`,
-which runs their copies and orders everything by CUDA events, never a synchronize, and never
-more than the chunks involved need:
+Prefetches (host -> staging or owned chunks) run on a host-to-device stream, offloads and
+write-back rows (GPU -> host) on a device-to-host stream; both are Triton kernels that read or
+write the pinned host pool directly (kv_pool.py). The stage replays each plan's KV operations
+through `replay`, which runs their copies and orders everything by CUDA events, never a
+synchronize, and never more than the chunks involved need:
 
+  - the staging ring (kv_manager.py): step n computes its host-resident sequences in slot
+    n mod 2. The slot remembers the events that ended its last step's compute and write-through
+    on this stage; a prefetch into the slot (issued when the plan arrives, while the step before
+    computes) and the compute of the step that uses it wait for them, so the ring never holds
+    more than the step computing and the step being prefetched;
   - each sequence remembers the event that ended its last step's compute and the event that
-    ended its last copy to the host;
-  - when a sequence's GPU chunks are freed (finished, preempted, offloaded, staging released),
-    each chunk remembers those events: its last reader and writers;
-  - a prefetch into chunks waits only for those chunks' events (and for the sequence's own last
-    write to the host, which it reads back), so it overlaps the compute of other micro-batches;
+    ended its last copy to the host; a prefetch waits for that last write to the host (it reads
+    the host copy back);
+  - when a sequence's owned chunks are freed (finished, preempted, offloaded), each chunk
+    remembers those events: its last reader and writers; when its host chunks are freed, each
+    remembers the last prefetch that read it, and the next copy writing it waits;
   - an offload waits only for its sequence's last compute; a write-back for this step's compute;
-  - a step's compute waits for its sequences' prefetches and for the events of chunks newly
-    handed to them.
+  - a step's compute waits for its prefetches and for the events of chunks newly handed to it.
 
 Shared prefix chunks (kv_prefix_cache.py) have many readers: a sequence letting one go marks it
 with the stage's latest compute and write-back events (every read so far came before them). A
@@ -64,6 +68,9 @@ class KVTransfers:
         self.host_busy: dict[int, object] = {}  # host chunk -> the event ending the last copy reading or writing it
         self.latest_compute = None  # the event ending this stage's latest step
         self.latest_to_host = None  # the event ending this stage's latest copy to the host
+        self.last_from_host: dict[int, object] = {}  # seq_id -> the event ending its last prefetch
+        self.slot = 0  # the staging slot of the step being replayed
+        self.slot_busy: list[list] = [[], []]  # per slot: its last step's compute and write-through events
         self.chunk_bytes = pool.spec.chunk_bytes
         self.row_bytes = pool.spec.chunk_bytes // pool.spec.chunk_tokens
         self.bytes_prefetched = 0
@@ -80,11 +87,25 @@ class KVTransfers:
         host pool: no copies, nothing to order)."""
         apply_kv_ops(kv, ops, self if self.enabled else None)
 
-    def freeing(self, seq_id: int, gpu_chunks: list[int], finished: bool = False, cached=()) -> None:
-        """The sequence's GPU chunks are about to be freed: each remembers what last used it (a
-        shared prefix chunk in `cached`: everything so far on this stage)."""
+    def begin_step(self, step: int) -> None:
+        """The plan's step (its number) uses staging slot step mod 2."""
+        self.slot = step % 2
+
+    def end_step(self) -> None:
+        """The step's compute and write-through are issued: the slot's next user waits for them."""
+        if self.cuda:
+            self.slot_busy[self.slot] = [e for e in (self.latest_compute, self.latest_to_host) if e is not None]
+
+    def freeing(self, seq_id: int, gpu_chunks: list[int], finished: bool = False, cached=(),
+                host_chunks=()) -> None:
+        """The sequence's owned chunks (and host chunks) are about to be freed: each remembers
+        what last used it (a shared prefix chunk in `cached`: everything so far on this stage)."""
         if not self.cuda:
             return
+        read = self.last_from_host.pop(seq_id, None) if finished else None
+        if read is not None:
+            for chunk in host_chunks:
+                self.host_busy[chunk] = read
         events = [e for e in (self.last_compute.get(seq_id), self.last_to_host.get(seq_id)) if e is not None]
         shared_events = [e for e in (self.latest_compute, self.latest_to_host) if e is not None]
         cached = set(cached)
@@ -151,20 +172,26 @@ class KVTransfers:
                 self.host_busy[host] = scope.end
                 self.claimed[gpu] = [scope.end]
 
-    def prefetch(self, seq_id: int, pairs: list[tuple[int, int]]) -> None:
-        """(host chunk, GPU chunk) pairs of one sequence, host -> staging."""
+    def prefetch(self, seq_id: int, pairs: list[tuple[int, int]], host_freed: bool = False) -> None:
+        """(host chunk, GPU chunk) pairs of one sequence, host -> its staging slot (a staged
+        sequence) or owned chunks (a fetch, after which its host chunks are freed: host_freed)."""
         if not pairs:
             return
         host_ids, gpu_ids = zip(*pairs)
         self.bytes_prefetched += len(pairs) * self.chunk_bytes
         waits = [self.last_to_host.get(seq_id)]  # its host copy's last rows must have landed
         if self.cuda:
+            waits += self.slot_busy[self.slot]  # the slot's last compute and write-through
             for chunk in gpu_ids:
                 waits += self.chunk_busy.pop(chunk, []) + self.claimed.pop(chunk, [])
         with self._copy("h2d", "prefetch", waits) as scope:
             self.pool.prefetch(host_ids, gpu_ids)
         if self.cuda:
             self.compute_waits.append(scope.end)
+            self.last_from_host[seq_id] = scope.end
+            if host_freed:
+                for chunk in host_ids:
+                    self.host_busy[chunk] = scope.end
 
     def offload(self, seq_id: int, pairs: list[tuple[int, int]]) -> None:
         """(GPU chunk, host chunk) pairs of one sequence, GPU -> host, after its last step."""
@@ -223,6 +250,8 @@ class KVTransfers:
     def before_compute(self) -> None:
         """The step's compute waits for its prefetches and for the chunks it was handed."""
         self.claimed = {}  # this compute waits for them: later writers come after it on this stream
+        if self.cuda:  # (new rows go into the slot too: after its last write-through)
+            self.compute_waits += self.slot_busy[self.slot]
         if not self.cuda or not self.compute_waits:
             self.compute_waits = []
             return
@@ -248,6 +277,8 @@ class KVTransfers:
         self.compute_waits = []
         self.claimed = {}
         self.host_busy.clear()
+        self.last_from_host.clear()
+        self.slot_busy = [[], []]
         if self.cuda:  # a later step must not overwrite chunks that copies still read
             torch.cuda.current_stream(self.pool.device).wait_stream(self.h2d)
             torch.cuda.current_stream(self.pool.device).wait_stream(self.d2h)

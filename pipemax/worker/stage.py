@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipemax.core.kv_manager import KVManager, Residency
+from pipemax.core.kv_manager import KVManager
 from pipemax.core.sampling_params import SamplingParams
 from pipemax.core.step_plan import SampledTokens, StagePlan
 from pipemax.models import LlamaFamilyModel
@@ -130,17 +130,18 @@ class StageExecutor:
             self.transfers.after_compute(plan.seq_ids)
             if not by_layer:
                 self.transfers.write_back(rows_of)  # on its own stream, after the step's stores
+            self.transfers.end_step()
         return out, batch
 
     def _write_through_rows(self, plan: StagePlan) -> tuple[dict, bool]:
         """New KV rows of host-resident (staged) sequences go to their host copies as well, so
-        releasing the staging chunks after the step copies nothing back. A step that carries
+        their staging slot can be reused after the step with nothing to copy back. A step that carries
         prefill rows of such sequences (and runs eagerly) writes them layer by layer, as they are
         produced (a decode step, graph or not, carries none); a decode step's few rows go in one
         copy after the step. (rows, by layer)."""
         rows_of, prefill = {}, False
         for seq_id, start, count in zip(plan.seq_ids, plan.starts, plan.counts):
-            if self.kv.residency(seq_id) is Residency.STAGED:
+            if self.kv.sequence(seq_id).staged:
                 rows_of[seq_id] = self.kv.write_back_rows(seq_id, start, start + count)
                 prefill = prefill or count > 1
         return rows_of, prefill

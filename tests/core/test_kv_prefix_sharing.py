@@ -17,7 +17,8 @@ def snapshot(kv: KVManager):
     cache = kv.prefix_cache
     return (list(kv.gpu.states), list(kv.host.states), {e: vars(c).copy() for e, c in cache.entries.items()},
             list(cache.gpu_unused), list(cache.host_copies),
-            {s: (seq.residency, list(seq.gpu_chunks), list(seq.host_chunks)) for s, seq in kv.sequences.items()})
+            {s: (seq.residency, list(seq.gpu_chunks), list(seq.host_chunks), seq.staging, seq.last_staging)
+             for s, seq in kv.sequences.items()}, kv.step, kv.ring_cursor)
 
 
 def check_references(kv: KVManager):
@@ -101,8 +102,7 @@ def test_a_sequence_holding_shared_chunks_offloads_a_private_copy():
     kv.allocate(0, 4)
     entry = kv.cache_chunk(0, 0)
     table = kv.allocate_with_prefix(1, [entry], 3)
-    pairs = kv.begin_offload(1)
-    kv.finish_offload(1)
+    pairs = kv.offload(1)
     assert [gpu for gpu, _ in pairs] == table and kv.prefix_cache.entries[entry].references == 1
     assert kv.gpu.states[table[0]] is ChunkState.CACHED and kv.gpu.states[table[1]] is ChunkState.FREE
     check_references(kv)
@@ -140,7 +140,10 @@ class ContentCopies:
     def claim_host(self, chunks):
         pass
 
-    def freeing(self, seq_id, chunks, finished=False, cached=()):
+    def freeing(self, seq_id, chunks, finished=False, cached=(), host_chunks=()):
+        pass
+
+    def begin_step(self, step):
         pass
 
     def offload(self, seq_id, pairs):
@@ -150,7 +153,7 @@ class ContentCopies:
     def demote(self, pairs):
         self.offload(None, pairs)
 
-    def prefetch(self, seq_id, pairs):
+    def prefetch(self, seq_id, pairs, host_freed=False):
         for host, gpu in pairs:
             self.gpu[gpu] = self.host[host]
 
@@ -158,79 +161,83 @@ class ContentCopies:
         self.prefetch(None, pairs)
 
 
-OPS = st.sampled_from(["new", "new", "staged", "shared", "shared", "cache", "cache", "cache", "append", "free", "free", "offload",
-                       "prefetch", "release", "resident"])
+OPS = st.sampled_from(["new", "new", "host", "shared", "shared", "cache", "cache", "cache", "append", "append", "free",
+                       "free", "offload", "stage", "stage", "fetch", "step", "step"])
 
 
 @settings(max_examples=examples(150), deadline=None)
 @given(st.lists(st.tuples(OPS, st.integers(0, 7), st.integers(1, 9)), min_size=20, max_size=60), st.integers(0, 3))
 def test_replay_on_a_stage_ends_in_the_same_state_with_every_chunk_where_its_table_says(script, wanted_mod):
-    scheduler, stage = RecordingKVManager(7, 4, 2), KVManager(7, 4, 2)
+    # 5 owned chunks and a staging ring of 2 slots x 2, chunks of 2 tokens.
+    scheduler, stage = RecordingKVManager(9, 6, 2, 2), KVManager(9, 6, 2, 2)
     scheduler.prefix_cache.wanted = lambda entry: entry % 4 <= wanted_mod - 1  # only rank 0 knows
     gpu_content, host_content = {}, {}
     copies = ContentCopies(gpu_content, host_content)
     expected: dict[int, list] = {}  # seq -> label of each of its chunks
     entry_label = {}
-    next_seq = 0
+    next_seq = step = 0
+
+    def table(held):
+        return held.gpu_chunks if held.residency is Residency.GPU else held.staging
 
     def compute(seq_id, first_new_chunk):  # the step writes its new chunks (and write-through to the host)
         held = stage.sequence(seq_id)
         labels = expected.setdefault(seq_id, [])
-        for index in range(first_new_chunk, len(held.gpu_chunks)):
+        for index in range(first_new_chunk, len(table(held))):
             labels[index:] = [(seq_id, index)]
-            gpu_content[held.gpu_chunks[index]] = (seq_id, index)
-            if held.residency is Residency.STAGED:
+            gpu_content[table(held)[index]] = (seq_id, index)
+            if held.residency is Residency.HOST:
                 host_content[held.host_chunks[index]] = (seq_id, index)
 
     for op, pick, tokens in script:
         live = sorted(scheduler.sequences)
         target = live[pick % len(live)] if live else None
-        residency = scheduler.residency(target) if live else None
-        before = len(scheduler.sequence(target).gpu_chunks) if live and residency is not Residency.HOST else 0
+        held = scheduler.sequence(target) if live else None
+        on_gpu = held is not None and (held.residency is Residency.GPU or held.staged)
+        before = len(table(held)) if on_gpu else 0
         try:
             if op == "new":
                 scheduler.allocate(next_seq, tokens)
-            elif op == "staged":
-                scheduler.allocate_staged(next_seq, tokens)
+            elif op == "host":
+                scheduler.allocate_host(next_seq, tokens)
             elif op == "shared" and scheduler.prefix_cache.entries:
                 entries = sorted(scheduler.prefix_cache.entries)
                 chosen = entries[pick % len(entries):][:1 + tokens % 3]
                 scheduler.allocate_with_prefix(next_seq, chosen, 2 * len(chosen) + tokens % 3)
                 expected[next_seq] = [entry_label[e] for e in chosen]
-            elif op == "cache" and live and residency in (Residency.GPU, Residency.STAGED):
-                full = scheduler.sequence(target).num_tokens // 2
+            elif op == "cache" and live and held.residency is Residency.GPU:
+                full = held.num_tokens // 2
                 index = pick % full if full else None
-                if index is not None and scheduler.gpu.states[scheduler.sequence(target).gpu_chunks[index]] \
-                        is not ChunkState.CACHED:
+                if index is not None and scheduler.gpu.states[held.gpu_chunks[index]] is not ChunkState.CACHED:
                     entry_label[scheduler.cache_chunk(target, index)] = expected[target][index]
-            elif op == "append" and live and residency in (Residency.GPU, Residency.STAGED):
+            elif op == "append" and on_gpu:
                 scheduler.append(target, tokens)
             elif op == "free" and live:
                 scheduler.free(target)
-            elif op == "offload" and live and residency is Residency.GPU:
+            elif op == "offload" and live and held.residency is Residency.GPU:
                 scheduler.offload(target)
-            elif op == "prefetch" and live and residency is Residency.HOST:
-                scheduler.prefetch(target)
-            elif op == "release" and live and residency is Residency.STAGED:
-                scheduler.release_staging(target)
-            elif op == "resident" and live and residency is Residency.STAGED:
-                scheduler.make_gpu_resident(target)
+            elif op == "stage" and live and held.residency is Residency.HOST and not held.staged:
+                scheduler.stage(target)
+            elif op == "fetch" and live and held.residency is Residency.HOST:
+                scheduler.fetch(target)
+            elif op == "step":
+                step += 1
+                scheduler.begin_step(step)
         except (PoolExhaustedError, KVStateError):
             pass  # refused: nothing changed, nothing logged
         check_references(scheduler)
         apply_kv_ops(stage, scheduler.take_log(), copies)
         assert stage.prefix_cache.copies == [] and snapshot(stage) == snapshot(scheduler)
-        if op in ("new", "staged", "shared") and next_seq in stage.sequences:
+        if op in ("new", "host", "shared") and next_seq in stage.sequences:
             compute(next_seq, len(expected.get(next_seq, [])))
             next_seq += 1
-        elif op == "append" and target in stage.sequences:
+        elif op == "append" and on_gpu and target in stage.sequences:
             compute(target, before)
         for seq_id, held in stage.sequences.items():  # every chunk holds what its table says
-            chunks = held.host_chunks if held.residency is Residency.HOST else held.gpu_chunks
-            content = host_content if held.residency is Residency.HOST else gpu_content
-            assert [content[c] for c in chunks] == expected[seq_id]
-            if held.residency is Residency.STAGED:
+            if held.residency is Residency.HOST:
                 assert [host_content[c] for c in held.host_chunks] == expected[seq_id]
+            if held.residency is Residency.GPU or held.staged:
+                assert [gpu_content[c] for c in table(held)] == expected[seq_id]
     for entry, cached in stage.prefix_cache.entries.items():  # and every cached copy holds its prefix
         if cached.gpu is not None:
             assert gpu_content[cached.gpu] == entry_label[entry]
@@ -238,18 +245,17 @@ def test_replay_on_a_stage_ends_in_the_same_state_with_every_chunk_where_its_tab
             assert host_content[cached.host] == entry_label[entry]
 
 
-@pytest.mark.parametrize("grow", [False, True], ids=["admitted-staged", "staged-append"])
-def test_a_staged_sequence_and_the_demotion_it_causes_get_the_same_host_chunks_on_every_stage(grow):
-    scheduler, stage = RecordingKVManager(3, 4, 2), KVManager(3, 4, 2)
+def test_a_fetch_and_the_demotion_it_causes_get_the_same_chunks_on_every_stage():
+    scheduler, stage = RecordingKVManager(6, 4, 2, 1), KVManager(6, 4, 2, 1)  # 4 owned chunks
     scheduler.prefix_cache.wanted = lambda entry: True
     scheduler.allocate(0, 4)
     scheduler.cache_chunk(0, 0), scheduler.cache_chunk(0, 1)
     scheduler.free(0)
-    if grow:
-        scheduler.allocate_staged(1, 2)  # the free chunk
-        scheduler.append(1, 2)  # a second: one cached chunk is demoted to make room
-    else:
-        scheduler.allocate_staged(1, 4)  # the free chunk and a demoted one
+    scheduler.allocate(1, 4)  # the two free owned chunks
+    scheduler.begin_step(0)
+    scheduler.allocate_host(2, 2)  # in the slot: no owned chunk, nothing demoted
+    assert scheduler.prefix_cache.num_demoted == 0
+    scheduler.fetch(2)  # to the owned region: a cached chunk is demoted to make room
     assert scheduler.prefix_cache.num_demoted == 1
     apply_kv_ops(stage, scheduler.take_log())
     assert snapshot(stage) == snapshot(scheduler)

@@ -30,7 +30,7 @@ class TagCopies:
     """A stage's KVTransfers, moving row tags instead of KV."""
 
     def __init__(self, kv: KVManager):
-        self.gpu = [[None] * kv.chunk_tokens for _ in range(kv.gpu.num_chunks)]
+        self.gpu = [[None] * kv.chunk_tokens for _ in range(kv.num_gpu_chunks)]
         self.host = [[None] * kv.chunk_tokens for _ in range(kv.host.num_chunks)]
 
     def claim(self, chunks):
@@ -42,6 +42,9 @@ class TagCopies:
     def freeing(self, *args, **kwargs):
         pass
 
+    def begin_step(self, step):
+        pass
+
     def offload(self, seq_id, pairs):
         for gpu, host in pairs:
             self.host[host] = list(self.gpu[gpu])
@@ -49,7 +52,7 @@ class TagCopies:
     def demote(self, pairs):
         self.offload(None, pairs)
 
-    def prefetch(self, seq_id, pairs):
+    def prefetch(self, seq_id, pairs, host_freed=False):
         for host, gpu in pairs:
             self.gpu[gpu] = list(self.host[host])
 
@@ -78,7 +81,7 @@ class LinearCost:
 def structure(kv: KVManager):
     cache = kv.prefix_cache
     return ({e: (c.gpu, c.host, c.references) for e, c in cache.entries.items()}, list(cache.gpu_unused),
-            list(cache.host_copies), {s: (q.residency, list(q.gpu_chunks), list(q.host_chunks), q.num_tokens)
+            list(cache.host_copies), {s: (q.residency, list(q.gpu_chunks), list(q.host_chunks), q.staging, q.num_tokens)
                                       for s, q in kv.sequences.items()}, list(kv.gpu.states), list(kv.host.states))
 
 
@@ -97,7 +100,7 @@ def batches(draw):
     longest = max(len(p) + n for p, n in requests)
     offload = draw(st.sampled_from(["off", "off", "force", "auto"]))
     need = -(-longest // chunk) + 1
-    gpu = draw(st.integers(need, need + 6)) + (need if offload != "off" else 0)
+    gpu = draw(st.integers(need, need + 6)) + (need if offload != "off" else 0)  # (owned: at least need)
     host = draw(st.sampled_from([1, 2, 5, 40])) if offload != "off" else draw(st.sampled_from([0, 1, 5, 40]))
     micro_batches = draw(st.integers(1, 3))
     return dict(chunk=chunk, requests=requests, offload=offload, gpu=gpu, host=host, micro_batches=micro_batches,
@@ -109,8 +112,9 @@ def batches(draw):
 
 def run(batch, prefix_caching: bool) -> dict:
     chunk, micro_batches = batch["chunk"], batch["micro_batches"]
-    kv = RecordingKVManager(batch["gpu"], batch["host"], chunk)
-    stage = KVManager(batch["gpu"], batch["host"], chunk)
+    staging = batch["gpu"] // 4 if batch["offload"] != "off" else 0  # a ring of half the pool
+    kv = RecordingKVManager(batch["gpu"], batch["host"], chunk, staging)
+    stage = KVManager(batch["gpu"], batch["host"], chunk, staging)
     copies = TagCopies(stage)
     auto = batch["offload"] == "auto"
     scheduler = Scheduler(kv, batch["max_num_seqs"], batch["tokens"], batch["mode"], micro_batches, batch["offload"],
@@ -142,9 +146,10 @@ def run(batch, prefix_caching: bool) -> dict:
                     assert copies.gpu[table[position // chunk]][position % chunk] == tag(tokens, position)
                 for position in range(entry.start, entry.end):
                     written = table[position // chunk]
-                    assert stage.gpu.states[written] is not ChunkState.CACHED, "a write into a shared chunk"
+                    assert stage.is_staging_chunk(written) or stage.gpu.states[written] is not ChunkState.CACHED, \
+                        "a write into a shared chunk"
                     copies.gpu[written][position % chunk] = tag(tokens, position)
-                if stage.residency(seq_id) is Residency.STAGED:
+                if stage.sequence(seq_id).staged:
                     for row in stage.write_back_rows(seq_id, entry.start, entry.end):
                         copies.host[row.host_chunk][row.row] = copies.gpu[row.gpu_chunk][row.row]
             in_flight.append((micro_batch, plan.scheduled))
@@ -185,8 +190,26 @@ STALE_SHED = dict(  # a group asked another to shed, then freed room itself (a r
                               ([1, 0, 1, 0, 3, 0, 2, 0, 1, 1, 2, 1], 6), ([1, 0, 1, 0, 3, 0, 2, 3, 1, 2], 4)])
 
 
+TINY_HOST_POOL = dict(  # force with a host pool of one chunk: the staged request that outgrew it stalled
+    chunk=3, offload="force", gpu=19, host=1, micro_batches=2, max_num_seqs=3, tokens=3, mode="separate",
+    budget=[0, 0], returns_seed=221402,
+    requests=[([0] * 8, 2), ([0] * 8, 3), ([0] * 16, 1), ([0] * 17, 2), ([0] * 12, 1), ([0] * 8, 2), ([0] * 8, 4),
+              ([0] * 10, 4), ([0] * 6, 5), ([0] * 17, 4), ([0] * 8, 5), ([0] * 10, 5), ([0] * 12, 1),
+              ([0] * 16, 1), ([0] * 8, 1), ([0] * 8, 1)])
+
+
+SLOT_WRITTEN_BY_AN_UNLAUNCHED_PLAN = dict(  # a plan that ran nothing staged a sequence in the slot another
+    # sequence's KV was taken to be still in: the step's number is used again, and the copy was skipped
+    chunk=1, offload="force", gpu=12, host=2, micro_batches=3, max_num_seqs=3, tokens=1, mode="separate",
+    budget=[0, 0, 0], returns_seed=0,
+    requests=[([1], 2), ([0, 0], 2), ([0, 0], 1), ([0, 0], 2), ([0], 1), ([0], 1), ([0, 0], 1), ([0], 1), ([0], 1),
+              ([0], 1)])
+
+
 @settings(max_examples=examples(150))
 @example(STALE_SHED)
+@example(SLOT_WRITTEN_BY_AN_UNLAUNCHED_PLAN)
+@example(TINY_HOST_POOL)
 @given(batches())
 def test_every_step_reads_its_own_prefix_and_nothing_is_left_behind(batch):
     assert run(batch, prefix_caching=True) == run(batch, prefix_caching=False)

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from pipemax.core.residency_plan import (
     GPU,
     HOST,
-    STAGED,
     ResidencyState,
     SeqState,
     group_load,
@@ -33,7 +32,7 @@ def states(draw):
         for _ in range(draw(st.integers(0, max_num_seqs))):
             decoding = draw(st.booleans())
             chunks = draw(st.integers(0, 12))
-            residency = draw(st.sampled_from([GPU, GPU, HOST, STAGED]))
+            residency = draw(st.sampled_from([GPU, GPU, HOST]))
             length = chunks * 8 - draw(st.integers(0, 7)) if chunks else 0
             tokens = 1 if decoding else draw(st.integers(1, 64))
             seqs.append(SeqState(len(seqs), group, chunks, max(length, 0), tokens, decoding, residency, len(seqs)))
@@ -41,14 +40,14 @@ def states(draw):
     busy = frozenset(g for g in range(groups) if g != returned and draw(st.booleans()))
     budgets = tuple(draw(st.integers(0, 40)) for _ in range(groups))
     return ResidencyState(tuple(seqs), returned, busy, budgets, draw(st.integers(0, 60)), draw(st.booleans()),
-                          max_num_seqs, draw(st.sampled_from([16, 64, 1024])))
+                          max_num_seqs, draw(st.sampled_from([16, 64, 1024])), draw(st.integers(0, 30)))
 
 
 costs = st.one_of(st.none(), st.tuples(st.floats(0, 1e-3), st.floats(0, 1e-4), st.floats(0, 1e-2)))
 
 
 def host_load(seqs, group):
-    return sum(s.chunks + 1 for s in seqs.values() if s.group == group and s.residency in (HOST, STAGED))
+    return sum(s.chunks + 1 for s in seqs.values() if s.group == group and s.residency == HOST)
 
 
 def after(state, plan):
@@ -70,9 +69,12 @@ def test_the_plan_keeps_every_promise(state, cost):
     assert plan_residency(state, predict) == plan  # a pure function: the same state, the same plan
     before = {s.seq_id: s for s in state.seqs}
     mine = {s.seq_id for s in state.seqs if s.group == state.returned}
-    # Residency changes only for the returned micro-batch: staged ones back to the GPU, decoding
-    # GPU-resident ones to the host, and only while requests wait for GPU chunks.
-    assert set(plan.to_gpu) <= {i for i in mine if before[i].residency == STAGED}
+    # Residency changes only for the returned micro-batch: host-resident ones back to the GPU
+    # (within its free chunks, one to spare each for growth), decoding GPU-resident ones to the
+    # host, and only while requests wait for GPU chunks.
+    assert set(plan.to_gpu) <= {i for i in mine if before[i].residency == HOST}
+    assert sum(before[i].chunks for i in plan.to_gpu) + (1 if plan.to_gpu else 0) <= max(state.gpu_free, 0) or \
+        not plan.to_gpu
     assert set(plan.to_host) <= {i for i in mine if before[i].residency == GPU and before[i].decoding}
     assert len(set(plan.to_host)) == len(plan.to_host) and not set(plan.to_gpu) & set(plan.to_host)
     assert state.blocked or not plan.to_host
@@ -80,11 +82,14 @@ def test_the_plan_keeps_every_promise(state, cost):
     assert not plan.to_host or sum(before[i].chunks for i in plan.to_host) <= state.host_free - 1
     seqs = after(state, plan)
     # The budget: the returned micro-batch ends within it, unless it was over and nothing it
-    # held staged is left to come back; no other micro-batch goes further over its own.
+    # holds on the host can come back (the GPU has no room for it); no other micro-batch goes
+    # further over its own.
     load = host_load(seqs, state.returned)
-    staged_left = [i for i in mine if before[i].residency == STAGED and i not in plan.to_gpu]
+    gpu_left = state.gpu_free - sum(before[i].chunks for i in plan.to_gpu)
+    host_left = [i for i in mine if before[i].residency == HOST and i not in plan.to_gpu]
     assert load <= state.budgets[state.returned] or (
-        not plan.to_host and not staged_left and load <= host_load(before, state.returned))
+        not plan.to_host and all(before[i].chunks + 1 > gpu_left for i in host_left)
+        and load <= host_load(before, state.returned))
     for group in range(len(state.budgets)):
         if group != state.returned:
             assert host_load(seqs, group) <= max(state.budgets[group], host_load(before, group))

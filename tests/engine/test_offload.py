@@ -1,5 +1,5 @@
-"""KV offload: host-resident sequences are prefetched into staging chunks before their step and
-their new rows written through to the host; greedy ids equal offload off (and transformers) for
+"""KV offload: host-resident sequences are prefetched into their step's staging slot before the
+step and their new rows written through to the host; greedy ids equal offload off (and transformers) for
 one and several stages; the scheduler's residency decisions replay exactly on every stage; the
 copies are exact."""
 
@@ -37,8 +37,10 @@ def test_forced_offload_gives_the_ids_of_no_offload(tiny, options):  # noqa: F81
     folder, hf, prompts = tiny
     reference, _ = run(folder, prompts)
     assert reference == [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts]
-    # A GPU pool of 12 chunks (the longest sequence needs 6), a host pool for everything.
-    ids, llm = run(folder, prompts, offload="force", kv_cache_gib=gib(12), host_memory_gib=gib(200), **options)
+    # A GPU pool of 12 chunks (the longest sequence needs 6), all of it the staging ring (no
+    # prefix caching: nothing is owned), a host pool for everything.
+    ids, llm = run(folder, prompts, offload="force", kv_cache_gib=gib(12), host_memory_gib=gib(200),
+                   prefix_caching=False, **options)
     with llm:
         assert ids == reference
         stats = llm.last_run_stats
@@ -53,54 +55,119 @@ def test_forced_offload_gives_the_ids_of_no_offload(tiny, options):  # noqa: F81
             assert_all_free_or_cached(settled_kv_managers(llm))  # no chunk leaked on either side
 
 
-def test_offload_admits_more_than_the_gpu_pool_holds(tiny):  # noqa: F811
-    folder, _, prompts = tiny
-    options = dict(micro_batches=2, kv_cache_gib=gib(12), max_num_seqs=4)
-    _, plain = run(folder, prompts, **options)
-    _, offloaded = run(folder, prompts, offload="force", host_memory_gib=gib(200), **options)
-    # Without offload the small pool forces recomputation; host-resident micro-batches free it.
-    assert offloaded.engine.scheduler.num_preemptions < plain.engine.scheduler.num_preemptions
-
-
 def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 4) -> Sequence:
     return Sequence(seq_id, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
 
 
-def test_force_keeps_each_micro_batch_on_the_host_between_its_steps():
-    kv = RecordingKVManager(num_gpu_chunks=8, num_host_chunks=32, chunk_tokens=8)
+def many_prompts(hf, count=32, seed=5, shortest=20, longest=30):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (count,), generator=generator).tolist()
+    # (no token 0: transformers takes it for padding)
+    return [torch.randint(1, hf.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(pipeline_parallel=2),
+    pytest.param(dict(pipeline_parallel=2, pipeline_transport="distributed"), marks=pytest.mark.subprocess),
+], ids=["p1", "p2", "p2-processes"])
+def test_force_serves_more_sequences_at_once_than_the_gpu_pool_holds(tiny, options):  # noqa: F811
+    """Issue 20's engine target: the same tiny GPU pool (24 chunks; a request needs 3 to 5),
+    four micro-batches, offload force against off under the engine's own loop. Each step computes
+    its host-resident sequences in its staging slot, so the steps in flight together hold far
+    more KV than the pool, with the same greedy and seeded outputs (and transformers' greedy
+    ones)."""
+    folder, hf, _ = tiny
+    prompts = many_prompts(hf)
+    common = dict(micro_batches=4, kv_cache_gib=gib(24), max_num_seqs=8, **options)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    off, plain = run(folder, prompts, greedy, **common)
+    with plain:
+        off_stats = plain.last_run_stats
+    assert off[:6] == [hf_greedy(hf, prompt, 6) for prompt in prompts[:6]]
+    # The ring: all of the pool (S = 12 a slot), two thirds of it with prefix caching (S = 8).
+    for prefix_caching, gain in ((False, 1.6), (True, 1.3)):
+        forced, llm = run(folder, prompts, greedy, offload="force", host_memory_gib=gib(400),
+                          prefix_caching=prefix_caching, **common)
+        with llm:
+            assert forced == off
+            stats = llm.last_run_stats
+            assert stats["mean_in_flight_seqs"] >= gain * off_stats["mean_in_flight_seqs"], (prefix_caching, stats)
+            # (with prefix caching a request admitted to the owned region when the slot is full
+            # may finish there)
+            assert stats["offload"]["host_resident_requests"] >= (len(prompts) * 3 // 4 if prefix_caching
+                                                                  else len(prompts))
+            assert stats["preemptions"] < off_stats["preemptions"]
+    seeded = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=6, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    reference, llm = run(folder, prompts, seeded, **common)
+    llm.close()
+    sampled, llm = run(folder, prompts, seeded, offload="force", host_memory_gib=gib(400), **common)
+    llm.close()
+    assert sampled == reference
+
+
+def test_under_the_engine_loop_a_cycle_computes_more_kv_than_the_gpu_pool_holds():
+    """The engine's own loop (plan_schedule: every micro-batch in flight, one step back per
+    round), not a harness that waits for each step: the sequences of M consecutive steps hold
+    more chunks than the whole GPU pool, while each step's host-resident KV stays in its slot."""
+    from pipemax.core.offload_schedule import ScheduleSettings, plan_schedule
+
+    requests = [(20, 24)] * 24  # 6 chunks of 8 tokens each at their end
+    def schedule(offload, staging):
+        return plan_schedule(requests, ScheduleSettings(24, 512 if offload != "off" else 0, 8, max_num_seqs=8,
+                                                        max_num_batched_tokens=64, num_micro_batches=4,
+                                                        offload=offload, staging_chunks=staging))
+    def most_chunks_in_flight(result):
+        """The most chunks the steps in flight together computed with, over every launch."""
+        flying, most = {}, 0
+        for round_ in result.rounds:
+            for step in round_.launched:
+                flying[step.index] = sum(-(-(start + count) // 8) for _, start, count in step.computes)
+                most = max(most, sum(flying.values()))
+            for index in round_.returned:
+                del flying[index]
+        return most
+
+    plain, forced = schedule("off", 0), schedule("force", 12)
+    assert most_chunks_in_flight(plain) <= 24
+    assert most_chunks_in_flight(forced) > 24 * 1.6
+    assert len(forced.steps) < len(plain.steps)
+    for step in forced.steps:  # every request is host-resident, within one slot per step
+        assert sum(-(-(start + count) // 8) for _, start, count in step.computes) <= 12
+        assert set(step.host_resident) == {seq_id for seq_id, _, _ in step.computes}
+
+
+def test_force_stages_each_micro_batch_in_its_step_slot_and_replays_exactly():
+    kv = RecordingKVManager(num_gpu_chunks=8, num_host_chunks=32, chunk_tokens=8, staging_chunks=4)
     scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload="force")
     for seq_id, length in enumerate([10, 12, 9, 14]):
         scheduler.add(make_seq(seq_id, length))
-    first = scheduler.schedule(0)
-    assert first.scheduled
-    for entry in first.scheduled:
-        entry.seq.num_computed_tokens = entry.end
-        entry.seq.token_ids.append(7)
-    scheduler.step_done(0)
-    group = scheduler.groups[0]
-    assert group and all(kv.residency(s.seq_id) is Residency.HOST for s in group)
-    assert kv.gpu.num_free == kv.gpu.num_chunks  # micro-batch 0's KV is all on the host now
-    second = scheduler.schedule(0)
-    assert {e.seq.seq_id for e in second.decode} == {s.seq_id for s in group}
-    assert all(kv.residency(s.seq_id) is Residency.STAGED for s in group)
-    ops = [op for op, _, _ in kv.log]
-    # Admitted host-resident (staged: its prefill written through), released, prefetched, grown.
-    assert "offload" not in ops
-    assert (ops.index("allocate_staged") < ops.index("release_staging") < ops.index("prefetch")
-            < max(i for i, op in enumerate(ops) if op == "append"))
-    # A stage replaying the log ends in the same state, chunk for chunk.
-    stage = KVManager(8, 32, 8)
-    apply_kv_ops(stage, kv.take_log())
-    for seq in group:
-        assert stage.sequence(seq.seq_id) == kv.sequence(seq.seq_id)
-    scheduler.step_done(0)
-    assert all(kv.residency(s.seq_id) is Residency.HOST for s in group)
-    assert [op for op, _, _ in kv.log] == ["release_staging"] * len(group)
+    stage = KVManager(8, 32, 8, 4)
+    for step in range(4):
+        micro_batch = step % 2
+        plan = scheduler.schedule(micro_batch)
+        assert plan.scheduled and kv.step == step
+        low = kv.ring_base + (step % 2) * 4
+        for entry in plan.scheduled:  # admitted host-resident: computed in the step's slot
+            held = kv.sequence(entry.seq.seq_id)
+            assert held.residency is Residency.HOST and all(low <= c < low + 4 for c in held.staging)
+            entry.seq.num_computed_tokens = entry.end
+            entry.seq.token_ids.append(7)
+        ops = kv.take_log()
+        names = [op for op, _, _ in ops]
+        assert "offload" not in names and "free" not in names  # nothing released: the slot is reused
+        if step >= 2:  # M = 2: a micro-batch comes back to the slot that still holds its KV: no copy
+            assert [copied for op, _, copied in ops if op == "stage"] == [0] * len(plan.scheduled)
+        apply_kv_ops(stage, ops)  # a stage replaying the log ends in the same state, chunk for chunk
+        assert stage.sequences == kv.sequences and stage.gpu.states == kv.gpu.states
+        scheduler.step_done(micro_batch)
+    assert kv.gpu.num_free == kv.gpu.num_chunks  # the owned region is untouched
 
 
 def run_to_completion(scheduler: Scheduler, micro_batches: int, steps: int = 200, after_step=None) -> int:
-    """Steps the scheduler's micro-batches in turn, as the engine would (calling after_step after
-    each); the most sequences running at once."""
+    """Steps the scheduler's micro-batches in turn, each back before the next (calling after_step
+    after each); the most sequences running at once."""
     most = 0
     for step in range(steps):
         micro_batch = step % micro_batches
@@ -121,31 +188,28 @@ def run_to_completion(scheduler: Scheduler, micro_batches: int, steps: int = 200
     raise AssertionError("the requests did not finish")
 
 
-def test_host_resident_micro_batches_let_more_sequences_run_than_the_gpu_pool_holds():
-    # 4 GPU chunks; each sequence needs 2 (9 prompt + 5 output tokens, chunks of 8).
-    def scheduler(offload):
-        kv = RecordingKVManager(num_gpu_chunks=4, num_host_chunks=32, chunk_tokens=8)
-        scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, num_micro_batches=2, offload=offload)
-        for seq_id in range(4):
-            scheduler.add(make_seq(seq_id, 9, max_tokens=5))
-        return scheduler
-
-    plain, forced = scheduler("off"), scheduler("force")
-    assert run_to_completion(plain, 2) == 2
-    assert run_to_completion(forced, 2) == 4 and forced.num_preemptions == 0
-    assert forced.kv.gpu.num_free == 4 and forced.kv.host.num_free == 32
-
-
 def test_sequences_that_cannot_all_be_staged_take_turns():
-    kv = RecordingKVManager(num_gpu_chunks=5, num_host_chunks=32, chunk_tokens=8)
+    kv = RecordingKVManager(num_gpu_chunks=5, num_host_chunks=32, chunk_tokens=8, staging_chunks=2)
     scheduler = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64, num_micro_batches=1, offload="force")
     seqs = [make_seq(i, 9, max_tokens=6) for i in range(3)]
     for seq in seqs:
         scheduler.add(seq)
-    # Staging leaves a chunk per staged sequence for its growth: not all three fit at once.
+    # A slot of 2 chunks holds one of them (2 chunks each) per step.
     run_to_completion(scheduler, 1)
     assert all(seq.num_output_tokens == 6 for seq in seqs)  # none starved
-    assert kv.gpu.num_free == 5 and kv.host.num_free == 32
+    assert kv.gpu.num_free == kv.gpu.num_chunks and kv.host.num_free == 32
+
+
+def test_a_full_host_pool_recomputes_the_newest_rather_than_stalling():
+    # Two requests whose KV the host pool holds only together at their start: the newer is
+    # recomputed when the older grows, and both finish.
+    kv = RecordingKVManager(num_gpu_chunks=8, num_host_chunks=6, chunk_tokens=4, staging_chunks=4)
+    scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=8, num_micro_batches=1, offload="force")
+    seqs = [make_seq(0, 2, max_tokens=12), make_seq(1, 1, max_tokens=12)]
+    for seq in seqs:
+        scheduler.add(seq)
+    run_to_completion(scheduler, 1)
+    assert [seq.num_output_tokens for seq in seqs] == [12, 12] and scheduler.num_preemptions >= 1
 
 
 def test_copies_are_exact():
@@ -180,15 +244,27 @@ def test_offload_settings_are_checked(tmp_path):
 
 
 def test_auto_offloads_within_the_budget_and_keeps_the_ids(tiny):  # noqa: F811
-    folder, _, prompts = tiny
-    reference, _ = run(folder, prompts)
-    ids, llm = run(folder, prompts, offload="auto", micro_batches=2, kv_cache_gib=gib(12), host_memory_gib=gib(200))
-    assert ids == reference
-    assert llm.last_run_stats["offload"]["host_resident_requests"] > 0  # the small pool blocked admissions
-    # One micro-batch has nothing to hide a prefetch behind: auto moves nothing.
-    ids, llm = run(folder, prompts, offload="auto", kv_cache_gib=gib(12), host_memory_gib=gib(200))
-    assert ids == reference and llm.last_run_stats["offload"]["host_resident_requests"] == 0
-    assert llm.last_run_stats["transfers"]["bytes_prefetched"] == 0
+    folder, hf, _ = tiny
+    prompts = many_prompts(hf)
+    options = dict(micro_batches=4, kv_cache_gib=gib(12), max_num_seqs=8)
+    reference, _ = run(folder, prompts, **options)
+    # The first run fits the step costs (a ring needs a prediction: until then auto moves nothing)...
+    ids, first = run(folder, prompts, offload="auto", host_memory_gib=gib(400), prefetch_gbs=1.0, **options)
+    with first:
+        assert ids == reference and first.engine.staging_chunks == 0
+        assert first.last_run_stats["transfers"]["bytes_prefetched"] == 0
+    # ... the next, seeded from it, sizes a ring from what one step's prefetch brings back.
+    ids, llm = run(folder, prompts, offload="auto", host_memory_gib=gib(400), prefetch_gbs=1.0, **options)
+    with llm:
+        assert ids == reference
+        assert llm.engine.staging_chunks == 12 // 4  # (the budget covers more: a quarter of the pool)
+        assert llm.last_run_stats["offload"]["host_resident_requests"] > 0  # the small pool blocked admissions
+    # Fewer than three micro-batches: the ring takes more than it gives, auto moves nothing.
+    ids, llm = run(folder, prompts, offload="auto", host_memory_gib=gib(400), prefetch_gbs=1.0,
+                   **{**options, "micro_batches": 2})
+    with llm:
+        assert ids == reference and llm.engine.staging_chunks == 0
+        assert llm.last_run_stats["transfers"]["bytes_prefetched"] == 0
 
 
 class FixedCost:
@@ -199,29 +275,38 @@ class FixedCost:
         return self.seconds
 
 
-def test_the_budget_is_bandwidth_times_the_other_micro_batches_predicted_steps():
+class LinearCost:
+    def predict(self, batch_tokens, context_tokens):
+        return 1e-3 * batch_tokens
+
+
+def test_the_budget_is_bandwidth_times_the_step_before():
     from pipemax.core.prefetch_budget import PrefetchBudget
 
-    budget = PrefetchBudget(FixedCost(0.004), bytes_per_second=50e9, chunk_bytes=2**20, num_micro_batches=3)
+    budget = PrefetchBudget(LinearCost(), bytes_per_second=50e9, chunk_bytes=2**20, num_micro_batches=3)
     assert budget.budget_chunks(0) == 0  # nothing known yet
-    budget.record(1, 128, 10_000)
-    # Micro-batch 2 has not run yet: taken to carry what the others do.
+    budget.record(1, 8, 10_000)
+    # Micro-batch 2 runs before 0: it has not run yet, so it is taken to carry what 1 does.
     assert budget.budget_chunks(0) == int(50e9 * 0.008 // 2**20)
-    budget.record(2, 128, 10_000)
-    assert budget.budget_chunks(0) == int(50e9 * 0.008 // 2**20)  # two steps of 4 ms ahead
-    assert budget.budget_chunks(1) == int(50e9 * 0.008 // 2**20)  # micro-batch 0 taken as typical
-    assert PrefetchBudget(FixedCost(None), 50e9, 2**20, 2).budget_chunks(0) == 0  # no model yet: no budget
+    budget.record(2, 4, 10_000)
+    assert budget.budget_chunks(0) == int(50e9 * 0.004 // 2**20)  # one step: micro-batch 2's, not 1's too
+    assert budget.budget_chunks(2) == int(50e9 * 0.008 // 2**20)  # micro-batch 1's
+    assert budget.budget_chunks(1) == int(50e9 * 0.008 // 2**20)  # micro-batch 0 taken as typical (1's load)
+    assert PrefetchBudget(FixedCost(None), 50e9, 2**20, 3).budget_chunks(0) == 0  # no model yet: no budget
+    single = PrefetchBudget(FixedCost(1.0), 50e9, 2**20, 1)
+    single.record(0, 8, 100)
+    assert single.budget_chunks(0) == 0  # one micro-batch: nothing computes while it would copy
 
 
-def auto_scheduler(seconds, gpu_chunks, max_num_seqs, max_tokens_per_step, requests, prompt_len):
-    """offload=auto over two micro-batches, each step predicted to take `seconds` (a budget of
+def auto_scheduler(seconds, gpu_chunks, max_num_seqs, max_tokens_per_step, requests, prompt_len, staging):
+    """offload=auto over three micro-batches, each step predicted to take `seconds` (a budget of
     seconds x 10 chunks of 100 bytes at 1000 B/s)."""
     from pipemax.core.prefetch_budget import PrefetchBudget
 
-    kv = RecordingKVManager(num_gpu_chunks=gpu_chunks, num_host_chunks=64, chunk_tokens=8)
-    budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=2)
+    kv = RecordingKVManager(num_gpu_chunks=gpu_chunks, num_host_chunks=64, chunk_tokens=8, staging_chunks=staging)
+    budget = PrefetchBudget(FixedCost(seconds), bytes_per_second=1000.0, chunk_bytes=100, num_micro_batches=3)
     scheduler = Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_per_step,
-                          num_micro_batches=2, offload="auto", budget=budget)
+                          num_micro_batches=3, offload="auto", budget=budget)
     for seq_id in range(requests):
         scheduler.add(make_seq(seq_id, prompt_len, max_tokens=5))
     return scheduler
@@ -229,24 +314,23 @@ def auto_scheduler(seconds, gpu_chunks, max_num_seqs, max_tokens_per_step, reque
 
 def test_auto_moves_nothing_without_a_budget_and_stays_inside_it():
     def scheduler(seconds):
-        return auto_scheduler(seconds, gpu_chunks=4, max_num_seqs=4, max_tokens_per_step=64, requests=6, prompt_len=9)
+        return auto_scheduler(seconds, gpu_chunks=8, max_num_seqs=4, max_tokens_per_step=64, requests=9,
+                              prompt_len=9, staging=2)
 
     none = scheduler(0.0)
-    run_to_completion(none, 2)
+    run_to_completion(none, 3)
     assert not none.host_resident_ids  # a zero budget: exactly offload off
-    roomy = scheduler(1.0)  # 10 chunks of budget per micro-batch
+    roomy = scheduler(1.0)  # 10 chunks of budget per step, a slot of 2
     original = roomy._apply_residency_plan
 
     def checked(micro_batch):
         original(micro_batch)
-        host = [s for s in roomy.groups[micro_batch]
-                if roomy.kv.residency(s.seq_id) is Residency.HOST]
-        assert sum(len(roomy.kv.sequence(s.seq_id).host_chunks) + 1 for s in host) <= \
-            roomy.budget.budget_chunks(micro_batch)
+        # What its next step stages stays within the slot and the budget.
+        assert roomy._host_load(micro_batch) <= min(2, roomy.budget.budget_chunks(micro_batch))
 
     roomy._apply_residency_plan = checked
-    most = run_to_completion(roomy, 2)
-    assert roomy.host_resident_ids and most > 2  # more than the 4-chunk GPU pool holds at once
+    most = run_to_completion(roomy, 3)
+    assert roomy.host_resident_ids and most > 4  # more than the 4-chunk owned region holds at once
 
 
 def test_the_trace_shows_every_stream_and_the_hidden_share_is_measured(tiny, tmp_path):  # noqa: F811
@@ -255,7 +339,7 @@ def test_the_trace_shows_every_stream_and_the_hidden_share_is_measured(tiny, tmp
     folder, _, prompts = tiny
     trace = tmp_path / "trace.json"
     _, llm = run(folder, prompts, offload="force", pipeline_parallel=2, kv_cache_gib=gib(12),
-                 host_memory_gib=gib(200), trace=str(trace))
+                 host_memory_gib=gib(200), prefix_caching=False, trace=str(trace))
     events = json.loads(trace.read_text())["traceEvents"]
     tracks = {e["args"]["name"] for e in events if e["ph"] == "M"}
     assert {"host", "stage 0 compute", "stage 1 compute", "stage 0 prefetch", "stage 1 prefetch",
@@ -355,40 +439,47 @@ def test_prefill_rows_are_written_through_layer_by_layer_exactly():
     assert transfers.write_back_by_layer({}) is None
 
 
-def test_a_host_resident_request_is_admitted_staged_so_its_prefill_never_needs_an_offload():
-    kv = KVManager(num_gpu_chunks=4, num_host_chunks=4, chunk_tokens=8)
-    chunks = kv.allocate_staged(0, 12)
-    held = kv.sequence(0)
-    assert held.residency is Residency.STAGED and chunks == held.gpu_chunks and len(held.host_chunks) == 2
-    assert [r.host_chunk for r in kv.write_back_rows(0, 0, 12)] == [held.host_chunks[0]] * 8 + [held.host_chunks[1]] * 4
-    kv.release_staging(0)
-    assert kv.gpu.num_free == 4 and kv.residency(0) is Residency.HOST
+def test_a_host_resident_request_is_admitted_in_the_slot_so_its_prefill_never_needs_an_offload():
     from pipemax.core.kv_manager import PoolExhaustedError
+
+    kv = KVManager(num_gpu_chunks=8, num_host_chunks=4, chunk_tokens=8, staging_chunks=2)
+    chunks = kv.allocate_host(0, 12)
+    held = kv.sequence(0)
+    assert held.residency is Residency.HOST and chunks == held.staging == [4, 5] and len(held.host_chunks) == 2
+    assert [r.host_chunk for r in kv.write_back_rows(0, 0, 12)] == [held.host_chunks[0]] * 8 + [held.host_chunks[1]] * 4
+    assert kv.gpu.num_free == 4  # the owned region is untouched
     with pytest.raises(PoolExhaustedError) as error:
-        kv.allocate_staged(1, 24)  # 3 host chunks, 2 free: nothing is taken
-    assert error.value.pool == "host" and kv.gpu.num_free == 4 and 1 not in kv.sequences
+        kv.allocate_host(1, 8)  # the slot is full: nothing is taken
+    assert error.value.pool == "staging" and kv.host.num_free == 2 and 1 not in kv.sequences
+    kv.begin_step(1)  # the next step: the other slot, and the sequence is no longer staged
+    assert not held.staged and kv.allocate_host(1, 8) == [6]
+    kv.begin_step(2)
+    with pytest.raises(PoolExhaustedError) as error:
+        kv.allocate_host(2, 16)  # 2 host chunks, 1 free
+    assert error.value.pool == "host" and 2 not in kv.sequences
 
 
 def test_auto_admits_requests_to_the_host_only_within_the_budget_while_others_wait():
     def admitted_staged(seconds):
-        # Prompts of 4 chunks prefilled 2 chunks a step: room for a step's staging, not for a whole request.
-        scheduler = auto_scheduler(seconds, gpu_chunks=10, max_num_seqs=8, max_tokens_per_step=16, requests=8,
-                                   prompt_len=30)
+        # Prompts of 4 chunks prefilled 2 chunks a step: an owned region of 6 chunks holds one
+        # request, a slot of 5 another.
+        scheduler = auto_scheduler(seconds, gpu_chunks=16, max_num_seqs=8, max_tokens_per_step=16, requests=8,
+                                   prompt_len=30, staging=5)
         kv = scheduler.kv
         staged = set()
-        original = kv.allocate_staged
+        original = kv.allocate_host
 
         def recording(seq_id, tokens):
             staged.add(seq_id)
-            assert kv.gpu.num_free < kv.chunks_for(30) + 1  # only a request that would wait for GPU chunks
+            assert kv.gpu_available < kv.chunks_for(30) + 1  # only a request that would wait for owned chunks
             return original(seq_id, tokens)
 
-        kv.allocate_staged = recording
-        run_to_completion(scheduler, 2)
+        kv.allocate_host = recording
+        run_to_completion(scheduler, 3)
         return staged
 
     assert not admitted_staged(0.0)  # no budget: no request starts on the host
-    assert admitted_staged(1.0)  # 10 chunks of budget per micro-batch: some do
+    assert admitted_staged(1.0)  # 10 chunks of budget per step: some do
 
 
 def test_the_cost_model_is_saved_after_a_run_and_seeds_the_next_engine(tiny, tmp_path, monkeypatch):  # noqa: F811

@@ -60,7 +60,7 @@ def reference(tiny):
     pytest.param(dict(pipeline_parallel=2, max_num_seqs=1), marks=pytest.mark.subprocess),
     dict(kv_cache_gib=gib(6)),  # 6 chunks: preemptions of sequences holding shared chunks
     dict(kv_cache_gib=gib(7), host_memory_gib=gib(40)),  # the host tier: demoted, then promoted
-    dict(offload="force", micro_batches=2, kv_cache_gib=gib(12), host_memory_gib=gib(200)),
+    dict(offload="force", micro_batches=4, kv_cache_gib=gib(18), host_memory_gib=gib(200)),  # a ring of 2 x 6
     dict(offload="auto", pipeline_parallel=2, pipeline_transport="inprocess", kv_cache_gib=gib(10),
          host_memory_gib=gib(200), prefetch_gbs=100.0),
 ], ids=["one-stage", "two-stages", "stage-processes", "preemption", "host-tier", "offload-force", "offload-auto"])

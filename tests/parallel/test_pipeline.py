@@ -260,3 +260,50 @@ def test_data_parallel_replicas_give_the_same_ids(tiny):
         assert [o.token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] == reference_seeded
         processes = llm.engine.processes
     assert not any(process.is_alive() for process in processes)
+
+
+def test_the_last_stage_takes_the_next_plan_while_its_tokens_are_on_their_way():
+    """TokenSender: handing a step's tokens over never waits for them; they reach the head in
+    step order once each is ready, and close() sends everything before it returns."""
+    import threading
+
+    from pipemax.parallel.distributed import TokenSender
+
+    class Sent:
+        def __init__(self):
+            self.messages = []
+
+        def send(self, message, dst, tensor=None):
+            self.messages.append((message, dst))
+
+    class Pending:
+        def __init__(self, value):
+            self.value, self.ready = value, threading.Event()
+
+        def result(self):
+            assert self.ready.wait(10)
+            return self.value
+
+    mailbox = Sent()
+    sender = TokenSender(mailbox, 0, torch.device("cpu"), report=lambda words: None)
+    steps = [Pending(index) for index in range(3)]
+    for index, step in enumerate(steps):
+        sender.put(step, {"step": index})  # returns at once: no step's ids have reached the host
+    assert mailbox.messages == []
+    steps[1].ready.set()
+    steps[2].ready.set()
+    assert mailbox.messages == []  # step 0 first, whatever is ready after it
+    steps[0].ready.set()
+    sender.close()
+    assert mailbox.messages == [(("tokens", index, {"step": index}), 0) for index in range(3)]
+
+
+def test_data_parallel_replicas_share_the_node_host_pool():
+    from pipemax.engine.config import EngineConfig
+    from pipemax.engine.data_parallel import replica_configs
+
+    config = EngineConfig(model="m", device="cpu", data_parallel=4, offload="force", host_memory_gib=2.0)
+    assert [c.host_kv_bytes() for c in replica_configs(config)] == [2**29] * 4  # a quarter each, not 2 GiB each
+    default = EngineConfig(model="m", device="cpu", data_parallel=2, offload="auto")
+    assert sum(c.host_kv_bytes() for c in replica_configs(default)) <= default.host_kv_bytes() + 2
+    assert all(c.host_kv_bytes() == 0 for c in replica_configs(EngineConfig(model="m", device="cpu", data_parallel=2)))

@@ -1,12 +1,29 @@
 """`pipemax plan`: a table comparing the layouts, one JSON object with a key per layout, workloads
-from a JSONL file, and one-line errors for what it cannot use."""
+from a JSONL file, and one-line errors for what it cannot use. And what it predicts for the
+staging ring on a Llama-2-70B shape over 8 PCIe GPUs of 32 GB: decode-heavy work, where KV
+capacity binds, gains a fifth and more at 55 GB/s and less at half the link; ShareGPT- and
+LongBench-like work, compute-bound, loses nothing."""
 
 import json
 
 import pytest
+import torch
 import transformers
 
 from pipemax.cli import main
+from pipemax.models import model_config_from_hf
+from pipemax.tuning.plan_command import compare_layouts
+from pipemax.tuning.server_plan import (
+    MAX_SEQS_PER_STEP,
+    MIN_BATCHED_TOKENS,
+    Plan,
+    ServerFacts,
+    Workload,
+    fit_to_model,
+    roofline_costs,
+)
+from pipemax.tuning.workloads import synthetic_lengths
+from pipemax.worker.memory_budget import kv_budget_bytes
 
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
@@ -70,7 +87,7 @@ def test_workload_from_a_jsonl_file(config_file, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--gpus", "4", "--pcie-gbs", "25", "--hbm-tbs", "1", "--tflops", "100"], "--gpu-memory-gib is needed"),
     ([*SERVER[:-2]], "--tflops is needed"),
-    ([*SERVER, "--workload", "wikipedia"], "--workload: use sharegpt, longbench or a .jsonl file"),
+    ([*SERVER, "--workload", "wikipedia"], "--workload: use sharegpt, longbench, decode-heavy or a .jsonl file"),
     ([*SERVER, "--pcie-gbs", "0"], "--pcie-gbs must be positive"),
     ([*SERVER, "--link-gbs", "0"], "--link-gbs must be positive"),
     ([*SERVER, "--host-memory-gib", "-1"], "--host-memory-gib must be positive"),
@@ -101,3 +118,60 @@ def test_requests_past_the_models_limit_are_left_out_or_stopped(config_file, tmp
     out = capsys.readouterr().out
     assert "workload: 4 requests" in out and "1 prompts of 4,096 tokens or more left out" in out
     assert "1 outputs stopped at the model's 4,096 tokens" in out
+
+
+def test_the_decode_heavy_workload_is_built_in(config_file, capsys):
+    assert main(["plan", *SERVER, "--model", str(config_file), "--workload", "decode-heavy", "--num-prompts", "8",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pp"]["requests"] == 8 and result["pp"]["generated_tokens_per_s"] > 0
+
+
+LLAMA_2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                   num_key_value_heads=8, vocab_size=32000)  # bench/configs/llama-2-70b.json
+
+
+def llama_2_70b_ratios(workload: str, pcie_gbs: float, scale: int, num_prompts: int) -> tuple[float, float, Plan]:
+    """`pipemax plan --gpus 8 --gpu-memory-gib 32 --pcie-gbs P --hbm-tbs 1.8 --tflops 200` with a
+    Llama-2-70B shape, scaled down by `scale` so that it runs in seconds: the requests' lengths,
+    the model's context, each GPU's KV pool, the host pool, the PCIe link and the chunk size all
+    divided by it. Batches, the ring's share of the pool, the chunks a step's prefetch brings
+    back and its share of the host pool stay as they are; steps get no shorter but for their
+    attention, and a request takes 1/scale the steps. (Unscaled, `pipemax plan` takes minutes and
+    gives similar ratios.) pp_offload's generated tokens/s over pp's, for the whole run
+    and for its steady state (while requests wait to start: with few requests the last ones,
+    finishing in thinning batches, weigh on the whole run), and the pp_offload plan."""
+    config = model_config_from_hf(transformers.LlamaConfig(**LLAMA_2_70B, max_position_embeddings=4096 // scale))
+    dtype = torch.bfloat16
+    memory = 32 * 2**30
+    kv = kv_budget_bytes(memory, config, [(0, 10)], dtype, 2 * MIN_BATCHED_TOKENS, MAX_SEQS_PER_STEP, True)
+    facts = ServerFacts(8, memory - kv + kv // scale, pcie_gbs * 1e9 / scale, 55e9, 256 * 2**30 // scale,
+                        roofline_costs(config, dtype, 1.8e12, 200e12), chunk_tokens=16 // scale)
+    requests = Workload(tuple((max(1, prompt // scale), max(1, output // scale))
+                              for prompt, output in synthetic_lengths(workload, num_prompts)))
+    results = compare_layouts(facts, config, dtype, fit_to_model(requests, config.max_model_len)[0])
+    plain, offload = results["pp"].simulation, results["pp_offload"].simulation
+    return (offload["generated_tokens_per_s"] / plain["generated_tokens_per_s"],
+            offload["steady_generated_tokens_per_s"] / plain["steady_generated_tokens_per_s"], results["pp_offload"])
+
+
+def test_decode_heavy_work_gains_a_fifth_from_the_staging_ring_at_55_gbs():
+    _, steady, plan = llama_2_70b_ratios("decode-heavy", 55, scale=8, num_prompts=600)
+    # (M = P = 8 would leave the first stage no step to hide a prefetch behind: it is planned
+    # only when the step M before it has come back from the last stage.)
+    assert plan.offload == "auto" and plan.micro_batches > 8 and plan.staging_chunks > 0
+    assert plan.simulation["prefetch_gbs"] > 0.25 * plan.prefetch_bytes_per_s / 1e9
+    assert steady >= 1.2
+
+
+def test_at_half_the_link_the_gain_shrinks_and_offload_never_loses():
+    _, steady, plan = llama_2_70b_ratios("decode-heavy", 27.5, scale=8, num_prompts=600)
+    assert plan.offload == "auto"
+    assert 0.99 <= steady < 1.2  # (1.2: what the test above holds 55 GB/s to)
+
+
+@pytest.mark.parametrize("workload, num_prompts", [("sharegpt", 2000), ("longbench", 1000)])
+@pytest.mark.parametrize("pcie_gbs", [55, 27.5])
+def test_compute_bound_work_loses_nothing_to_offload(workload, num_prompts, pcie_gbs):
+    whole, steady, _ = llama_2_70b_ratios(workload, pcie_gbs, scale=4, num_prompts=num_prompts)
+    assert whole >= 0.99 and steady >= 0.99

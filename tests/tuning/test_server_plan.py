@@ -1,12 +1,14 @@
-"""The planner: its choices are monotone (more GPU memory or bandwidth never predicts less), it
-says plainly when a model does not fit, and its simulated figures come from the real scheduler."""
+"""The planner: its choices are monotone (more GPU memory, host memory or bandwidth never predicts
+less, in the closed form and in offload's simulated figures), pp and pp_offload share their
+per-step limits, it says plainly when a model does not fit, and its simulated figures come from
+the real scheduler."""
 
 import dataclasses
 
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipemax.models import model_config_from_hf
@@ -34,8 +36,25 @@ WORKLOAD = Workload(tuple(synthetic_lengths("sharegpt", 400, seed=1)))
 MiB = 2**20
 
 
-def facts(memory_mib=2000, pcie=25e9, link=25e9, gpus=4, host_mib=4096):
-    return ServerFacts(gpus, memory_mib * MiB, pcie, link, host_mib * MiB, COSTS, chunk_tokens=16)
+# Weights-bound steps (a millisecond a layer, as on a large model) and short decode-heavy requests
+# that overflow a KV pool of a few MiB: there the staging ring pays, and a simulation of 48 of
+# them takes well under a second.
+WEIGHTS_BOUND = ComputeCosts(StageCosts(2e-6, 2e-9, 1e-3), StageCosts(0.0, 0.0, 1e-4))
+DECODE_HEAVY = Workload(tuple((max(1, p // 16), max(1, o // 16)) for p, o in synthetic_lengths("decode-heavy", 400)))
+SHORT_DECODE_HEAVY = Workload(DECODE_HEAVY.requests[:48])
+TIGHT_MEMORY = st.integers(1594, 1606)  # MiB: on 4 GPUs, KV pools of 200 to 1,700 chunks beside the rest
+
+
+def facts(memory_mib=2000, pcie=25e9, link=25e9, gpus=4, host_mib=4096, costs=COSTS):
+    return ServerFacts(gpus, memory_mib * MiB, pcie, link, host_mib * MiB, costs, chunk_tokens=16)
+
+
+# (costs, workload, GPU memory MiB, PCIe B/s, host memory MiB): a roomy server and ShareGPT-like
+# work, where KV rarely binds, or a tight one and decode-heavy work, where the staging ring mostly
+# pays, and the host pool sometimes binds.
+SERVERS = st.one_of(
+    st.tuples(st.just(COSTS), st.just(WORKLOAD), st.integers(1200, 8000), st.floats(1e7, 1e11), st.integers(1, 8192)),
+    st.tuples(st.just(WEIGHTS_BOUND), st.just(DECODE_HEAVY), TIGHT_MEMORY, st.floats(1e8, 1e10), st.integers(1, 256)))
 
 
 def test_roofline_costs_from_the_model_shape():
@@ -51,29 +70,70 @@ def test_roofline_costs_from_the_model_shape():
 
 
 @settings(max_examples=examples(60), deadline=None)
-@given(memory=st.integers(1200, 8000), more=st.integers(1, 4000), gpus=st.integers(1, 8),
+@given(server=SERVERS, more=st.integers(1, 100), gpus=st.integers(1, 8),
        layout=st.sampled_from(["pp", "pp_offload", "dp"]))
-def test_more_memory_never_predicts_less(memory, more, gpus, layout):
+def test_more_memory_never_predicts_less(server, more, gpus, layout):
+    costs, workload, memory, pcie, host = server
     try:
-        small = choose_plan(facts(memory, gpus=gpus), CONFIG, DTYPE, WORKLOAD, layout)
+        small = choose_plan(facts(memory, pcie, gpus=gpus, host_mib=host, costs=costs), CONFIG, DTYPE, workload, layout)
     except PlanError:
         return  # does not fit with less memory: nothing to compare
-    large = choose_plan(facts(memory + more, gpus=gpus), CONFIG, DTYPE, WORKLOAD, layout)
+    large = choose_plan(facts(memory + more, pcie, gpus=gpus, host_mib=host, costs=costs), CONFIG, DTYPE, workload,
+                        layout)
     assert large.estimated_generated_tokens_per_s >= small.estimated_generated_tokens_per_s
     assert large.kv_cache_bytes >= small.kv_cache_bytes
-    assert large.batch_per_micro_batch * large.micro_batches >= small.batch_per_micro_batch * small.micro_batches
 
 
 @settings(max_examples=examples(60), deadline=None)
-@given(link=st.floats(1e8, 1e11), factor=st.floats(1.0, 100.0), pcie=st.floats(1e8, 1e11),
-       gpus=st.integers(2, 8), memory=st.integers(1800, 8000))
-def test_more_bandwidth_never_predicts_less(link, factor, pcie, gpus, memory):
-    base = facts(memory, pcie=pcie, link=link, gpus=gpus)
-    faster = dataclasses.replace(base, pcie_bytes_per_s=pcie * factor, link_bytes_per_s=link * factor)
+# The host pool binds (19 MiB: 608 chunks, 76 a micro-batch): a faster link would only grow the ring.
+@example(server=(WEIGHTS_BOUND, DECODE_HEAVY, 1597, 3.58e8, 19), link=25e9, link_factor=1.0, pcie_factor=4.0, gpus=7,
+         more_host=0)
+@given(server=SERVERS, link=st.floats(1e8, 1e11), link_factor=st.floats(1.0, 100.0),
+       pcie_factor=st.floats(1.0, 100.0), gpus=st.integers(2, 8), more_host=st.integers(0, 256))
+def test_more_bandwidth_or_host_memory_never_predicts_less(server, link, link_factor, pcie_factor, gpus, more_host):
+    costs, workload, memory, pcie, host = server
+    base = facts(memory, pcie=pcie, link=link, gpus=gpus, host_mib=host, costs=costs)
+    better = dataclasses.replace(base, pcie_bytes_per_s=pcie * pcie_factor, link_bytes_per_s=link * link_factor,
+                                 host_kv_bytes=(host + more_host) * MiB)
     for layout in ("pp", "pp_offload"):
-        slow, fast = (choose_plan(f, CONFIG, DTYPE, WORKLOAD, layout) for f in (base, faster))
+        try:
+            slow = choose_plan(base, CONFIG, DTYPE, workload, layout)
+        except PlanError:
+            return
+        fast = choose_plan(better, CONFIG, DTYPE, workload, layout)
         assert fast.estimated_generated_tokens_per_s >= slow.estimated_generated_tokens_per_s
         assert fast.max_num_seqs >= slow.max_num_seqs  # offload may admit more, never fewer
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(server=SERVERS, gpus=st.integers(1, 8))
+def test_pp_and_pp_offload_get_the_same_per_step_limits(server, gpus):
+    costs, workload, memory, pcie, host = server
+    server = facts(memory, pcie=pcie, gpus=gpus, host_mib=host, costs=costs)
+    try:
+        plain = choose_plan(server, CONFIG, DTYPE, workload, "pp")
+    except PlanError:
+        return
+    offload = choose_plan(server, CONFIG, DTYPE, workload, "pp_offload")
+    assert (plain.max_num_seqs, plain.max_num_batched_tokens) == (offload.max_num_seqs, offload.max_num_batched_tokens)
+    assert plain.kv_cache_bytes == offload.kv_cache_bytes and plain.offload == "off"
+    if offload.offload == "auto":  # the ring pays: offload's batch is the larger, and the limits are its
+        assert offload.batch_per_micro_batch * offload.micro_batches > plain.batch_per_micro_batch * plain.micro_batches
+        assert offload.max_num_seqs >= offload.batch_per_micro_batch
+
+
+def test_a_step_has_room_for_the_prompt_tokens_that_keep_its_batch_full():
+    # LongBench-like work (27 prompt tokens per output token) on the 70B shape: 18 sequences a step
+    # need ~480 prompt tokens a step; half a decode step's time would compute ~60.
+    config = model_config_from_hf(transformers.LlamaConfig(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        vocab_size=32000, max_position_embeddings=4096))
+    server = ServerFacts(8, 32 * 2**30, 55e9, 55e9, 256 * 2**30, roofline_costs(config, DTYPE, 1.8e12, 2e14))
+    longbench = Workload(tuple(synthetic_lengths("longbench", 1000)))
+    for layout in ("pp", "pp_offload"):
+        plan = choose_plan(server, config, DTYPE, longbench, layout)
+        prompts_per_step = plan.batch_per_micro_batch * longbench.mean_input / longbench.mean_output
+        assert plan.max_num_batched_tokens >= plan.batch_per_micro_batch + prompts_per_step > 400
 
 
 def test_a_model_that_does_not_fit_is_refused_in_one_line():
@@ -141,3 +201,34 @@ def test_the_activation_reserve_counts_expert_buffers():
     # Per token: k (3 I + H) + H + the router's float32 rows, against a dense MLP's 3 I.
     per_token = 2 * (3 * 14336 + 4096) + 4096 + 2 * 8 * 4 // 2 - 3 * 14336
     assert extra == tokens * per_token * 2 + 1 * (mixtral.vocab_size - dense.vocab_size) * 8
+
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(memory=TIGHT_MEMORY, pcie=st.floats(1e7, 1e10), pcie_factor=st.floats(1.0, 30.0), host=st.integers(1, 32),
+       more_host=st.integers(0, 32))
+def test_the_simulated_offload_figures_never_drop_with_more_bandwidth_or_host_memory(memory, pcie, pcie_factor, host,
+                                                                                     more_host):
+    # (pp's simulated figure is not held to this: it runs with offload's per-step limits, and a
+    # larger max_num_seqs can make the scheduler admit requests the pool then preempts.)
+    base = facts(memory, pcie=pcie, gpus=4, host_mib=host, costs=WEIGHTS_BOUND)
+    better = dataclasses.replace(base, pcie_bytes_per_s=pcie * pcie_factor, host_kv_bytes=(host + more_host) * MiB)
+    slow, fast = (simulate_plan(choose_plan(f, CONFIG, DTYPE, SHORT_DECODE_HEAVY, "pp_offload"), f, CONFIG, DTYPE,
+                                SHORT_DECODE_HEAVY) for f in (base, better))
+    assert fast["generated_tokens_per_s"] >= slow["generated_tokens_per_s"]
+
+
+def test_a_ring_the_simulation_finds_slower_is_dropped():
+    # 48 short requests over 200 chunks: the closed form's steady state sees a ring pay (one more
+    # micro-batch, a bigger batch), the simulation of so small a job does not.
+    server = facts(1594, pcie=8e7, gpus=4, host_mib=3, costs=WEIGHTS_BOUND)
+    plan = choose_plan(server, CONFIG, DTYPE, SHORT_DECODE_HEAVY, "pp_offload")
+    assert plan.offload == "auto" and plan.staging_chunks > 0
+    simulated = simulate_plan(plan, server, CONFIG, DTYPE, SHORT_DECODE_HEAVY)
+    plain = choose_plan(server, CONFIG, DTYPE, SHORT_DECODE_HEAVY, "pp")
+    simulate_plan(plain, server, CONFIG, DTYPE, SHORT_DECODE_HEAVY)
+    assert plan.layout == "pp_offload" and plan.offload == "off" and plan.staging_chunks == 0
+    assert plan.engine_options() == plain.engine_options()
+    assert simulated["generated_tokens_per_s"] == plain.simulation["generated_tokens_per_s"]
+    assert simulated["ring_generated_tokens_per_s"] < simulated["generated_tokens_per_s"]
+    assert "a staging ring would not pay here" in plan.describe(server)

@@ -40,7 +40,8 @@ def read_sequence(pool, manager, seq_id):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_offload_prefetch_write_through_round_trip(device, backend, dtype):
     generator = torch.Generator().manual_seed(0)
-    _, pool, manager = make(device, backend, dtype=dtype)
+    spec, pool, _ = make(device, backend, num_gpu=10, dtype=dtype)
+    manager = KVManager(10, 8, spec.chunk_tokens, staging_chunks=2)  # owned 6, slots [6, 8) and [8, 10)
     manager.allocate(0, 13)
     manager.allocate(1, 3)  # a neighbour, so sequence 0 comes back into different chunks
     store_tokens(pool, manager, 0, 0, 13, generator)
@@ -48,30 +49,32 @@ def test_offload_prefetch_write_through_round_trip(device, backend, dtype):
     before = read_sequence(pool, manager, 0)
     gpu_before = manager.chunk_table(0)
 
-    pairs = manager.begin_offload(0)
+    pairs = manager.offload(0)
     pool.offload([gpu for gpu, _ in pairs], [host for _, host in pairs])
-    manager.finish_offload(0)
     manager.allocate(2, 8)  # reuses the freed chunks
     store_tokens(pool, manager, 2, 0, 8, generator)
 
-    pairs = manager.begin_prefetch(0)
+    pairs = manager.stage(0)  # into step 0's slot
     pool.prefetch([host for host, _ in pairs], [gpu for _, gpu in pairs])
-    manager.finish_prefetch(0)
-    assert manager.chunk_table(0) != gpu_before
+    assert manager.chunk_table(0) == [6, 7] != gpu_before
     assert torch.equal(read_sequence(pool, manager, 0), before)
 
-    # Decode three tokens while staged: stored on the GPU, written through to the host copy.
+    # Decode three tokens while staged: stored in the slot, written through to the host copy.
     manager.append(0, 3)
     store_tokens(pool, manager, 0, 13, 16, generator)
     rows = manager.write_back_rows(0, 13, 16)
     pool.write_back([r.gpu_chunk for r in rows], [r.host_chunk for r in rows], [r.row for r in rows])
     grown = read_sequence(pool, manager, 0)
 
-    manager.release_staging(0)
-    pairs = manager.begin_prefetch(0)
+    manager.begin_step(1)  # the next step's slot: the host copy comes back whole
+    pairs = manager.stage(0)
     pool.prefetch([host for host, _ in pairs], [gpu for _, gpu in pairs])
-    manager.finish_prefetch(0)
-    assert manager.residency(0) is Residency.STAGED
+    assert manager.chunk_table(0) == [8, 9] and manager.sequence(0).staged
+    assert torch.equal(read_sequence(pool, manager, 0), grown)
+    manager.begin_step(2)
+    pairs = manager.fetch(0)  # back to owned chunks
+    pool.prefetch([host for host, _ in pairs], [gpu for _, gpu in pairs])
+    assert manager.residency(0) is Residency.GPU and all(chunk < 6 for chunk in manager.chunk_table(0))
     assert torch.equal(read_sequence(pool, manager, 0), grown)
 
     # Attention over the round-tripped cache equals attention over the original rows.
