@@ -145,7 +145,7 @@ class LLMEngine:
         self.copy_bytes_per_second = 0.0
         if config.offload == "auto":
             self.copy_bytes_per_second = (config.prefetch_gbs * 1e9 if config.prefetch_gbs is not None
-                                          else measure_copy_bandwidth(self.device))
+                                          else measure_copy_bandwidth(max(specs, key=lambda spec: spec.chunk_bytes), self.device))
         self.staging_chunks = staging_slot_chunks(config.offload, num_chunks, self.num_micro_batches,
                                                   config.prefix_caching, self._step_budget_chunks(num_chunks))
         # Host pools: every stage's (on this node) together in host_kv_bytes, chunk ids shared.

@@ -122,6 +122,13 @@ def run_autotune(args: argparse.Namespace) -> int:
     with _progress(total, args.no_progress) as tick:
         rates = microbench.copy_rates(spec_of, chunks, device, copy_bytes, progress=tick)
         chunk_tokens, prefetch_rate = microbench.best_chunk_tokens(rates)
+        # The plan counts on what each GPU's prefetch gets while every stage copies at once.
+        everyone = ([torch.device("cuda", index) for index in range(min(gpus, torch.cuda.device_count()))]
+                    if device.type == "cuda" else [device])
+        concurrent = (microbench.concurrent_prefetch_rate(spec_of(chunk_tokens), everyone, copy_bytes)
+                      if len(everyone) > 1 else None)
+        if concurrent is not None:
+            prefetch_rate = min(prefetch_rate, concurrent)
         both = microbench.both_directions(spec_of(chunk_tokens), device, copy_bytes)
         tick()
         beside = microbench.copy_beside_matmul(spec_of(chunk_tokens), device, dtype, copy_bytes,
@@ -151,6 +158,7 @@ def run_autotune(args: argparse.Namespace) -> int:
     plan = plans[best]
     measurements = {
         "device": device.type, "gpu_memory_bytes": memory, "pcie_bytes_per_s": prefetch_rate,
+        "concurrent_prefetch_bytes_per_s": concurrent, "concurrent_prefetch_gpus": len(everyone),
         "link_bytes_per_s": link, "host_kv_bytes": host_bytes, "chunk_tokens": chunk_tokens, "costs": costs.to_dict(),
         "copy_rates": rates, "both_directions": both, "copy_beside_matmul": beside,
         "step_fits": {str(layers): {"coefficients": list(fit[0]), **fit[1]} for layers, fit in fits.items()},

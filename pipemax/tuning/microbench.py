@@ -19,6 +19,7 @@ Every function returns plain numbers for the profile's "measurements".
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -99,6 +100,38 @@ def copy_rates(spec_of: Callable[[int], KVPoolSpec], chunk_sizes: list[int], dev
                 progress()
         del pools
     return rates
+
+
+def concurrent_prefetch_rate(spec: KVPoolSpec, devices: list[torch.device], total_bytes: int,
+                             repeats: int = 3) -> float:
+    """Bytes/s of the engine's prefetch kernel on the slowest of `devices` while every one of them
+    prefetches at once (a thread each, started together): what a pipeline can count on when all
+    its stages copy in the same step, as they do (GPUs behind one PCIe switch share its uplink)."""
+    pools = [_Pools(spec, device, total_bytes) for device in devices]
+    for pool in pools:  # warm-up: the kernel compiled and the pages touched
+        pool.copy("kernel", True)
+    seconds = [0.0] * len(devices)
+    start = threading.Barrier(len(devices))
+
+    def copy(index: int) -> None:
+        device = devices[index]
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.synchronize(device)
+        start.wait()
+        began = time.perf_counter()
+        for _ in range(repeats):
+            pools[index].copy("kernel", True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[index] = time.perf_counter() - began
+
+    threads = [threading.Thread(target=copy, args=(index,)) for index in range(len(devices))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return min(pool.bytes * repeats / max(took, 1e-9) for pool, took in zip(pools, seconds))
 
 
 def best_chunk_tokens(rates: list[dict], share: float = 0.9) -> tuple[int, float]:

@@ -46,7 +46,7 @@ import torch
 from pipemax.core.kv_manager import KVManager, RowCopy
 from pipemax.core.step_plan import apply_kv_ops
 
-from .kv_pool import KVPool
+from .kv_pool import KVPool, KVPoolSpec
 
 PREFETCH_PRIORITY = -1  # ahead of write-back and of compute kernels' waiting blocks
 WRITE_BACK_PRIORITY = 0  # the default priority: behind everything more urgent
@@ -356,24 +356,27 @@ def transfer_stats(now: list[dict], before: list[dict]) -> dict:
     return total
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 64 * 2**20) -> float:
-    """Bytes per second of one large copy from pinned host memory to `device` (host to host on
-    the CPU), timed once at start-up: the rate a prefetch budget can count on."""
+def measure_copy_bandwidth(spec: KVPoolSpec, device: torch.device, total_bytes: int = 64 * 2**20) -> float:
+    """Bytes per second of this engine's own prefetch: chunks of `spec`, scattered over a pinned
+    host pool, gathered into a device pool by the copy kernel (KVPool.prefetch), timed once at
+    start-up: the rate a prefetch budget can count on. Every stage of the engine copies in the
+    same step: in process they share this device and this rate; a pipeline of stage processes
+    on several GPUs that share a PCIe switch gets less each, which `pipemax autotune` measures
+    (microbench.concurrent_prefetch_rate) and `--prefetch-gbs` passes on."""
+    count = max(4, total_bytes // spec.chunk_bytes)
+    pool = KVPool(spec, count, count, device, "triton" if device.type == "cuda" else "torch")
+    generator = torch.Generator().manual_seed(0)
+    host_ids = torch.randperm(count, generator=generator).tolist()
+    gpu_ids = torch.randperm(count, generator=generator).tolist()
+    pool.prefetch(host_ids, gpu_ids)  # warm-up: the kernel compiled, the pages touched
     if device.type == "cuda":
-        source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        target = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        target.copy_(source, non_blocking=True)  # warm-up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        stream = torch.cuda.current_stream(device)
-        start.record(stream)
+        start.record(torch.cuda.current_stream(device))
         for _ in range(3):
-            target.copy_(source, non_blocking=True)
-        end.record(stream)
+            pool.prefetch(host_ids, gpu_ids)
+        end.record(torch.cuda.current_stream(device))
         end.synchronize()  # at start-up, not in the step loop
-        return 3 * nbytes / (start.elapsed_time(end) / 1000)
-    source = torch.empty(nbytes, dtype=torch.uint8)
-    target = torch.empty(nbytes, dtype=torch.uint8)
-    target.copy_(source)
+        return 3 * count * spec.chunk_bytes / (start.elapsed_time(end) / 1000)
     started = time.perf_counter()
-    target.copy_(source)
-    return nbytes / max(time.perf_counter() - started, 1e-9)
+    pool.prefetch(host_ids, gpu_ids)
+    return count * spec.chunk_bytes / max(time.perf_counter() - started, 1e-9)

@@ -212,3 +212,14 @@ def test_layer_costs_split_from_two_depths_and_never_vanish():
     assert (costs.head.alpha, costs.head.delta) == (0.0, 3.0)
     noisy = split_layer_costs({1: (2.0, 0.2, 9.0), 3: (1.5, 0.1, 8.0)})  # deeper measured no slower
     assert noisy.layer.delta == pytest.approx(8.0 / 3) and noisy.head.delta == 0.0
+
+
+def test_the_concurrent_prefetch_rate_is_the_slowest_device_copying_beside_the_others():
+    import torch
+
+    from pipemax.tuning import microbench
+    from pipemax.worker.kv_pool import KVPoolSpec
+
+    spec = KVPoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, chunk_tokens=8, dtype=torch.float32)
+    rate = microbench.concurrent_prefetch_rate(spec, [torch.device("cpu")] * 2, total_bytes=2**20)
+    assert 0 < rate < float("inf")

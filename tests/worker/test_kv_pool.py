@@ -122,3 +122,20 @@ def test_host_pool_is_pinned_on_cuda_at_its_exact_size():
     pool.offload(ids, [1499, 7, 0, 1000])
     torch.cuda.synchronize()
     assert torch.equal(pool.host[[1499, 7, 0, 1000]], pool.gpu.cpu())
+
+
+def test_the_prefetch_budget_rate_is_timed_on_the_engines_own_copy(monkeypatch):
+    from pipemax.worker import kv_transfers
+
+    spec = KVPoolSpec(num_layers=2, num_kv_heads=2, head_dim=64, chunk_tokens=8, dtype=torch.float32)
+    copied = []
+    prefetch = KVPool.prefetch
+
+    def counting(self, host_ids, gpu_ids):
+        copied.append(len(host_ids))
+        return prefetch(self, host_ids, gpu_ids)
+
+    monkeypatch.setattr(KVPool, "prefetch", counting)
+    rate = kv_transfers.measure_copy_bandwidth(spec, torch.device("cpu"), total_bytes=2**20)
+    assert 0 < rate < float("inf")
+    assert copied == [2**20 // spec.chunk_bytes] * 2  # a warm-up, then the timed gather of every chunk
