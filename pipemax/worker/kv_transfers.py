@@ -17,7 +17,8 @@ synchronize, and never more than the chunks involved need:
   - when a sequence's owned chunks are freed (finished, preempted, offloaded), each chunk
     remembers those events: its last reader and writers; when its host chunks are freed, each
     remembers the last prefetch that read it, and the next copy writing it waits;
-  - an offload waits only for its sequence's last compute; a write-back for this step's compute;
+  - an offload waits for its sequence's last compute and last prefetch or fetch; a write-back for
+    this step's compute;
   - a step's compute waits for its prefetches and for the events of chunks newly handed to it.
 
 Shared prefix chunks (kv_prefix_cache.py) have many readers: a sequence letting one go marks it
@@ -199,7 +200,9 @@ class KVTransfers:
             return
         gpu_ids, host_ids = zip(*pairs)
         self.bytes_offloaded += len(pairs) * self.chunk_bytes
-        with self._copy("d2h", "offload", [self.last_compute.get(seq_id)]) as scope:
+        # After its last step, and after the last copy that filled its chunks (a fetch back to
+        # owned chunks with no step since, under auto: the budget moved twice).
+        with self._copy("d2h", "offload", [self.last_compute.get(seq_id), self.last_from_host.get(seq_id)]) as scope:
             self.pool.offload(gpu_ids, host_ids)
         if self.cuda:
             self.last_to_host[seq_id] = scope.end
