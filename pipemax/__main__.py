@@ -1,8 +1,6 @@
 """`python -m pipemax ...`, the same as the `pipemax` command (torchrun -m pipemax ... runs it on every rank)."""
 
-import sys
-
-from pipemax.cli import main
+from pipemax.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -115,7 +115,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                             "--host-memory-gib), and requests sharing one run together (default: on)")
     group.add_argument("--trace", metavar="TRACE.json",
                        help="write a Chrome/Perfetto trace of the run: each stage's compute, prefetch and "
-                            "write-back, and the host's planning (open at ui.perfetto.dev)")
+                            "write-back, and the host's planning (open at ui.perfetto.dev); it may replace an "
+                            "earlier trace, another file only with --overwrite")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -127,8 +128,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         pipeline_parallel=args.pipeline_parallel, micro_batches=args.micro_batches,
         pipeline_transport=args.pipeline_transport, stage_layers=args.stage_layers, stage_timeout=args.stage_timeout,
         data_parallel=args.data_parallel, offload=args.offload, host_memory_gib=args.host_memory_gib,
-        trace=str(args.trace) if args.trace else None, prefetch_gbs=args.prefetch_gbs,
-        prefix_caching=args.prefix_caching == "on",
+        trace=str(args.trace) if args.trace else None, overwrite_trace=getattr(args, "overwrite", False),
+        prefetch_gbs=args.prefetch_gbs, prefix_caching=args.prefix_caching == "on",
     )
 
 
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve-offline", help="run a batch file (OpenAI batch JSONL) through a model",
         epilog="exit status: 0 all requests succeeded; 3 the job finished but some requests failed (see their "
                "error records); 2 job error (flags, paths, model, another job on the output), nothing lost; "
-               "130 interrupted (Ctrl-C), 143 terminated (SIGTERM): rerun the same command to resume")
+               "130 interrupted (Ctrl-C), 143 terminated (SIGTERM): rerun the same command to resume; 1 an "
+               "unexpected error inside PipeMax (a traceback: please report it), results written so far stay")
     serve.add_argument("-i", "--input-file", required=True, type=Path, help="requests, one JSON object per line")
     serve.add_argument("-o", "--output-file", required=True, type=Path,
                        help="results, appended as requests finish; rerun to resume (failed requests run again)")
@@ -149,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="discard an existing output file (needed when it is not a PipeMax results file)")
     serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
                        help="the model name(s) requests may ask for and results carry (default: the model's "
-                            "folder name); a request naming another model gets an error record")
+                            "folder name, and the --model string as given, as vLLM serves it); a request naming "
+                            "another model gets an error record")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(serve)
     add_profile_arguments(serve)
@@ -177,6 +180,7 @@ def preflight(args: argparse.Namespace) -> None:
     from pipemax.engine.config import ConfigError, EngineConfig
     from pipemax.models.loader import WeightLoadError, check_model_path
 
+    check_trace_is_not_a_job_file(args)
     try:
         config = EngineConfig(model=str(args.model or ""), **engine_options(args))
     except ConfigError as error:
@@ -192,6 +196,17 @@ def preflight(args: argparse.Namespace) -> None:
             raise JobError(f"--model: {error}") from None
     if config.pipeline_parallel > 1:
         check_partition(args, config)
+
+
+def check_trace_is_not_a_job_file(args: argparse.Namespace) -> None:
+    """--trace is written after the run: it must not replace the requests or the results."""
+    if not args.trace:
+        return
+    trace = Path(args.trace).resolve()
+    for flag, path in (("input", args.input_file), ("output", args.output_file)):
+        if path is not None and trace == Path(path).resolve():
+            raise JobError(f"--trace {args.trace} is the {flag} file: the trace would replace the "
+                           f"{'requests' if flag == 'input' else 'results'}; name another file")
 
 
 def check_partition(args: argparse.Namespace, config) -> None:
@@ -215,8 +230,13 @@ def served_names(args: argparse.Namespace) -> list[str]:
         return list(args.served_model_name)
     if args.model is None:
         return [DEFAULT_MODEL_NAME]
+    # The folder's name, and (as vLLM serves it) the --model string as given: a batch file written
+    # for vLLM says "model": "/models/Llama-3.1-8B-Instruct".
     path = Path(args.model)
-    return [path.stem if path.suffix == ".gguf" else path.resolve().name]
+    names = [path.stem if path.suffix == ".gguf" else path.resolve().name, str(args.model)]
+    if str(args.model).rstrip("/") != str(args.model):
+        names.append(str(args.model).rstrip("/"))
+    return list(dict.fromkeys(names))
 
 
 def serve_offline(args: argparse.Namespace) -> int:
@@ -250,6 +270,7 @@ def serve_offline(args: argparse.Namespace) -> int:
         raise JobError(f"{error}; {results.count_records()} results are safe in {results.path}: run the same "
                        "command again to resume") from None
     finally:
+        note_late_interruptions()  # results are safe from here on: closing down is not interrupted
         if llm is not None:
             llm.close()
         results.close()
@@ -309,6 +330,24 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def note_late_interruptions() -> None:
+    """Once the job has ended (every result written, or an interruption handled), a Ctrl-C or SIGTERM
+    must not break the closing down with a KeyboardInterrupt traceback and a death by signal: say so
+    in one line and go on, so the job exits with its own status. A second one quits at once.
+    main() puts the previous handlers back."""
+    seen = []
+
+    def late(signum, frame):
+        if seen:
+            os._exit(128 + signum)
+        seen.append(signum)
+        print("pipemax: the job has ended and its results are written; closing down (again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, late)
+    signal.signal(signal.SIGTERM, late)
+
+
 def exit_now_under_torchrun(rc: int) -> None:
     """Under torchrun the job is over once its files are closed: leave at once with its status.
     A normal exit would tear down torch.distributed under threads that a failed peer left inside
@@ -334,14 +373,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe_environment()))
         return 0
     if args.command == "serve-offline":
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous_sigint = signal.getsignal(signal.SIGINT)
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             rc = _serve_with_one_line_errors(args)
         except KeyboardInterrupt as interruption:  # before the output was opened: nothing to resume
             print("interrupted before any request ran", file=sys.stderr)
             rc = 143 if isinstance(interruption, Terminated) else 130
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous_sigterm)
+            signal.signal(signal.SIGINT, previous_sigint)
         exit_now_under_torchrun(rc)
         return rc
     if args.command in ("autotune", "plan"):
@@ -363,6 +404,10 @@ def _run_planning_command(args: argparse.Namespace) -> int:
     except InputError as error:
         print(f"pipemax: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        saved = "no profile was saved" if args.command == "autotune" else "nothing was written"
+        print(f"pipemax: {args.command} interrupted; {saved}", file=sys.stderr)
+        return 130
 
 
 def _serve_with_one_line_errors(args: argparse.Namespace) -> int:
@@ -375,5 +420,18 @@ def _serve_with_one_line_errors(args: argparse.Namespace) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `pipemax` command (pyproject.toml's script): main(), and a Ctrl-C that lands outside the
+    job's own handling (while arguments parse, or as the process leaves) is one line and status 130,
+    not a traceback."""
+    try:
+        rc = main()
+    except KeyboardInterrupt:
+        print("pipemax: interrupted", file=sys.stderr)
+        rc = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # leaving now: a late Ctrl-C changes nothing
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -397,3 +397,185 @@ def test_a_killed_replica_ends_the_job_cleanly_and_a_rerun_resumes(model_folder,
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert sorted(r["custom_id"] for r in read_results(out)) == sorted(f"q{i}" for i in range(count))
+
+
+# ---- --trace: checked with the other paths, before any weights load ------------------------------
+def test_trace_may_not_replace_the_requests_the_results_or_a_foreign_file(model_folder, tmp_path, capsys,
+                                                                          no_weight_loading):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi")])
+    requests_text = requests.read_text()
+    out = tmp_path / "out.jsonl"
+
+    def serve(trace, *flags):
+        return main(["serve-offline", "--model", str(model_folder), "-i", str(requests), "-o", str(out),
+                     "--no-progress", "--trace", str(trace), *flags])
+
+    assert serve(out) == 2
+    one_line_error(capsys, f"--trace {out} is the output file: the trace would replace the results")
+    assert serve(tmp_path / "." / "out.jsonl", "--overwrite") == 2  # the same file by another name, forced
+    one_line_error(capsys, "is the output file")
+    assert serve(requests) == 2
+    one_line_error(capsys, "is the input file: the trace would replace the requests")
+    assert serve(tmp_path) == 2
+    one_line_error(capsys, f"--trace {tmp_path} is a folder: name a file")
+    assert serve(tmp_path / "no such folder" / "t.json") == 2
+    one_line_error(capsys, f"its folder {tmp_path / 'no such folder'} does not exist")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    assert serve(notes) == 2
+    one_line_error(capsys, f"--trace {notes} exists and is not a PipeMax trace")
+    assert notes.read_text() == "my notes\n" and requests.read_text() == requests_text and not out.exists()
+
+
+def test_the_api_checks_the_trace_path_in_its_config():
+    from pipemax.engine.config import ConfigError, EngineConfig
+
+    folder = Path(ROOT)
+    with pytest.raises(ConfigError, match="is a folder"):
+        EngineConfig(model="m", trace=str(folder))
+    with pytest.raises(ConfigError, match="does not exist"):
+        EngineConfig(model="m", trace=str(folder / "missing" / "t.json"))
+    with pytest.raises(ConfigError, match="exists and is not a PipeMax trace"):
+        EngineConfig(model="m", trace=str(folder / "README.md"))
+    with pytest.raises(ConfigError, match="must be a file path"):
+        EngineConfig(model="m", trace=3)
+    EngineConfig(model="m", trace=str(folder / "README.md"), overwrite_trace=True)  # told to: allowed
+
+
+def test_a_trace_replaces_an_earlier_trace_and_a_failed_write_keeps_the_results(model_folder, tmp_path, capsys,
+                                                                                monkeypatch):
+    from pipemax.worker.timeline import Timeline
+
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi"), completion("b", "ho")])
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [], "displayTimeUnit": "ms"}))  # an earlier run's
+    flags = ["--model", str(model_folder), "-i", str(requests), "--no-progress", "--served-model-name", "tiny"]
+    assert main(["serve-offline", *flags, "-o", str(tmp_path / "a.jsonl"), "--trace", str(trace)]) == 0
+    assert json.loads(trace.read_text())["traceEvents"]  # this run's events
+    capsys.readouterr()
+
+    def full_disk(self, path, intervals=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Timeline, "write_trace", full_disk)
+    assert main(["serve-offline", *flags, "-o", str(tmp_path / "b.jsonl"), "--trace", str(trace)]) == 0
+    err = capsys.readouterr().err
+    assert f"the trace was not written to {trace} (No space left on device)" in err and "Traceback" not in err
+    assert len(read_results(tmp_path / "b.jsonl")) == 2
+
+
+def test_a_trace_write_that_fails_leaves_the_earlier_trace_whole(tmp_path, monkeypatch):
+    from pipemax.worker.timeline import Timeline
+
+    trace = tmp_path / "trace.json"
+    trace.write_text('{"traceEvents": [1]}')
+    timeline = Timeline(torch.device("cpu"))
+    monkeypatch.setattr(json, "dumps", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError):
+        timeline.write_trace(trace, [("stage 0", "step", 0.0, 1.0)])
+    assert trace.read_text() == '{"traceEvents": [1]}' and sorted(tmp_path.iterdir()) == [trace]
+
+
+# ---- the model name a vLLM batch file asks for ---------------------------------------------------
+def test_requests_may_name_the_model_as_given_to_model_or_by_its_folder(model_folder, tmp_path, capsys):
+    """vLLM serves a model under the --model string as given: a batch file written for it names that."""
+    requests = tmp_path / "requests.jsonl"
+    given = str(model_folder) + "/"  # as typed, with its slash
+    write_lines(requests, [completion("given", "hi", model=given), completion("bare", "hi", model=str(model_folder)),
+                           completion("folder", "hi", model=model_folder.name),
+                           completion("hub", "hi", model="meta-llama/Llama-3.1-8B-Instruct")])
+    out = tmp_path / "out.jsonl"
+    assert main(["serve-offline", "--model", given, "-i", str(requests), "-o", str(out), "--no-progress"]) == 3
+    by_id = {record["custom_id"]: record for record in read_results(out)}
+    for custom_id, name in (("given", given), ("bare", str(model_folder)), ("folder", model_folder.name)):
+        assert by_id[custom_id]["response"]["body"]["model"] == name  # answered under the name asked for
+    assert by_id["hub"]["error"]["code"] == "model_not_found"
+    assert repr(given) in by_id["hub"]["error"]["message"]
+    capsys.readouterr()
+
+
+# ---- memory budgets larger than the machine ------------------------------------------------------
+def test_a_kv_budget_above_the_free_memory_is_one_line_before_weights_load(model_folder, tmp_path, capsys,
+                                                                           no_weight_loading):
+    from pipemax.engine.config import available_host_memory_gib
+    from tests.tuning.test_autotune import write_profile
+
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi")])
+    too_much = round(available_host_memory_gib() * 2 + 50)
+    flags = ["serve-offline", "--model", str(model_folder), "-i", str(requests), "-o", str(tmp_path / "o.jsonl"),
+             "--no-progress"]
+    assert main([*flags, "--kv-cache-gib", str(too_much), "--no-profile"]) == 2
+    one_line_error(capsys, f"--kv-cache-gib of {too_much} is more than the")
+    write_profile(model_folder, {"kv_cache_gib": too_much})
+    assert main(flags) == 2
+    one_line_error(capsys, f"the server profile's kv_cache_gib of {too_much} is more than the")
+
+
+# ---- Ctrl-C outside the job's loop -----------------------------------------------------------------
+CTRL_C_WHILE_CLOSING = """
+import os, signal, sys
+from pipemax import api
+from pipemax.cli import entry
+
+close = api.LLM.close
+def close_after_a_ctrl_c(self):
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C as the job tears down
+    close(self)
+api.LLM.close = close_after_a_ctrl_c
+sys.argv = ["pipemax"] + sys.argv[1:]
+entry()
+"""
+
+
+@pytest.mark.subprocess
+def test_ctrl_c_as_the_job_ends_is_one_line_and_the_jobs_own_status(model_folder, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    write_lines(requests, [completion("a", "hi"), completion("b", [3, 4])])
+    out = tmp_path / "out.jsonl"
+    command = job_command(model_folder, requests, out)
+    command[1:3] = ["-c", CTRL_C_WHILE_CLOSING]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          preexec_fn=default_signals)
+    assert proc.returncode == 0, proc.stderr  # the job succeeded: its status, not death by SIGINT
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("the job has ended and its results are written") == 1
+    assert "2 succeeded, 0 failed" in proc.stdout and len(read_results(out)) == 2
+
+
+@pytest.mark.parametrize("command", ["plan", "autotune"])
+def test_ctrl_c_in_plan_and_autotune_is_one_line(command, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    module = "pipemax.tuning.plan_command.run_plan" if command == "plan" else "pipemax.tuning.autotune.run_autotune"
+    monkeypatch.setattr(module, interrupted)
+    assert main([command, "--model", "m"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"pipemax: {command} interrupted") and "Traceback" not in err
+
+
+def test_ctrl_c_outside_main_is_one_line_and_status_130(monkeypatch, capsys):
+    from pipemax import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    try:
+        with pytest.raises(SystemExit) as exit_status:
+            cli.entry()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert exit_status.value.code == 130 and capsys.readouterr().err == "pipemax: interrupted\n"
+
+
+def test_serve_offline_help_names_every_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve-offline", "--help"])
+    epilog = " ".join(capsys.readouterr().out.split())
+    for status in ("0 all requests succeeded", "1 an unexpected error", "2 job error", "3 the job finished",
+                   "130 interrupted", "143 terminated"):
+        assert status in epilog

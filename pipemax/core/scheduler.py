@@ -111,6 +111,7 @@ class Scheduler:
         self.cost_model = cost_model  # StepCostModel: balances the micro-batches' step times
         self.num_moves = 0  # sequences moved between micro-batches to balance them
         self.host_resident_ids: set[int] = set()  # sequences that have been host-resident (for stats)
+        self.host_pool_full_ids: set[int] = set()  # to be host-resident, admitted to the GPU: the host pool was full
         self._last_run: dict[int, int] = {}  # seq_id -> the step it last ran in (staging goes oldest first)
         self._staging_need: dict[int, int] = {}
         # Steps scheduled since the pool last made a sequence wait or preempted one (none yet: quiet).
@@ -466,6 +467,7 @@ class Scheduler:
             except PoolExhaustedError as error:
                 if error.pool == "GPU":
                     raise
+                self.host_pool_full_ids.add(seq.seq_id)
         self.kv.allocate(seq.seq_id, count)  # (a full host pool or slot leaves it on the GPU)
 
     def _admits_to_host(self, seq: Sequence, micro_batch: int, count: int) -> bool:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,32 @@ def available_host_memory_gib() -> float | None:
     except OSError:
         pass
     return None
+
+
+TRACE_PREFIX = b'{"traceEvents"'  # how every trace Timeline.write_trace writes begins
+
+
+def check_trace_path(trace, overwrite: bool = False) -> None:
+    """The trace is written after a run: check now that it can be, and that it replaces nothing but
+    an earlier trace (or an empty file) unless overwrite says so."""
+    if not isinstance(trace, (str, os.PathLike)) or not str(trace):
+        raise ConfigError("trace", f"must be a file path, got {trace!r}")
+    path = Path(trace)
+    if path.is_dir():
+        raise ConfigError("trace", f"{path} is a folder: name a file, e.g. {path / 'trace.json'}")
+    if not path.parent.is_dir():
+        raise ConfigError("trace", f"{path}: its folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError("trace", f"{path}: its folder {path.parent} is not writable")
+    if path.exists() and not overwrite:
+        try:
+            with open(path, "rb") as existing:
+                head = existing.read(len(TRACE_PREFIX))
+        except OSError as error:
+            raise ConfigError("trace", f"cannot read the existing {path} ({error.strerror})") from None
+        if head and head != TRACE_PREFIX:
+            raise ConfigError("trace", f"{path} exists and is not a PipeMax trace: name another file, or delete "
+                                       "it (the CLI's --overwrite replaces it)")
 
 
 def _is_int(value) -> bool:
@@ -59,6 +87,7 @@ class EngineConfig:
     prefetch_gbs: float | None = None  # host -> GPU GB/s offload=auto's budget counts on; default: measured at start
     prefix_caching: bool = True  # share the KV of full chunks of common prompt prefixes (GPU, then host tier)
     trace: str | None = None  # write a Chrome / Perfetto trace of each run here
+    overwrite_trace: bool = False  # trace may replace a file that is not a trace (the CLI's --overwrite)
 
     def __post_init__(self):
         """Check every option before anything loads; ConfigError names the option at fault."""
@@ -117,7 +146,25 @@ class EngineConfig:
             if available is not None and self.host_memory_gib > available:
                 raise ConfigError("host_memory_gib", f"of {self.host_memory_gib:g} is more than the {available:.1f} GiB "
                                                      "of host memory available now")
-        self.resolved_device()  # a device that does not exist fails here, before any weights load
+        if self.trace is not None:
+            check_trace_path(self.trace, self.overwrite_trace)
+        device = self.resolved_device()  # a device that does not exist fails here, before any weights load
+        self._check_memory_budgets(device)
+
+    def _check_memory_budgets(self, device: torch.device) -> None:
+        """A budget larger than the memory there is fails now, not as an allocator error after the
+        weights load. On the CPU the KV pool lives in host memory."""
+        if device.type == "cpu":
+            available = available_host_memory_gib()
+            if self.kv_cache_gib is not None and available is not None and self.kv_cache_gib > available:
+                raise ConfigError("kv_cache_gib", f"of {self.kv_cache_gib:g} is more than the {available:.1f} GiB of "
+                                                  "host memory available now (on the CPU the KV cache is host memory)")
+            return
+        total = torch.cuda.get_device_properties(device.index or 0).total_memory / 2**30
+        for name in ("gpu_memory_gib", "kv_cache_gib"):
+            value = getattr(self, name)
+            if value is not None and value > total:
+                raise ConfigError(name, f"of {value:g} is more than the {total:.1f} GiB of {device}")
 
     def host_kv_bytes(self) -> int:
         """The host KV pool's bytes: host_memory_gib, or with offload a quarter of what is free. With

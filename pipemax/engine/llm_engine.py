@@ -407,10 +407,21 @@ class LLMEngine:
             self.last_run_stats["copy_time_hidden_fraction"] = hidden_fraction(
                 intervals, concurrent=self.device.type == "cuda")
             if self.config.trace:
-                timeline.write_trace(self.config.trace, intervals)
+                try:
+                    timeline.write_trace(self.config.trace, intervals)
+                except OSError as error:  # the folder went away during the run, say: the results still count
+                    log.warning("the trace was not written to %s (%s)", self.config.trace, error.strerror or error)
         if self.config.offload != "off":
+            # Requests to be host-resident that the full host pool left on the GPU: said, not silent.
+            kept_on_gpu = len(self.scheduler.host_pool_full_ids - self.scheduler.host_resident_ids)
+            self.scheduler.host_pool_full_ids.clear()
             self.last_run_stats["offload"] = {"mode": self.config.offload,
-                                              "host_resident_requests": len(self.scheduler.host_resident_ids)}
+                                              "host_resident_requests": len(self.scheduler.host_resident_ids),
+                                              "host_pool_full_requests": kept_on_gpu}
+            if kept_on_gpu:
+                log.warning("offload %s: %d request(s) stayed on the GPU because the host KV pool (%d chunks of %d "
+                            "tokens) was full; give it more with --host-memory-gib", self.config.offload, kept_on_gpu,
+                            self.kv.host.num_chunks, self.config.chunk_tokens)
 
     def _launch(self, micro_batch: int) -> InFlight | None:
         plan = self.scheduler.schedule(micro_batch)

@@ -10,6 +10,7 @@ one keep their own time: in a distributed pipeline the timeline shows stage 0.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -59,7 +60,14 @@ class Timeline:
                   for track in tracks]
         events += [{"name": name, "ph": "X", "pid": 0, "tid": tid[track], "ts": start * 1e6,
                     "dur": max(0.0, end - start) * 1e6} for track, name, start, end in intervals]
-        Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+        # A temporary file renamed over the trace: a failed write leaves the old file whole.
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def hidden_fraction(intervals: list[tuple[str, str, float, float]], concurrent: bool = True) -> float | None:

@@ -45,6 +45,7 @@ def test_forced_offload_gives_the_ids_of_no_offload(tiny, options):  # noqa: F81
         assert ids == reference
         stats = llm.last_run_stats
         assert stats["offload"]["host_resident_requests"] == len(prompts)
+        assert stats["offload"]["host_pool_full_requests"] == 0
         moved = stats["transfers"]
         assert moved["bytes_prefetched"] > 0
         # Admitted host-resident: each prompt's KV reached the host by write-through as it was
@@ -53,6 +54,25 @@ def test_forced_offload_gives_the_ids_of_no_offload(tiny, options):  # noqa: F81
         assert moved["bytes_written_back"] >= sum(map(len, prompts)) * CHUNK_BYTES // 8
         if options.get("pipeline_transport") != "distributed":
             assert_all_free_or_cached(settled_kv_managers(llm))  # no chunk leaked on either side
+
+
+def test_force_says_how_many_requests_a_full_host_pool_left_on_the_gpu(tiny, caplog):  # noqa: F811
+    """A host pool too small for every request: the ones it cannot take run on the GPU (same ids),
+    and the run says so in one warning and in its stats, rather than offloading fewer in silence."""
+    folder, hf, prompts = tiny
+    reference, _ = run(folder, prompts)
+    with caplog.at_level("WARNING", logger="pipemax"):
+        # 3 host chunks: the requests longer than 24 tokens can never be host-resident.
+        ids, llm = run(folder, prompts, offload="force", kv_cache_gib=gib(24), host_memory_gib=gib(3),
+                       micro_batches=2)
+    with llm:
+        assert ids == reference
+        offload = llm.last_run_stats["offload"]
+        assert 0 < offload["host_resident_requests"] < len(prompts)
+        assert offload["host_pool_full_requests"] == len(prompts) - offload["host_resident_requests"]
+    warnings = [record.getMessage() for record in caplog.records if "stayed on the GPU" in record.getMessage()]
+    assert len(warnings) == 1 and "--host-memory-gib" in warnings[0]
+    assert f"{offload['host_pool_full_requests']} request(s)" in warnings[0]
 
 
 def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 4) -> Sequence:
