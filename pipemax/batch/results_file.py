@@ -6,10 +6,10 @@ Guarantees, in the order `ResultsFile.open` establishes them:
     taken without waiting; a second job on the same output refuses at once, naming the first's pid;
   * an existing file is ours (every line a result record) or it is left untouched, unless the
     user asked to overwrite it;
-  * on resume only successful records count as done. Error records leave the file, so their
-    requests run again, and a line cut short by a kill is dropped. That cleanup is one atomic
-    rewrite (temporary file, fsync, rename, fsync of the folder): a kill at any moment leaves
-    either the old file or the new one, never a mix.
+  * on resume only successful records (status_code 200, error null) count as done. Every other
+    record leaves the file, so its request runs again, and a line cut short by a kill is
+    dropped. That cleanup is one atomic rewrite (temporary file, fsync, rename, fsync of the
+    folder): a kill at any moment leaves either the old file or the new one, never a mix.
 Results are appended and fsynced one by one as requests finish.
 """
 
@@ -30,14 +30,19 @@ class OutputFileError(Exception):
 
 
 def is_result_record(record) -> bool:
-    """One of our records: a results file of another tool (OpenAI's, vLLM's) is not ours to rewrite."""
+    """One of our records: a results file of another tool (OpenAI's, vLLM's) is not ours to rewrite.
+    The OpenAI batch format lets `response` be null (a request that failed before any response)."""
     return (isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"].startswith("pipemax-")
-            and isinstance(record.get("custom_id"), str) and isinstance(record.get("response"), dict)
-            and "error" in record)
+            and isinstance(record.get("custom_id"), str) and "response" in record
+            and (record["response"] is None or isinstance(record["response"], dict)) and "error" in record)
 
 
 def is_success(record: dict) -> bool:
-    return record.get("error") is None and record["response"].get("status_code") == 200
+    """Done, and skipped on resume: a 200 response and no error. Anything else runs again, whoever
+    wrote it: an HTTP error comes back as `error: null` with the status in `response` (OpenAI's
+    format), a failure before any response as `response: null` with `error` set."""
+    response = record["response"]
+    return record["error"] is None and response is not None and response.get("status_code") == 200
 
 
 @dataclass

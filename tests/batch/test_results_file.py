@@ -75,6 +75,34 @@ def test_resume_keeps_successes_drops_errors_and_a_torn_line(requests, tmp_path)
     assert not list(tmp_path.glob(".out.jsonl.tmp-*")) and not (tmp_path / ".out.jsonl.pipemax-lock").exists()
 
 
+# Records as another tool (or a person) writes them in the OpenAI batch output format: an HTTP
+# error is a response with its status code and `error: null`; a failure before any response has
+# `response: null` and `error` set. Only the first is done.
+HAND_WRITTEN = [
+    '{"id":"pipemax-1","custom_id":"ok","response":{"status_code":200,"request_id":"q1","body":{}},"error":null}',
+    '{"id": "pipemax-2", "custom_id": "http 400", "error": null, "response": {"status_code": 400, '
+    '"request_id": "q2", "body": {"error": {"message": "bad", "type": "invalid_request_error"}}}}',
+    '{"id": "pipemax-3", "custom_id": "http 500", "response": {"status_code": 500, "request_id": "q3", '
+    '"body": null}, "error": null}',
+    '{"id": "pipemax-4", "custom_id": "200 with an error", "response": {"status_code": 200, "request_id": "q4", '
+    '"body": {}}, "error": {"code": "server_error", "message": "lost"}}',
+    '{"id": "pipemax-5", "custom_id": "no response", "response": null, "error": {"code": "expired", '
+    '"message": "not run"}}',
+    '{"id": "pipemax-6", "custom_id": "no status", "response": {"request_id": "q6", "body": {}}, "error": null}',
+]
+
+
+def test_resume_reruns_every_record_but_status_200_without_error_whoever_wrote_it(requests, tmp_path):
+    output = tmp_path / "out.jsonl"
+    output.write_text("".join(line + "\n" for line in HAND_WRITTEN))
+    results, dropped = ResultsFile.open(requests, output)
+    assert results.done == {"ok"} and dropped == len(HAND_WRITTEN) - 1
+    results.write(json.loads(HAND_WRITTEN[1]) | {"custom_id": "written now"})  # a 400 without error: not done
+    assert results.done == {"ok"}
+    results.close()
+    assert output.read_text().splitlines()[0] == HAND_WRITTEN[0] and len(output.read_text().splitlines()) == 2
+
+
 def test_a_failed_rewrite_leaves_the_old_file_whole(requests, tmp_path, monkeypatch):
     output = tmp_path / "out.jsonl"
     content = lines_of(record("a"), record("b", ok=False))

@@ -140,31 +140,3 @@ def test_the_prefetch_budget_rate_is_timed_on_the_engines_own_copy(monkeypatch):
     assert 0 < rate < float("inf")
     assert copied == [2**20 // spec.chunk_bytes] * 2  # a warm-up, then the timed gather of every chunk
 
-
-def test_an_offload_waits_for_the_fetch_that_filled_its_chunks(monkeypatch):
-    """Under auto a sequence can be fetched back to owned chunks and offloaded again before any
-    step computes it: the offload's copy must wait for the fetch's (a review found it did not).
-    The copies' event waits are recorded with CUDA's bookkeeping on and stand-in events."""
-    from pipemax.worker.kv_transfers import KVTransfers
-
-    spec = KVPoolSpec(num_layers=1, num_kv_heads=1, head_dim=16, chunk_tokens=8, dtype=torch.float32)
-    transfers = KVTransfers(KVPool(spec, 6, 6, "cpu", backend="torch"))
-    transfers.cuda = True
-    scopes = []
-
-    class Scope:
-        def __init__(self, name, waits):
-            self.name, self.waits, self.end = name, [w for w in waits if w is not None], object()
-
-        def __enter__(self):
-            scopes.append(self)
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(transfers, "_copy", lambda kind, name, waits: Scope(name, waits))
-    transfers.prefetch(3, [(0, 1), (1, 2)], host_freed=True)  # the fetch: host -> owned chunks 1, 2
-    transfers.offload(3, [(1, 4), (2, 5)])  # and back to the host, no step in between
-    fetch, offload = scopes
-    assert fetch.end in offload.waits

@@ -3,9 +3,12 @@ top-p keep exactly their tokens (and top-k alone sorts nothing), a seeded row dr
 token whatever shares its batch, and penalties, applied over the batch at once, follow their
 definitions row by row."""
 
+import random
+from types import SimpleNamespace
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipemax.core.sampling_params import SamplingParams
@@ -40,6 +43,42 @@ def test_top_k_alone_sorts_nothing_and_keeps_k_tokens(monkeypatch):
         sample(logits, [SamplingParams(temperature=1.0, top_p=0.9)], [0])
 
 
+def tokens_drawn(logits: torch.Tensor, params: SamplingParams, draws: int = 100) -> set[int]:
+    """The tokens `draws` samples of one row pick (one batch, a key per row)."""
+    batch = logits.expand(draws, -1)
+    return set(sample(batch, [params] * draws, list(range(draws)))[0])
+
+
+# Top-p keeps the smallest set of most likely tokens whose probability reaches top_p (vLLM and
+# transformers: a token goes when the tokens above it already reach top_p). The probabilities are
+# exact enough in float32 for each boundary to hold: 0.5 + 0.3 sums to float32(0.8).
+@pytest.mark.parametrize("top_p, kept", [
+    (0.3, {0}), (0.5, {0}), (0.5000001, {0, 1}), (0.79999995, {0, 1}), (0.8, {0, 1}), (0.8000001, {0, 1, 2}),
+    (0.99, {0, 1, 2}),
+])
+@pytest.mark.parametrize("token_of_rank", [(0, 1, 2), (2, 0, 1)])  # where the most likely token is, and so on
+def test_top_p_keeps_the_smallest_set_that_reaches_it_exactly_at_the_boundaries(top_p, kept, token_of_rank):
+    probabilities = torch.empty(3, dtype=torch.float64)
+    probabilities[list(token_of_rank)] = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    logits = probabilities.log().float()[None]
+    drawn = tokens_drawn(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    assert drawn == {token_of_rank[rank] for rank in kept}
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(logits=st.lists(st.floats(-4, 4), min_size=2, max_size=8), top_p=st.floats(0.01, 0.99),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]))
+def test_top_p_draws_only_from_the_smallest_set_that_reaches_it(logits, top_p, temperature):
+    logits = torch.tensor(logits)[None]
+    probabilities = (logits[0].double() / temperature).softmax(0)
+    order = probabilities.argsort(descending=True, stable=True).tolist()
+    reached = probabilities[order].cumsum(0)
+    # Far from every boundary (float32 rounding decides those: the test above pins them).
+    assume(((reached - top_p).abs() > 1e-4).all() and len(set(probabilities.tolist())) == len(order))
+    kept = set(order[:int((reached < top_p).sum()) + 1])
+    assert tokens_drawn(logits, SamplingParams(temperature=temperature, top_p=top_p), draws=50) <= kept
+
+
 @settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 1000), others=st.integers(0, 5), position=st.data())
 def test_a_seeded_row_draws_the_same_token_whatever_its_batch(seed, step, others, position):
@@ -55,6 +94,36 @@ def test_a_seeded_row_draws_the_same_token_whatever_its_batch(seed, step, others
     keys = [step * 31 + row for row in range(others + 1)]
     keys[index] = row_seed(seed, step)
     assert sample(batch, rows, keys)[0][index] == alone
+
+
+def test_the_last_stage_keys_a_seeded_row_by_its_seed_and_step_so_each_step_draws_afresh(monkeypatch):
+    """StageExecutor._sample: at step k (k tokens generated) a seeded row's key is row_seed(seed, k),
+    so its draws change from step to step, and a request at the same step draws the same token."""
+    from pipemax.core.step_plan import StagePlan
+    from pipemax.worker import stage as stage_module
+
+    keys = []
+
+    def recording(logits, params, seeds, *args, **kwargs):
+        keys.append(list(seeds))
+        return sampling.sample_on_device(logits, params, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(stage_module, "sample_on_device", recording)
+    last = object.__new__(stage_module.StageExecutor)  # the sampler's state only: no model, no pool
+    last.device, last.eos_token_ids, last.noise_keys = torch.device("cpu"), set(), random.Random(0)
+    last.runner = SimpleNamespace(greedy_ids=None)
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+    last.samplers = {7: stage_module.SamplerState(seeded, [1, 2]),
+                     8: stage_module.SamplerState(seeded, [1, 2], output_token_ids=[5, 6, 7]),  # 3 steps ahead
+                     9: stage_module.SamplerState(SamplingParams(temperature=1.0), [3])}
+    plan = StagePlan(micro_batch=0, kv_ops=[], seq_ids=[7, 8, 9], starts=[2, 5, 1], counts=[1, 1, 1], num_decode=3,
+                     samples=[True, True, True], token_ids=[0, 0, 0])
+    logits = torch.zeros(3, 64)  # every token equally likely: the noise alone chooses
+    tokens = [last._sample(plan, logits).result().tokens for _ in range(8)]
+    assert [step_keys[:2] for step_keys in keys] == [[row_seed(1234, k), row_seed(1234, k + 3)] for k in range(8)]
+    first_row = [step_tokens[0] for step_tokens in tokens]
+    assert len(set(first_row)) > 1  # not the same noise every step
+    assert [step_tokens[1] for step_tokens in tokens[:5]] == first_row[3:]  # the same seed and step: the same token
 
 
 def test_row_seeds_differ_by_step_and_seed():
