@@ -3,6 +3,8 @@ summary (`pipemax serve-offline` prints them when a job ends)."""
 
 from __future__ import annotations
 
+from pipemax.core.cost_model import describe_step_time_model
+
 
 def describe_prefix_cache(stats: dict) -> str:
     """The run summary's prefix cache line ("" when caching was off or nothing ran): the prompt
@@ -48,8 +50,7 @@ def describe_run(stats: dict) -> str:
         hidden = stats.get("copy_time_hidden_fraction")
         if hidden is not None:
             line += f", {hidden:.0%} of copy time hidden behind compute"
-    error = stats.get("cost_model", {}).get("mean_relative_error")
-    if error is not None:
-        seeded = ", seeded from a saved profile" if stats["cost_model"].get("seeded_from") else ""
-        line += f"; step-time model error {error:.0%} (mean, on steps it had not seen{seeded})"
+    words = describe_step_time_model(stats["cost_model"]) if "cost_model" in stats else ""
+    if words:
+        line += f"; {words}"
     return line

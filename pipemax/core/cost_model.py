@@ -7,7 +7,9 @@ context_tokens the KV positions its attention reads (the sequences' lengths), de
 part (reading the weights, launches). It is fitted by least squares over a window of the
 engine's own measured steps and refitted as steps come in, seeded from a saved profile when one
 exists. Each prediction is scored against the step's measurement before that step joins the fit,
-so the reported error is the model's error on steps it had not seen.
+so the reported error is the model's error on steps it had not seen. A seed is scored apart: one
+whose predictions are off by more than SEED_ERROR_LIMIT was measured under other conditions (a
+busy machine, another job beside it) and is dropped at once; the run's own steps then decide.
 
 Plain Python (no torch): the fit is a three-unknown least squares, solved from its normal
 equations. The engine saves a fit after a run and seeds the next from it (engine/step_costs.py).
@@ -18,6 +20,13 @@ from __future__ import annotations
 import math
 from collections import deque
 
+# A mean relative error above this (predictions off by more than the step time itself) is not a
+# model of the step time: a seed that far off was measured under other conditions (another job
+# beside it, another machine load) and is dropped.
+SEED_ERROR_LIMIT = 1.0
+# Fewer scored predictions than this say nothing about the model: no error is reported.
+MIN_SCORED_STEPS = 8
+
 
 class StepCostModel:
     def __init__(self, window: int = 512, refit_every: int = 16,
@@ -25,9 +34,11 @@ class StepCostModel:
         self.samples: deque[tuple[int, int, float]] = deque(maxlen=window)
         self.refit_every = refit_every
         self.coefficients = seed  # (alpha, beta, delta) in seconds
+        self.seed_dropped = False
         self._since_fit = 0
         self.fits = 0  # fits made from this model's own measured steps
-        self.abs_errors: deque[float] = deque(maxlen=window)  # |predicted - measured| / measured
+        self.abs_errors: deque[float] = deque(maxlen=window)  # |predicted - measured| / measured, own fits
+        self.seed_errors: list[float] = []  # the same, of the seed's predictions (before the first own fit)
 
     @property
     def ready(self) -> bool:
@@ -44,7 +55,11 @@ class StepCostModel:
             return  # a clock that failed teaches nothing, and would block every later fit
         predicted = self.predict(batch_tokens, context_tokens)
         if predicted is not None and seconds > 0:
-            self.abs_errors.append(abs(predicted - seconds) / seconds)
+            error = abs(predicted - seconds) / seconds
+            if self.fits:
+                self.abs_errors.append(error)
+            else:
+                self._score_seed(error)
         self.samples.append((batch_tokens, context_tokens, seconds))
         self._since_fit += 1
         # The first fit as soon as there are 3 steps (a seed from a saved profile included: it
@@ -74,14 +89,49 @@ class StepCostModel:
         self.coefficients = (alpha, beta, delta)
         self.fits += 1
 
+    def _score_seed(self, error: float) -> None:
+        self.seed_errors.append(error)
+        if self.seed_error() > SEED_ERROR_LIMIT and not self.seed_dropped:
+            # Until the first fit of this run's own steps (3 steps), better no prediction than one
+            # this far off: the scheduler and the prefetch budget do without, as with no seed.
+            self.coefficients = None
+            self.seed_dropped = True
+
+    def seed_error(self) -> float | None:
+        """Mean relative error of the seed's predictions on this run's first steps (None unseeded)."""
+        return sum(self.seed_errors) / len(self.seed_errors) if self.seed_errors else None
+
     def mean_error(self) -> float | None:
-        """Mean relative error of the predictions made so far (None before the first)."""
-        return sum(self.abs_errors) / len(self.abs_errors) if self.abs_errors else None
+        """Mean relative error of the predictions of this run's own fits, each made before its step
+        joined the fit; None before MIN_SCORED_STEPS of them (too few to say anything)."""
+        if len(self.abs_errors) < MIN_SCORED_STEPS:
+            return None
+        return sum(self.abs_errors) / len(self.abs_errors)
 
     def stats(self) -> dict:
         alpha, beta, delta = self.coefficients or (None, None, None)
         return {"alpha_s_per_token": alpha, "beta_s_per_context_token": beta, "delta_s": delta,
-                "samples": len(self.samples), "mean_relative_error": self.mean_error()}
+                "samples": len(self.samples), "mean_relative_error": self.mean_error(),
+                "scored_steps": len(self.abs_errors), "seed_relative_error": self.seed_error(),
+                "seed_dropped": self.seed_dropped}
+
+
+def describe_step_time_model(stats: dict) -> str:
+    """The run summary's words for the cost model's figures (StepCostModel.stats(), plus
+    "seeded_from"): how far its predicted step times were from the measured ones. "" when too few
+    steps were predicted to say."""
+    error = stats.get("mean_relative_error")
+    parts = []
+    if error is not None:
+        line = (f"step-time model: predicted step times were off by {error:.0%} on average "
+                f"({stats['scored_steps']} steps, each predicted before it ran)")
+        if error > SEED_ERROR_LIMIT:
+            line += ": the step times varied more than tokens and context explain (other jobs on this machine?)"
+        parts.append(line)
+    if stats.get("seed_dropped"):
+        parts.append(f"the saved step-cost profile it started from was off by {stats['seed_relative_error']:.0%} "
+                     "on the first steps: dropped, the model learned from this run's steps")
+    return "; ".join(parts)
 
 
 def _least_squares(columns: list[list[float]], target: list[float]) -> list[float] | None:

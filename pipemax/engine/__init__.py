@@ -5,6 +5,7 @@ Owns
                       oldest step's tokens later -> stop checks -> finished requests
     config.py         EngineConfig, every option checked before anything loads
     step_costs.py     the cost model's fit saved after a run and seeding the next engine
+    cpu_threads.py    torch's thread count for a single-process CPU engine (half the cores)
     data_parallel.py  R replicas of the engine (one process each, or torchrun's), one result stream
 
 May import: parallel, worker, core, models, kernels. Never imports tuning, batch, api or cli, nor

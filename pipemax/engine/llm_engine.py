@@ -42,6 +42,7 @@ from pipemax.worker.stage import PendingTokens, StageExecutor
 from pipemax.worker.timeline import Timeline, hidden_fraction
 
 from .config import DTYPES, ConfigError, EngineConfig  # noqa: F401 (re-exported)
+from .cpu_threads import use_cpu_threads
 from .step_costs import load_step_costs, save_step_costs, step_code_digest
 
 log = logging.getLogger("pipemax")
@@ -114,6 +115,8 @@ class LLMEngine:
         else:
             self.stage_devices = [str(self.device)] * len(self.stage_ranges)
         self._eos_token_ids = self._eos_token_ids_of(path)
+        if self.device.type == "cpu" and not self.distributed:  # (stage processes share the cores out themselves)
+            use_cpu_threads()  # before the step-cost key, which names the thread count
 
         # One chunk count for every stage: the scheduler's decisions must fit each stage's pool.
         specs = [KVPoolSpec(end - start, self.model_config.num_kv_heads, self.model_config.head_dim,

@@ -3,7 +3,8 @@
 After a run the engine saves its fit (save_step_costs) under a key naming what the step time
 depends on (the GPU, the model's shape, dtype, stage split, kernels); the next engine with the
 same key starts from it (load_step_costs), so offload=auto has a budget from its first steps
-instead of after the first few. The files live in $PIPEMAX_PROFILES, by default
+instead of after the first few (a seed its first steps disagree with is dropped at once:
+core/cost_model.py). The files live in $PIPEMAX_PROFILES, by default
 ~/.cache/pipemax/profiles (or $PIPEMAX_CACHE/profiles); `pipemax autotune`'s server profiles sit
 beside them.
 """

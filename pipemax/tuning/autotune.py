@@ -13,7 +13,9 @@
    the micro-batches, batch, KV budgets and prefill tokens per step; the real scheduler is
    simulated on the planned workload and the fastest layout wins.
 4. Save the profile, keyed by the GPU model, the GPU count and the model's shape; `pipemax
-   serve-offline` loads it by that key.
+   serve-offline` loads it by that key. Not when a measurement stayed noisy (its repeats disagreed
+   by more than 2x, taken three times: another job was using the machine) or the plan predicts no
+   throughput: that is one line naming it, unless --force.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def add_autotune_parser(commands) -> None:
     tune.add_argument("--num-prompts", type=int, default=1000, help="requests simulated per layout (default 1000)")
     tune.add_argument("--quick", action="store_true", help="a smaller measurement grid (seconds, rougher costs)")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.add_argument("--force", action="store_true",
+                      help="save the profile even when a measurement was noisy (a busy machine) or the plan "
+                           "predicts no throughput; a warning says which")
 
 
 class AutotuneError(ValueError):
@@ -63,10 +68,19 @@ def grid(device_type: str, quick: bool, max_len: int) -> tuple[list[int], list[t
     return chunks, pairs, copy_bytes
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What the arguments alone rule out, before anything is probed or measured."""
+    for option, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--host-memory-gib", args.host_memory_gib)):
+        if value is not None and not value > 0:  # (NaN included)
+            raise AutotuneError(f"{option} {value:g}: give a size in GiB above 0")
+
+
 def run_autotune(args: argparse.Namespace) -> int:
+    check_arguments(args)
     import torch
 
     from pipemax.engine.config import DTYPES, available_host_memory_gib
+    from pipemax.engine.cpu_threads import use_cpu_threads
     from pipemax.models.default_model import default_model_path
     from pipemax.parallel.partition import PartitionError, partition_layers
     from pipemax.tuning import microbench
@@ -83,8 +97,9 @@ def run_autotune(args: argparse.Namespace) -> int:
         print(line)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
+        threads = use_cpu_threads()  # what serve-offline's engine runs with: measured alike
         print("no CUDA GPU: measuring the CPU (host-memory copies, CPU steps); the profile describes this machine's "
-              "CPU")
+              f"CPU at {threads} torch thread(s)")
     dtype = torch.float32 if args.dtype == "auto" and device.type == "cpu" else DTYPES.get(args.dtype, torch.bfloat16)
     dtype_name = str(dtype).removeprefix("torch.")
     model_path = Path(args.model) if args.model else default_model_path()
@@ -111,32 +126,37 @@ def run_autotune(args: argparse.Namespace) -> int:
         memory = 2**30 - kv_budget_bytes(0, config, [(0, config.num_layers)], dtype, 4096, 1024, False)
     widest = max(ranges, key=lambda r: r[1] - r[0])
     if kv_budget_bytes(memory, config, [widest], dtype, 4096, 1024, device.type == "cuda") <= 0:
-        raise AutotuneError(f"{config.num_layers} layers over {gpus} GPU(s) of {memory / 2**30:.0f} GiB leave no room "
-                            "for a KV cache: use more --gpus")
+        remedy = "give more --gpu-memory-gib or use more --gpus" if args.gpu_memory_gib is not None else \
+            "use more --gpus"
+        raise AutotuneError(f"{config.num_layers} layers over {gpus} GPU(s) of {memory / 2**30:.3g} GiB leave no room "
+                            f"for a KV cache: {remedy}")
     host_bytes = int((args.host_memory_gib or (available_host_memory_gib() or 16) / 4) * 2**30)
 
     chunks, pairs, copy_bytes = grid(device.type, args.quick, config.max_model_len)
     depths = sorted({stage_layers, 1 if stage_layers > 1 else 2})
     total = len(chunks) * 4 + 2 + len(pairs) * len(depths) + 1
     spec_of = lambda tokens: KVPoolSpec(stage_layers, config.num_kv_heads, config.head_dim, tokens, dtype)  # noqa
+    noise = microbench.NoiseCheck()
     with _progress(total, args.no_progress) as tick:
-        rates = microbench.copy_rates(spec_of, chunks, device, copy_bytes, progress=tick)
+        rates = microbench.copy_rates(spec_of, chunks, device, copy_bytes, progress=tick, noise=noise)
         chunk_tokens, prefetch_rate = microbench.best_chunk_tokens(rates)
         # The plan counts on what each GPU's prefetch gets while every stage copies at once.
         everyone = ([torch.device("cuda", index) for index in range(min(gpus, torch.cuda.device_count()))]
                     if device.type == "cuda" else [device])
-        concurrent = (microbench.concurrent_prefetch_rate(spec_of(chunk_tokens), everyone, copy_bytes)
+        concurrent = (microbench.concurrent_prefetch_rate(spec_of(chunk_tokens), everyone, copy_bytes, noise=noise)
                       if len(everyone) > 1 else None)
         if concurrent is not None:
             prefetch_rate = min(prefetch_rate, concurrent)
-        both = microbench.both_directions(spec_of(chunk_tokens), device, copy_bytes)
+        both = microbench.both_directions(spec_of(chunk_tokens), device, copy_bytes, noise=noise)
         tick()
+        on_gpu = device.type == "cuda"
         beside = microbench.copy_beside_matmul(spec_of(chunk_tokens), device, dtype, copy_bytes,
-                                               4096 if device.type == "cuda" else 256, 40 if device.type == "cuda" else 4)
+                                               4096 if on_gpu else 256, 40 if on_gpu else 4, noise)
         tick()
-        fits = {layers: microbench.step_costs(config, layers, device, dtype, pairs, chunk_tokens, progress=tick)
+        fits = {layers: microbench.step_costs(config, layers, device, dtype, pairs, chunk_tokens, progress=tick,
+                                              noise=noise)
                 for layers in depths}
-        link = microbench.activation_link(config.hidden_size, dtype) if gpus > 1 else None
+        link = microbench.activation_link(config.hidden_size, dtype, noise=noise) if gpus > 1 else None
         tick()
     costs = microbench.split_layer_costs({layers: fit[0] for layers, fit in fits.items()})
     facts = ServerFacts(gpus, memory, prefetch_rate, link or prefetch_rate, host_bytes, costs, chunk_tokens,
@@ -156,24 +176,7 @@ def run_autotune(args: argparse.Namespace) -> int:
     rate = {name: plan.simulation["generated_tokens_per_s"] for name, plan in plans.items()}
     best = best_layout(plans)
     plan = plans[best]
-    measurements = {
-        "device": device.type, "gpu_memory_bytes": memory, "pcie_bytes_per_s": prefetch_rate,
-        "concurrent_prefetch_bytes_per_s": concurrent, "concurrent_prefetch_gpus": len(everyone),
-        "link_bytes_per_s": link, "host_kv_bytes": host_bytes, "chunk_tokens": chunk_tokens, "costs": costs.to_dict(),
-        "copy_rates": rates, "both_directions": both, "copy_beside_matmul": beside,
-        "step_fits": {str(layers): {"coefficients": list(fit[0]), **fit[1]} for layers, fit in fits.items()},
-    }
-    key = profile_key(this_device_name(device), gpus, config, dtype_name)
-    profile = ServerProfile(key, hardware.to_dict(), measurements, {
-        **plan.engine_options(), "layout": best, "dtype": dtype_name,
-        "predicted": {name: {k: p.simulation[k] for k in ("generated_tokens_per_s", "total_tokens_per_s",
-                                                          "stage_utilisation", "pcie_gbs")}
-                      for name, p in plans.items()}})
-    try:
-        path = save_profile(profile, args.output)
-    except OSError as error:
-        raise AutotuneError(f"cannot write the profile to {args.output or default_profile_path(key)}: "
-                            f"{error.strerror or error}") from None
+    doubts = _doubts(noise, rate[best], best, costs)
     memcpy = max(r["gbs"] for r in rates if r["method"] == "memcpy" and r["direction"] == "h2d"
                  and r["chunk_tokens"] == chunk_tokens)
     kernel, per_chunk = (("the Triton kernel", "cudaMemcpy") if device.type == "cuda" else
@@ -187,14 +190,60 @@ def run_autotune(args: argparse.Namespace) -> int:
     print(f"workload planned for: {len(workload.requests):,} requests, mean {workload.mean_input:.0f} in, "
           f"{workload.mean_output:.0f} out" + "".join(f"; {note}" for note in notes))
     for name, candidate in plans.items():
-        print(f"  {name:<10} {rate[name]:>10,.0f} generated tokens/s predicted" + ("  <- chosen" if name == best else ""))
+        print(f"  {name:<10} {_tokens_per_s(rate[name]):>10} generated tokens/s predicted"
+              + ("  <- chosen" if name == best else ""))
     print(f"plan: {plan.describe(facts)}")
+    if doubts and not args.force:  # (what was measured is printed above: the figures show the noise)
+        raise AutotuneError(f"not saving the profile: {doubts}; run autotune again when the machine is idle, or "
+                            "pass --force to save it anyway")
+    if doubts:
+        print(f"warning: saved with --force although {doubts}")
+    measurements = {
+        "device": device.type, "gpu_memory_bytes": memory, "pcie_bytes_per_s": prefetch_rate,
+        "concurrent_prefetch_bytes_per_s": concurrent, "concurrent_prefetch_gpus": len(everyone),
+        "link_bytes_per_s": link, "host_kv_bytes": host_bytes, "chunk_tokens": chunk_tokens, "costs": costs.to_dict(),
+        "copy_rates": rates, "both_directions": both, "copy_beside_matmul": beside,
+        "step_fits": {str(layers): {"coefficients": list(fit[0]), **fit[1]} for layers, fit in fits.items()},
+        "noisy": noise.noisy,  # what stayed noisy (saved with --force): its repeats' spread
+    }
+    key = profile_key(this_device_name(device), gpus, config, dtype_name)
+    profile = ServerProfile(key, hardware.to_dict(), measurements, {
+        **plan.engine_options(), "layout": best, "dtype": dtype_name,
+        "predicted": {name: {k: p.simulation[k] for k in ("generated_tokens_per_s", "total_tokens_per_s",
+                                                          "stage_utilisation", "pcie_gbs")}
+                      for name, p in plans.items()}})
+    try:
+        path = save_profile(profile, args.output)
+    except OSError as error:
+        raise AutotuneError(f"cannot write the profile to {args.output or default_profile_path(key)}: "
+                            f"{error.strerror or error}") from None
     found = path == default_profile_path(key) and gpus == visible and args.dtype == "auto"
     print(f"profile: {path}" + ("" if found else "  (serve-offline finds it with --profile)"))
     print(f"next: pipemax serve-offline {'--model ' + str(model_path) + ' ' if args.model else ''}"
           + ("" if found else f"--profile {path} " + (f"--dtype {args.dtype} " if args.dtype != "auto" else ""))
           + "-i requests.jsonl -o results.jsonl")
     return 0
+
+
+def _doubts(noise, best_rate: float, best: str, costs) -> str:
+    """Why the measurements cannot be trusted, in words ("" when nothing says so)."""
+    reasons = []
+    worst = noise.worst()
+    if worst is not None:
+        what, spread = worst
+        others = len(noise.noisy) - 1
+        reasons.append(f"the machine is busy: the repeats of the {what} disagreed by {spread:.3g}x, "
+                       f"{1 + noise.retries} times"
+                       + (f" (and {others} other measurement(s))" if others else ""))
+    if not best_rate > 0:
+        reasons.append(f"the plan predicts 0 generated tokens/s ({best}; a layer measured "
+                       f"{costs.layer.alpha * 1e6:,.0f} us a token)")
+    return "; ".join(reasons)
+
+
+def _tokens_per_s(rate: float) -> str:
+    """A throughput in few digits, never a rounded-down 0 for a slow one."""
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
 
 
 @contextlib.contextmanager

@@ -14,11 +14,17 @@
 On a machine without a GPU they run on the CPU (host memory to host memory, the torch code the
 engine runs there), so a profile can still be written; the figures then describe the CPU.
 Every function returns plain numbers for the profile's "measurements".
+
+Each measurement is repeated; repeats that disagree by more than NOISE_LIMIT mean something else
+used the device or the cores meanwhile. Such a measurement is taken again (at most RETRIES more
+times), and one still noisy is recorded in the NoiseCheck passed in: autotune then refuses to
+save a profile made of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import weakref
@@ -31,24 +37,79 @@ from pipemax.models import ModelConfig, build_model
 from pipemax.worker.kv_pool import KVPoolSpec, pinned_empty, unpin
 
 GB = 1e9
+# The issue's busy 2-core machine measured a layer's cost per token 50x too high. Repeats of one
+# measurement on a quiet machine agree within tens of percent; most of them twice as slow as the
+# fastest is another job's doing.
+NOISE_LIMIT = 2.0
+RETRIES = 2
 
 
-def _timed(device: torch.device, run: Callable[[], None], repeats: int) -> float:
-    """Seconds per call of run, after one warm-up call (device time on CUDA)."""
+def spread(times: list[float]) -> float:
+    """How far a measurement's repeats disagree: the middle one over the fastest (1.0: they agree).
+    The middle one, not the slowest: one slow repeat is a hiccup (a page fault, a context switch),
+    most of them slow is a machine that is busy."""
+    ordered = sorted(t for t in times if t > 0)
+    if len(ordered) < 2:
+        return 1.0
+    return ordered[len(ordered) // 2] / ordered[0]  # (of two, the slower)
+
+
+class NoiseCheck:
+    """Takes a measurement again while its repeats disagree by more than `limit` (at most `retries`
+    more times, keeping the attempt that agreed best) and remembers those still noisy."""
+
+    def __init__(self, limit: float = NOISE_LIMIT, retries: int = RETRIES):
+        self.limit, self.retries = limit, retries
+        self.noisy: dict[str, float] = {}  # what was measured -> its repeats' spread after every retry
+
+    def measure(self, what: str, attempt: Callable[[], object],
+                times_of: Callable[[object], list[float]] = lambda result: result):
+        """attempt() takes the measurement once; times_of(its result) are the repeats' seconds."""
+        best, best_spread = None, math.inf
+        for _ in range(1 + self.retries):
+            result = attempt()
+            ratio = spread(times_of(result))
+            if ratio < best_spread:
+                best, best_spread = result, ratio
+            if ratio <= self.limit:
+                return result
+        self.noisy[what] = best_spread
+        return best
+
+    def worst(self) -> tuple[str, float] | None:
+        """(what, spread) of the noisiest measurement kept, or None when every one agreed."""
+        return max(self.noisy.items(), key=lambda item: item[1]) if self.noisy else None
+
+
+def _repeat_times(device: torch.device, run: Callable[[], None], repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of run, after one warm-up call (device time on CUDA)."""
     run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+        events[0].record()
+        for event in events[1:]:
             run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000 / repeats
-    started = time.perf_counter()
+            event.record()
+        events[-1].synchronize()
+        return [start.elapsed_time(end) / 1000 for start, end in zip(events, events[1:])]
+    times = []
     for _ in range(repeats):
+        started = time.perf_counter()
         run()
-    return (time.perf_counter() - started) / repeats
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _timed(device: torch.device, run: Callable[[], None], repeats: int, noise: NoiseCheck | None = None,
+           what: str = "") -> float:
+    """Seconds per call of run, the mean of `repeats` calls (taken again while they disagree, with
+    a NoiseCheck)."""
+    def attempt() -> list[float]:
+        return _repeat_times(device, run, repeats)
+
+    times = noise.measure(what, attempt) if noise is not None else attempt()
+    return sum(times) / len(times)
 
 
 class _Pools:
@@ -85,7 +146,8 @@ class _Pools:
 
 
 def copy_rates(spec_of: Callable[[int], KVPoolSpec], chunk_sizes: list[int], device: torch.device,
-               total_bytes: int, repeats: int = 3, progress: Callable[[], None] = lambda: None) -> list[dict]:
+               total_bytes: int, repeats: int = 3, progress: Callable[[], None] = lambda: None,
+               noise: NoiseCheck | None = None) -> list[dict]:
     """[{chunk_tokens, chunk_bytes, method, direction, gbs}] for every chunk size, method and
     direction (h2d: host to GPU, a prefetch; d2h: GPU to host, an offload)."""
     rates = []
@@ -94,7 +156,8 @@ def copy_rates(spec_of: Callable[[int], KVPoolSpec], chunk_sizes: list[int], dev
         pools = _Pools(spec, device, total_bytes)
         for method in ("memcpy", "kernel"):
             for direction in ("h2d", "d2h"):
-                seconds = _timed(device, lambda: pools.copy(method, direction == "h2d"), repeats)
+                seconds = _timed(device, lambda: pools.copy(method, direction == "h2d"), repeats, noise,
+                                 f"{method} {direction} copy of {chunk_tokens}-token chunks")
                 rates.append({"chunk_tokens": chunk_tokens, "chunk_bytes": spec.chunk_bytes, "method": method,
                               "direction": direction, "gbs": pools.bytes / seconds / GB})
                 progress()
@@ -103,35 +166,45 @@ def copy_rates(spec_of: Callable[[int], KVPoolSpec], chunk_sizes: list[int], dev
 
 
 def concurrent_prefetch_rate(spec: KVPoolSpec, devices: list[torch.device], total_bytes: int,
-                             repeats: int = 3) -> float:
+                             repeats: int = 3, noise: NoiseCheck | None = None) -> float:
     """Bytes/s of the engine's prefetch kernel on the slowest of `devices` while every one of them
     prefetches at once (a thread each, started together): what a pipeline can count on when all
     its stages copy in the same step, as they do (GPUs behind one PCIe switch share its uplink)."""
     pools = [_Pools(spec, device, total_bytes) for device in devices]
     for pool in pools:  # warm-up: the kernel compiled and the pages touched
         pool.copy("kernel", True)
-    seconds = [0.0] * len(devices)
-    start = threading.Barrier(len(devices))
 
-    def copy(index: int) -> None:
-        device = devices[index]
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            torch.cuda.synchronize(device)
-        start.wait()
-        began = time.perf_counter()
-        for _ in range(repeats):
-            pools[index].copy("kernel", True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds[index] = time.perf_counter() - began
+    def attempt() -> list[list[float]]:
+        """Each device's seconds per repeat, every device copying at once."""
+        seconds = [[] for _ in devices]
+        start = threading.Barrier(len(devices))
 
-    threads = [threading.Thread(target=copy, args=(index,)) for index in range(len(devices))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return min(pool.bytes * repeats / max(took, 1e-9) for pool, took in zip(pools, seconds))
+        def copy(index: int) -> None:
+            device = devices[index]
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                torch.cuda.synchronize(device)
+            start.wait()
+            for _ in range(repeats):
+                began = time.perf_counter()
+                pools[index].copy("kernel", True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[index].append(time.perf_counter() - began)
+
+        threads = [threading.Thread(target=copy, args=(index,)) for index in range(len(devices))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return seconds
+
+    def slowest(per_device: list[list[float]]) -> list[float]:  # the device the plan counts on
+        return max(per_device, key=sum)
+
+    seconds = slowest(noise.measure("prefetch on every device at once", attempt, slowest) if noise is not None
+                      else attempt())
+    return min(pool.bytes for pool in pools) * repeats / max(sum(seconds), 1e-9)
 
 
 def best_chunk_tokens(rates: list[dict], share: float = 0.9) -> tuple[int, float]:
@@ -144,7 +217,8 @@ def best_chunk_tokens(rates: list[dict], share: float = 0.9) -> tuple[int, float
     return chosen["chunk_tokens"], chosen["gbs"] * GB
 
 
-def both_directions(spec: KVPoolSpec, device: torch.device, total_bytes: int, repeats: int = 3) -> dict:
+def both_directions(spec: KVPoolSpec, device: torch.device, total_bytes: int, repeats: int = 3,
+                    noise: NoiseCheck | None = None) -> dict:
     """A prefetch and a write-back at once, each on its own stream: the rate of each and together."""
     prefetch_pools, offload_pools = _Pools(spec, device, total_bytes, 1), _Pools(spec, device, total_bytes, 2)
     if device.type == "cuda":
@@ -164,14 +238,14 @@ def both_directions(spec: KVPoolSpec, device: torch.device, total_bytes: int, re
         def run():
             prefetch_pools.copy("kernel", True)
             offload_pools.copy("kernel", False)
-    seconds = _timed(device, run, repeats)
+    seconds = _timed(device, run, repeats, noise, "prefetch and write-back at once")
     moved = prefetch_pools.bytes + offload_pools.bytes
     return {"total_gbs": moved / seconds / GB, "each_gbs": moved / 2 / seconds / GB,
             "concurrent": device.type == "cuda"}
 
 
 def copy_beside_matmul(spec: KVPoolSpec, device: torch.device, dtype: torch.dtype, total_bytes: int,
-                       matmul_size: int, matmuls: int) -> dict:
+                       matmul_size: int, matmuls: int, noise: NoiseCheck | None = None) -> dict:
     """A prefetch on its own stream while `matmuls` matmuls run on the compute stream: the copy's
     rate then, and the matmuls' time against the same matmuls alone."""
     pools = _Pools(spec, device, total_bytes, 3)
@@ -182,9 +256,9 @@ def copy_beside_matmul(spec: KVPoolSpec, device: torch.device, dtype: torch.dtyp
         for _ in range(matmuls):
             torch.mm(a, b)
 
-    alone = _timed(device, compute, 2)
+    alone = _timed(device, compute, 2, noise, "matmuls alone")
     if device.type != "cuda":  # nothing runs beside the CPU's matmuls
-        copy = _timed(device, lambda: pools.copy("kernel", True), 2)
+        copy = _timed(device, lambda: pools.copy("kernel", True), 2, noise, "prefetch beside matmuls")
         return {"copy_gbs": pools.bytes / copy / GB, "matmul_slowdown": 1.0, "concurrent": False}
     stream = torch.cuda.Stream(device, priority=-1)  # the prefetch stream's priority in the engine
     events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]  # copy start/end, compute start/end
@@ -209,23 +283,27 @@ def copy_beside_matmul(spec: KVPoolSpec, device: torch.device, dtype: torch.dtyp
             "concurrent": True}
 
 
-def activation_link(hidden_size: int, dtype: torch.dtype, tokens: int = 4096, repeats: int = 5) -> float | None:
+def activation_link(hidden_size: int, dtype: torch.dtype, tokens: int = 4096, repeats: int = 5,
+                    noise: NoiseCheck | None = None) -> float | None:
     """GPU 0 -> GPU 1 bytes/s for a step's hidden states (None with fewer than two GPUs)."""
     if torch.cuda.device_count() < 2:
         return None
     source = torch.randn(tokens, hidden_size, device="cuda:0").to(dtype)
     target = torch.empty_like(source, device="cuda:1")
-    seconds = _timed(torch.device("cuda:0"), lambda: target.copy_(source, non_blocking=True), repeats)
+    seconds = _timed(torch.device("cuda:0"), lambda: target.copy_(source, non_blocking=True), repeats, noise,
+                     "GPU 0 -> 1 copy")
     torch.cuda.synchronize("cuda:1")
     return source.numel() * source.element_size() / seconds
 
 
 def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: torch.dtype,
                pairs: list[tuple[int, int]], chunk_tokens: int = 16,
-               progress: Callable[[], None] = lambda: None) -> tuple[tuple[float, float, float], dict]:
+               progress: Callable[[], None] = lambda: None,
+               noise: NoiseCheck | None = None) -> tuple[tuple[float, float, float], dict]:
     """(alpha, beta, delta) of a model of `layers` layers of config's shape (with its embedding and
     LM head), fitted to the engine's own measured steps over (batch, prompt length) pairs (each a
-    prefill, then decodes): the cost model the engine itself fits. Also {samples, mean error}."""
+    prefill, then decodes): the cost model the engine itself fits. Also {samples, mean error}.
+    A pair's decode steps are its repeats (the same batch, nearly the same context)."""
     from pipemax.core.cost_model import StepCostModel
     from pipemax.core.sampling_params import SamplingParams
     from pipemax.engine.llm_engine import EngineConfig, LLMEngine
@@ -243,18 +321,27 @@ def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: to
         model=f"random:{config.architecture}", dtype=str(dtype).removeprefix("torch."), device=str(device),
         max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch), chunk_tokens=chunk_tokens,
         kv_cache_gib=max(kv_gib * 1.2, 1 / 64), max_model_len=longest + 8), model=model)
-    samples = []
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    for warm_up in (True, False):  # the first pass compiles kernels and captures graphs
-        for batch, prompt in pairs:
-            engine.cost_model = StepCostModel()
-            for index in range(batch):
-                engine.add_request([(7 * index + position) % config.vocab_size for position in range(prompt)], params)
-            for _ in engine.run():
-                pass
-            if not warm_up:
-                samples += list(engine.cost_model.samples)
-                progress()
+
+    def run_pair(batch: int, prompt: int) -> list[tuple[int, int, float]]:
+        """The pair's measured steps: (batch tokens, context tokens, seconds)."""
+        engine.cost_model = StepCostModel()
+        for index in range(batch):
+            engine.add_request([(7 * index + position) % config.vocab_size for position in range(prompt)], params)
+        for _ in engine.run():
+            pass
+        return list(engine.cost_model.samples)
+
+    for batch, prompt in pairs:  # the first pass compiles kernels and captures graphs
+        run_pair(batch, prompt)
+    samples = []
+    for batch, prompt in pairs:
+        if noise is None:
+            samples += run_pair(batch, prompt)
+        else:
+            samples += noise.measure(f"step time at batch {batch} x {prompt} prompt tokens",
+                                     lambda: run_pair(batch, prompt), decode_seconds)  # noqa: B023 (called here)
+        progress()
     fit = StepCostModel(window=len(samples) + 1)
     fit.samples.extend(samples)
     fit.fit()
@@ -263,6 +350,12 @@ def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: to
     del engine, model
     return fit.coefficients or (0.0, 0.0, 0.0), {
         "samples": len(samples), "mean_relative_error": sum(errors) / len(errors) if errors else None}
+
+
+def decode_seconds(samples: list[tuple[int, int, float]]) -> list[float]:
+    """The seconds of a pair's decode steps: its steps of the fewest tokens (one a sequence)."""
+    fewest = min((tokens for tokens, _, _ in samples), default=0)
+    return [seconds for tokens, _, seconds in samples if tokens == fewest]
 
 
 def fitting_pairs(stage_config: ModelConfig, layers: int, device: torch.device, dtype: torch.dtype,

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipemax.core.cost_model import StepCostModel
+from pipemax.core.cost_model import MIN_SCORED_STEPS, StepCostModel, describe_step_time_model
 from tests.helpers import examples
 
 
@@ -67,11 +67,61 @@ def test_data_that_cannot_tell_the_costs_apart_gets_the_minimum_norm_answer(samp
 
 def test_a_failed_clock_neither_enters_the_fit_nor_blocks_it():
     model = StepCostModel(refit_every=1)
-    for tokens in range(1, 9):
+    for tokens in range(1, 13):  # (enough steps for an error to be reported: 9 scored after the first fit)
         model.observe(tokens, 10 * tokens, 1e-3 + 1e-4 * tokens)
         model.observe(tokens, 10 * tokens, math.nan)
         model.observe(tokens, 10 * tokens, math.inf)
         model.observe(tokens, 10 * tokens, -1.0)
-    assert len(model.samples) == 8
+    assert len(model.samples) == 12
     assert model.predict(4, 40) == pytest.approx(1e-3 + 4e-4)
     assert math.isfinite(model.mean_error())
+
+
+def steps(model, count, seconds_of=lambda tokens, context: 1e-3 + 1e-5 * tokens + 1e-7 * context):
+    """`count` measured steps of growing shape, timed by seconds_of (no clock: injected times)."""
+    for step in range(len(model.samples), len(model.samples) + count):  # (a step's shape: its index in the run)
+        # (never collinear: any three steps tell the costs apart)
+        tokens, context = 1 + step * step % 7 * 30, 100 + 50 * step
+        model.observe(tokens, context, seconds_of(tokens, context))
+
+
+def test_a_seed_far_off_is_dropped_at_once_and_kept_out_of_the_reported_error():
+    """A seed saved on a busy machine predicts steps 50x too slow: dropped after the first step
+    (no prediction until this run's own fit), and its errors are not the model's."""
+    true = (1e-5, 1e-7, 1e-3)
+    model = StepCostModel(seed=tuple(50 * value for value in true))
+    steps(model, 1)
+    assert model.seed_dropped and not model.ready and model.seed_error() > 40
+    steps(model, 30)
+    assert model.coefficients == pytest.approx(true)
+    stats = model.stats()
+    assert stats["seed_dropped"] and stats["mean_relative_error"] < 0.01 and stats["scored_steps"] == 28
+
+
+def test_a_seed_that_predicts_well_is_kept_until_the_run_has_its_own_fit():
+    true = (1e-5, 1e-7, 1e-3)
+    model = StepCostModel(seed=tuple(1.2 * value for value in true))
+    steps(model, 2)
+    assert model.coefficients == pytest.approx(tuple(1.2 * value for value in true))
+    assert not model.seed_dropped and model.seed_error() == pytest.approx(0.2, rel=0.05)
+    steps(model, 30)
+    assert not model.stats()["seed_dropped"] and model.mean_error() < 0.01
+
+
+def test_too_few_predicted_steps_report_no_error():
+    model = StepCostModel()
+    steps(model, 10)  # the first fit after 3 steps: 7 predictions, one short of MIN_SCORED_STEPS
+    assert model.mean_error() is None and model.stats()["mean_relative_error"] is None
+    steps(model, 1)
+    assert model.mean_error() is not None and MIN_SCORED_STEPS == 8
+
+
+def test_the_summary_says_in_words_what_the_error_is_or_nothing():
+    assert describe_step_time_model({"mean_relative_error": None, "scored_steps": 3}) == ""
+    words = describe_step_time_model({"mean_relative_error": 0.12, "scored_steps": 52, "seed_dropped": False})
+    assert words == "step-time model: predicted step times were off by 12% on average (52 steps, each predicted " \
+                    "before it ran)"
+    noisy = describe_step_time_model({"mean_relative_error": 14.69, "scored_steps": 60, "seed_dropped": True,
+                                      "seed_relative_error": 66.59})
+    assert "off by 1469% on average" in noisy and "other jobs on this machine?" in noisy
+    assert "profile it started from was off by 6659%" in noisy and "dropped" in noisy

@@ -154,3 +154,50 @@ def test_min_tokens_holds_back_eos(tiny):
     llm.engine.eos_token_ids = {free.token_ids[0]}
     held = greedy(llm, prompts[1], ignore_eos=False, min_tokens=4)
     assert len(held.token_ids) >= 4 and free.token_ids[0] not in held.token_ids[:4]
+
+
+def test_a_cpu_engine_keeps_torch_to_half_the_cores_unless_told(tiny, monkeypatch):
+    """A single-process CPU engine sets torch's threads (all the cores collapse on a busy machine:
+    engine/cpu_threads.py); OMP_NUM_THREADS, or a count this process set itself, is kept."""
+    from pipemax.engine import cpu_threads
+
+    assert [cpu_threads.default_cpu_threads(cores) for cores in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    assert cpu_threads.choose_cpu_threads({}, cores=2, threads_now=2, threads_at_import=2) == 1
+    assert cpu_threads.choose_cpu_threads({"OMP_NUM_THREADS": "2"}, 2, 2, 2) is None  # the user's choice
+    assert cpu_threads.choose_cpu_threads({}, 16, 4, 16) is None  # a replica's share of the cores
+    folder, _, _ = tiny
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 6)
+    monkeypatch.setattr(cpu_threads, "_THREADS_AT_IMPORT", before)  # nothing chose a count since the import
+    try:
+        llm = LLM(model=str(folder))
+        assert torch.get_num_threads() == 3
+        assert llm.engine.step_cost_key["device"] == "cpu x 3 threads"
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(before)
+        LLM(model=str(folder))
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+
+def test_a_saved_step_cost_fit_far_off_this_run_is_dropped_and_said_so(tiny, tmp_path, monkeypatch):
+    """A fit saved under other conditions (here: 1000x too slow) seeds the next engine, is dropped
+    at its first steps, and the summary's figure is this run's own model's, with the drop said."""
+    import json
+
+    from pipemax.core.cost_model import describe_step_time_model
+
+    folder, _, prompts = tiny
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path))
+    generate(folder, prompts)
+    [saved] = tmp_path.glob("step-costs-*.json")
+    record = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**record, "coefficients": [1000 * c + 1.0 for c in record["coefficients"]]}))
+    _, llm = generate(folder, prompts)
+    stats = llm.engine.last_run_stats["cost_model"]
+    assert stats["seeded_from"] == str(saved) and stats["seed_dropped"] and stats["seed_relative_error"] > 10
+    assert stats["mean_relative_error"] is None or stats["mean_relative_error"] < stats["seed_relative_error"]
+    assert "the saved step-cost profile it started from was off by" in describe_step_time_model(stats)
