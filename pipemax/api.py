@@ -194,6 +194,7 @@ class LLM:
         if serve_torchrun_worker(model, dtype=dtype, gpu_memory_gib=gpu_memory_gib, **engine_options):
             raise SystemExit(0)
         model_path = Path(model) if model is not None else default_model_path()
+        self.closed = False
         self.tokenizer = load_tokenizer(model_path)
         config = EngineConfig(model=str(model_path), dtype=dtype, gpu_memory_gib=gpu_memory_gib, **engine_options)
         self.cluster = None
@@ -243,12 +244,14 @@ class LLM:
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
+        self._check_open()
         parsed = parse_prompts(prompts)  # every prompt is checked before any is tokenized
         token_ids = [ids if ids is not None else self._encode_text(text) for text, ids in parsed]
         return self._run(token_ids, [text for text, _ in parsed], sampling_params, use_tqdm)
 
     def chat(self, conversations: list[dict] | Sequence[list[dict]], sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
+        self._check_open()
         if not isinstance(conversations, (list, tuple)) or (conversations and isinstance(conversations[0], dict)):
             conversations = [conversations]  # one conversation (or something normalize_messages rejects)
         token_ids = []
@@ -262,13 +265,22 @@ class LLM:
 
     def close(self) -> None:
         """End the stage processes of a distributed pipeline (they also end with this process);
-        under torchrun, tell every rank to stop."""
+        under torchrun, tell every rank to stop. Closing twice does nothing more."""
+        if self.closed:
+            return
+        self.closed = True
         self.engine.close()
         if getattr(self, "cluster", None) is not None:
             from pipemax.parallel.cluster import leave_cluster
 
             leave_cluster()
             self.cluster = None
+
+    def _check_open(self) -> None:
+        # A closed engine's stage processes and process groups are gone: its own errors would say
+        # so only as a missing group or a dead replica.
+        if self.closed:
+            raise RuntimeError("this LLM is closed: create a new LLM to generate again")
 
     def __enter__(self) -> LLM:
         return self
@@ -290,6 +302,7 @@ class LLM:
 
         With on_reject, a request the engine refuses is reported as on_reject(index, error) and
         the others run; without it, the error propagates before anything runs."""
+        self._check_open()
         index_of = {}
         try:
             for index, (token_ids, params) in enumerate(requests):

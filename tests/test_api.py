@@ -131,3 +131,18 @@ def test_bad_conversation_is_named_before_any_work(llm, no_work):
     with pytest.raises(ValueError, match="conversation 1: message 0: only text content parts are supported, "
                                          "got 'input_audio'"):
         llm.chat([good, bad], GREEDY, use_tqdm=False)
+
+
+@pytest.mark.parametrize("options", [{}, {"pipeline_parallel": 2, "pipeline_transport": "inprocess"}],
+                         ids=["one-process", "inprocess-pipeline"])
+def test_a_closed_llm_says_it_is_closed(model_folder, options):
+    """(Stage processes: tests/parallel/test_pipeline.py.)"""
+    llm = LLM(model=str(model_folder), max_model_len=256, **options)
+    assert generate(llm, [[1, 2, 3]])
+    llm.close()
+    llm.close()  # a second close does nothing
+    calls = [lambda: generate(llm, "Hi"), lambda: llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=False),
+             lambda: llm.stream([([1, 2, 3], GREEDY)], on_finish=lambda *result: None)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="^this LLM is closed: create a new LLM"):
+            call()

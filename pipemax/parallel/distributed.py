@@ -11,16 +11,18 @@ for its successor to take a message, and rank 0 only waits where the engine read
     rank 0: stage 0, then plan + hidden -> rank 1 -> ... -> rank P-1: samples -> tokens -> rank 0
 
 Failure: rank 0 polls its receives and the stage processes; a stage that dies (its exit code or
-signal named) or sends nothing for `stage_timeout` seconds ends the run with StageFailure, and
-every stage process is ended. Stage processes die with rank 0 (PR_SET_PDEATHSIG), so none is
-left behind even when rank 0 is killed. Under torchrun a stage's failure reaches the head as its
+signal named) or sends nothing for `stage_timeout` seconds (the message names the stopped or
+silent stages) ends the run with StageFailure, and every stage process is ended. Start-up is
+watched too: rank 0 hosts the rendezvous store and waits for each stage to check in, so a stage
+that dies while it imports (a script without a `__main__` guard: processes.py) ends the wait at
+once. Stage processes die with rank 0 (PR_SET_PDEATHSIG), so none is left behind even when rank
+0 is killed; their last words come back over a pipe each. Under torchrun a stage's failure reaches the head as its
 last words or as a broken connection, and torchrun ends every rank.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import queue
@@ -32,6 +34,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,8 @@ from pipemax.core.step_plan import SampledTokens, StagePlan
 from pipemax.worker.kv_pool import KVPool, KVPoolSpec
 from pipemax.worker.kv_transfers import transfer_stats
 from pipemax.worker.stage import StageExecutor
+
+from .processes import die_with_parent, exit_if_importing_main, let_the_head_decide, process_ended, process_is_stopped
 
 # A message group's own timeout: a receive waits this long before gloo gives up. Stages and idle
 # LLMs wait for their next message indefinitely; the head's --stage-timeout is the watchdog.
@@ -64,6 +69,12 @@ def process_group_options(backend: str):
 
 class StageFailure(RuntimeError):
     """A stage process died or stopped answering: the job cannot go on."""
+
+
+def store_address(init_method: str) -> tuple[str, int]:
+    """Host and port of a tcp://HOST:PORT rendezvous."""
+    parts = urlsplit(init_method)
+    return parts.hostname, parts.port
 
 
 @dataclass
@@ -233,12 +244,13 @@ class DistributedPipeline:
         self.last_rank = self.head + self.world_size - 1
         self.stage_timeout = specs[0].stage_timeout
         self.devices = [str(device)] + [spec.device if cluster is None else f"rank {spec.rank}" for spec in specs]
+        self.layer_ranges = [None] + [spec.layer_range for spec in specs]  # stage 0's is the engine's
         self.broken = False  # a stage failed: only closing is left
         self.owed = 0  # steps submitted whose tokens have not been read
         self.stage0: StageExecutor | None = None
         self.stages: list[StageExecutor] = []  # this process's stages (for stats)
         context = mp.get_context("spawn")
-        self.errors = context.SimpleQueue()  # (rank, last words) of a spawned stage that fails
+        self.last_words: dict[int, object] = {}  # rank -> the read end of that spawned stage's pipe
         self.processes = []
         self.threads_before = torch.get_num_threads()
         if cluster is None:
@@ -264,22 +276,49 @@ class DistributedPipeline:
             share_cpu_cores(self.world_size)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL binds rank 0 to the current device
-        for spec in specs:
-            process = context.Process(target=stage_main, args=(spec, os.getpid(), self.errors), daemon=True,
-                                      name=f"pipemax-stage-{spec.rank}")
-            process.start()
-            self.processes.append(process)
+        exit_if_importing_main()
+        timeout = timedelta(seconds=self.stage_timeout)
         try:
-            init_world(backend, init_method=specs[0].init_method, rank=0,
-                       world_size=self.world_size, timeout=timedelta(seconds=self.stage_timeout))
+            # This process hosts the rendezvous store, so it can wait for the stages to check in
+            # while it watches them, rather than inside a join that only a timeout ends.
+            host, port = store_address(specs[0].init_method)
+            store = dist.TCPStore(host, port, self.world_size, is_master=True, timeout=timeout,
+                                  wait_for_workers=False)
+            for spec in specs:
+                reader, writer = context.Pipe(duplex=False)
+                process = context.Process(target=stage_main, args=(spec, os.getpid(), writer), daemon=True,
+                                          name=f"pipemax-stage-{spec.rank}")
+                process.start()
+                writer.close()  # the stage holds the only write end: its death reads as the pipe's end
+                self.processes.append(process)
+                self.last_words[spec.rank] = reader
+            self._wait_for_check_ins(store, [spec.rank for spec in specs])
+            init_world(backend, store=store, rank=0, world_size=self.world_size, timeout=timeout)
             self.mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
-        except Exception as error:  # a stage that died at start leaves the rendezvous waiting
+        except Exception as error:
             try:
-                self._raise_for_dead_stage("starting", patience=20)
+                if isinstance(error, StageFailure):
+                    raise
+                self._raise_for_dead_stage("starting", patience=20)  # a broken join shows before the exit code
                 raise StageFailure(f"the stage processes did not join ({error})") from None
-            except BaseException:
+            finally:
                 self.close()
-                raise
+        except BaseException:  # Ctrl-C while the stages start
+            self.close()
+            raise
+
+    def _wait_for_check_ins(self, store, ranks: list[int]) -> None:
+        """Until every stage process has set its key in the store (it is past its imports and about
+        to join), watching the processes: one that dies while it starts ends the wait at once.
+        Imports can be slow on a busy machine: the processes are watched, the clock less so."""
+        keys = [check_in_key(rank) for rank in ranks]
+        limit = max(30 * self.stage_timeout, 1800)
+        deadline = time.monotonic() + limit
+        while not store.check(keys):
+            self._raise_for_dead_stage("starting", patience=0)
+            if time.monotonic() > deadline:
+                raise StageFailure(f"the stage processes did not start within {limit:g} s")
+            time.sleep(0.05)
 
     def attach(self, stage0: StageExecutor) -> None:
         """Stage 0 is built: wait until every stage process has loaded its layers."""
@@ -388,10 +427,25 @@ class DistributedPipeline:
             if time.monotonic() > deadline:
                 self.broken = True
                 raise StageFailure(f"no answer from the pipeline for {timeout or self.stage_timeout:g} s while "
-                                   f"{doing} (--stage-timeout): a stage hangs")
+                                   f"{doing} (--stage-timeout): {self._silent_stages()}")
         if message[0] in ("broken", "error"):
             self._raise_for_failed_stage(src, message, doing)
         return message
+
+    def _silent_stages(self) -> str:
+        """Which stages the head waits on: the stopped ones when any is (SIGSTOP, a debugger), else
+        every stage after stage 0, with what a look at them needs (pid, or rank, and layers)."""
+        described = {}
+        for stage in range(1, self.world_size):
+            start, end = self.layer_ranges[stage]
+            where = f"pid {self.processes[stage - 1].pid}" if self.cluster is None else self.devices[stage]
+            described[stage] = f"stage {stage} ({where}, layers [{start}, {end}))"
+        if self.cluster is None:
+            stopped = [described[stage] for stage, process in enumerate(self.processes, start=1)
+                       if process_is_stopped(process.pid)]
+            if stopped:
+                return f"{', '.join(stopped)} {'is' if len(stopped) == 1 else 'are'} stopped (SIGSTOP or a debugger)"
+        return f"a stage hangs: one of {', '.join(described.values())}"
 
     def _raise_for_failed_stage(self, rank: int, message, doing: str) -> None:
         self.broken = True
@@ -416,17 +470,19 @@ class DistributedPipeline:
                 if not process.is_alive():
                     self.broken = True
                     said = self._last_words(rank)
-                    raise StageFailure(f"stage {rank} on {self.devices[rank]} {_exit_reason(process.exitcode)} "
-                                       f"while {doing}{said}")
+                    raise StageFailure(process_ended(f"stage {rank} on {self.devices[rank]}", process.exitcode,
+                                                     doing) + said)
             if attempt < patience:
                 time.sleep(0.05)
 
     def _last_words(self, rank: int) -> str:
         words = ""
-        while not self.errors.empty():
-            sender, message = self.errors.get()
-            if sender == rank:
-                words = f": {message}"
+        reader = self.last_words.get(rank)
+        try:
+            while reader is not None and reader.poll():
+                words = f": {reader.recv()}"
+        except (EOFError, OSError):  # nothing (more) was said
+            pass
         return words
 
     def close(self) -> None:
@@ -461,6 +517,9 @@ class DistributedPipeline:
             except Exception:
                 pass
         self.processes = []
+        for reader in self.last_words.values():
+            reader.close()
+        self.last_words = {}
         torch.set_num_threads(self.threads_before)
 
 
@@ -472,41 +531,31 @@ def _wait(work, seconds: float) -> bool:
         return False
 
 
-def _exit_reason(code: int | None) -> str:
-    if code is None:
-        return "stopped"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
-
-
 # ---- ranks 1..P-1 -------------------------------------------------------------------------------
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent dies
-    except OSError:
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+def check_in_key(rank: int) -> str:
+    return f"pipemax/started/{rank}"
 
 
-def stage_main(spec: StageSpec, parent_pid: int, errors) -> None:
-    """A spawned stage process: join rank 0, then serve the stage until told to stop."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 decides
+def stage_main(spec: StageSpec, parent_pid: int, last_words) -> None:
+    """A spawned stage process: check in with rank 0's store, join, then serve the stage until
+    told to stop. Last words go down the pipe `last_words` (kept short: a pipe holds 64 KiB, and
+    the process exits right after)."""
+    die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole group: rank 0 decides, and may go on (a script that catches it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    let_the_head_decide([signal.SIGTERM])
     backend = "nccl" if spec.device.startswith("cuda") else "gloo"
     if backend == "gloo":
         share_cpu_cores(spec.world_size)
     else:
         torch.cuda.set_device(torch.device(spec.device))  # before NCCL binds this rank to a device
-    init_world(backend, init_method=spec.init_method, rank=spec.rank, world_size=spec.world_size,
-               timeout=timedelta(seconds=spec.stage_timeout))
+    timeout = timedelta(seconds=spec.stage_timeout)
+    host, port = store_address(spec.init_method)
+    store = dist.TCPStore(host, port, spec.world_size, is_master=False, timeout=timeout)
+    store.set(check_in_key(spec.rank), "")
+    init_world(backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=timeout)
     mailbox = Mailbox(dist.new_group(backend="gloo", timeout=MAILBOX_TIMEOUT))
-    serve_stage(spec, mailbox, lambda words: errors.put((spec.rank, words)))
+    serve_stage(spec, mailbox, lambda words: last_words.send(words[:4000]))
     dist.destroy_process_group()
 
 

@@ -2,7 +2,14 @@
 layers, the number of micro-batches, chunked prefill or preemption; seeded sampling neither; the
 stages' KV managers, driven only by step plans, end up exactly like the scheduler's."""
 
+import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
@@ -11,6 +18,9 @@ from pipemax import LLM, SamplingParams
 from pipemax.engine.config import ConfigError
 from pipemax.models.config import model_config_from_hf
 from pipemax.parallel.partition import PartitionError, partition_layers
+from pipemax.parallel.distributed import StageFailure
+from pipemax.parallel.processes import MAIN_GUARD_ADVICE
+from tests.batch.test_batch_job import ROOT
 from tests.engine.test_engine import MAX_TOKENS, hf_greedy
 from tests.helpers import assert_all_free_or_cached, settled_kv_managers
 from tests.tiny_models import save_tiny_model
@@ -25,6 +35,23 @@ def tiny(tmp_path_factory):
     generator = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, hf.config.vocab_size, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
     return folder, hf, prompts
+
+
+@pytest.fixture
+def tracked_semaphores(monkeypatch):
+    """The kinds of resource this process registers with multiprocessing's resource tracker: a
+    semaphore there (a multiprocessing queue or lock made for spawned processes) outlives a
+    process killed with SIGKILL, and the tracker prints "leaked semaphore objects"."""
+    from multiprocessing import resource_tracker
+
+    kinds, register = [], resource_tracker.register
+
+    def record(name, kind):
+        kinds.append(kind)
+        register(name, kind)
+
+    monkeypatch.setattr(resource_tracker, "register", record)
+    return kinds
 
 
 def run(folder, prompts, params=None, **options):
@@ -178,7 +205,7 @@ def test_last_run_stats_report_each_stage(tiny):
 
 
 @pytest.mark.subprocess
-def test_stage_processes_give_the_same_ids_and_samples(tiny):
+def test_stage_processes_give_the_same_ids_and_samples(tiny, tracked_semaphores):
     """The distributed transport: stages 1 and 2 are processes of their own (gloo on the CPU)."""
     folder, _, prompts = tiny
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -204,6 +231,9 @@ def test_stage_processes_give_the_same_ids_and_samples(tiny):
         assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == reference
         processes = llm.engine.pipeline.processes
     assert all(not process.is_alive() for process in processes)  # closed: no stage process is left
+    with pytest.raises(RuntimeError, match="^this LLM is closed"):  # not a missing process group
+        llm.generate(prompts, greedy, use_tqdm=False)
+    assert "semaphore" not in tracked_semaphores
 
 
 @pytest.mark.parametrize("options", [dict(micro_batches=2), dict(pipeline_parallel=2, micro_batches=2),
@@ -246,20 +276,149 @@ def test_a_step_that_fails_midway_leaves_every_stage_clean(tiny, monkeypatch):
 
 
 @pytest.mark.subprocess
-def test_data_parallel_replicas_give_the_same_ids(tiny):
+def test_data_parallel_replicas_give_the_same_ids(tiny, tmp_path, tracked_semaphores):
     folder, _, prompts = tiny
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     seeded = SamplingParams(temperature=0.9, max_tokens=MAX_TOKENS, ignore_eos=True, seed=5)
     reference, _ = run(folder, prompts, greedy)
     reference_seeded, _ = run(folder, prompts, seeded)
-    with LLM(model=str(folder), chunk_tokens=8, data_parallel=2, pipeline_parallel=2) as llm:
+    trace = tmp_path / "trace.json"
+    with LLM(model=str(folder), chunk_tokens=8, data_parallel=2, pipeline_parallel=2, trace=str(trace)) as llm:
         assert len(llm.engine.processes) == 2
         assert [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == reference
         stats = llm.last_run_stats
         assert len(stats["replicas"]) == 2 and all(r["steps"] > 0 for r in stats["replicas"])  # both worked
+        # The trace holds every replica's run, replica r as process r.
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"} == {0: "replica 0",
+                                                                                                1: "replica 1"}
+        for replica in (0, 1):
+            tracks = {e["args"]["name"] for e in events if e["pid"] == replica and e["name"] == "thread_name"}
+            assert "stage 0 compute" in tracks and any(e["pid"] == replica and e["ph"] == "X" for e in events)
         assert [o.token_ids for o in llm.generate(prompts, seeded, use_tqdm=False)] == reference_seeded
         processes = llm.engine.processes
     assert not any(process.is_alive() for process in processes)
+    with pytest.raises(RuntimeError, match="^this LLM is closed"):
+        llm.generate(prompts, greedy, use_tqdm=False)
+    assert "semaphore" not in tracked_semaphores
+
+
+def test_replica_traces_are_merged_on_one_wall_clock(tmp_path):
+    from pipemax.engine.data_parallel import write_replicas_trace
+
+    def events(name):
+        return [{"name": "thread_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "stage 0 compute"}},
+                {"name": name, "ph": "X", "pid": 0, "tid": 0, "ts": 10.0, "dur": 5.0}]
+
+    path = tmp_path / "trace.json"
+    # Replica 1 started its run 2 ms after replica 0; replica 2 wrote no trace.
+    write_replicas_trace(str(path), {0: {"started": 100.0, "events": events("a")},
+                                     1: {"started": 100.002, "events": events("b")}, 2: None})
+    merged = json.loads(path.read_text())["traceEvents"]
+    assert [(e["name"], e["pid"], round(e["ts"], 3)) for e in merged if e["ph"] == "X"] == [("a", 0, 10.0),
+                                                                                          ("b", 1, 2010.0)]
+    assert [e["args"]["name"] for e in merged if e["name"] == "process_name"] == ["replica 0", "replica 1"]
+
+
+@pytest.mark.subprocess
+def test_a_stopped_stage_process_is_named(tiny):
+    folder, _, prompts = tiny
+    llm = LLM(model=str(folder), chunk_tokens=8, pipeline_parallel=2, pipeline_transport="distributed")
+    pipeline = llm.engine.pipeline
+    stage = pipeline.processes[0]
+    start, end = llm.engine.stage_ranges[1]
+    pipeline.stage_timeout = 2  # the watchdog's patience, short for the test (the stages started with the default)
+    os.kill(stage.pid, signal.SIGSTOP)  # alive, but it runs nothing
+    try:
+        with pytest.raises(StageFailure) as failure:
+            llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        llm.close()  # a stopped process can still be killed
+    assert str(failure.value) == ("no answer from the pipeline for 2 s while waiting for sampled tokens "
+                                  f"(--stage-timeout): stage 1 (pid {stage.pid}, layers [{start}, {end})) is stopped "
+                                  "(SIGSTOP or a debugger)")
+    assert not stage.is_alive()
+
+
+def run_script(path, text):
+    path.write_text(text)
+    return subprocess.Popen([sys.executable, str(path)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stderr_of(script, timeout: float) -> str:
+    """The script's stderr once it and every process holding its stderr have ended; killed if it
+    outlasts `timeout` (its stage processes follow it)."""
+    try:
+        return script.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        script.kill()
+        script.communicate()
+        raise
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("options", ["pipeline_parallel=2", "data_parallel=2"])
+def test_a_script_without_a_main_guard_fails_at_once_saying_so(tiny, tmp_path, options):
+    """Each stage or replica process imports the script again (spawn), and there creates an LLM:
+    the process leaves quietly, and the head says what to change as soon as it is gone. With
+    stage_timeout=600, a head that waited for the rendezvous would outlast the test."""
+    folder, _, _ = tiny
+    started = time.monotonic()
+    script = run_script(tmp_path / "no_guard.py", textwrap.dedent(f"""\
+        from pipemax import LLM
+
+        LLM(model={str(folder)!r}, {options}, stage_timeout=600)
+        """))
+    stderr = stderr_of(script, timeout=120)
+    assert script.returncode == 1 and time.monotonic() - started < 60
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("pipemax.parallel.distributed.StageFailure: ") and lines[-1].endswith(
+        f"on cpu could not start: {MAIN_GUARD_ADVICE}"), stderr
+    assert "bootstrapping phase" not in stderr and len(lines) < 40, stderr  # no traceback from the child
+
+
+@pytest.mark.subprocess
+def test_killing_a_pipelined_script_leaves_no_noise(tiny, tmp_path):
+    """SIGKILL ends the head with nothing to say; its stage process follows it, and neither the
+    stage nor multiprocessing's resource tracker prints anything (no "leaked semaphore objects")."""
+    folder, _, _ = tiny
+    script = run_script(tmp_path / "pipelined.py", textwrap.dedent(f"""\
+        import time
+
+        from pipemax import LLM
+
+        if __name__ == "__main__":
+            llm = LLM(model={str(folder)!r}, pipeline_parallel=2)
+            print("ready", flush=True)
+            time.sleep(600)
+        """))
+    try:
+        assert script.stdout.readline() == "ready\n"
+    finally:
+        script.kill()
+    stderr = stderr_of(script, timeout=60)  # the tracker and the stage hold stderr until they end
+    assert not any(noise in stderr for noise in ("leaked semaphore", "Exception ignored", "Traceback")), stderr
+
+
+def test_a_signal_to_a_stage_leaves_the_decision_to_the_head(monkeypatch):
+    """SIGTERM reaches every process of a job: a stage goes on serving so that the head can report
+    the interruption and stop it; if no stop comes within the grace, it leaves quietly."""
+    from pipemax.parallel.processes import let_the_head_decide
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    previous = let_the_head_decide([signal.SIGTERM], grace=0.3)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # no exception, no death: serving goes on
+        time.sleep(0.05)
+        assert exits == []
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
 
 
 def test_the_last_stage_takes_the_next_plan_while_its_tokens_are_on_their_way():
