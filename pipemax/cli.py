@@ -348,6 +348,12 @@ def note_late_interruptions() -> None:
     signal.signal(signal.SIGTERM, late)
 
 
+def is_torchrun_worker_rank() -> bool:
+    from pipemax.parallel.cluster import launched_by_torchrun
+
+    return launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
+
+
 def exit_now_under_torchrun(rc: int) -> None:
     """Under torchrun the job is over once its files are closed: leave at once with its status.
     A normal exit would tear down torch.distributed under threads that a failed peer left inside
@@ -378,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rc = _serve_with_one_line_errors(args)
         except KeyboardInterrupt as interruption:  # before the output was opened: nothing to resume
-            print("interrupted before any request ran", file=sys.stderr)
+            if not is_torchrun_worker_rank():  # (a worker rank has no job of its own: rank 0 reports)
+                print("interrupted before any request ran", file=sys.stderr)
             rc = 143 if isinstance(interruption, Terminated) else 130
         finally:
             signal.signal(signal.SIGTERM, previous_sigterm)

@@ -579,3 +579,21 @@ def test_serve_offline_help_names_every_exit_status(capsys):
     for status in ("0 all requests succeeded", "1 an unexpected error", "2 job error", "3 the job finished",
                    "130 interrupted", "143 terminated"):
         assert status in epilog
+
+
+def test_a_torchrun_worker_rank_interrupted_before_the_job_says_nothing(monkeypatch, capsys):
+    """Rank 0 reports an interruption for the whole job; a worker rank has no requests of its own."""
+    from pipemax import cli
+
+    def interrupted(args):
+        raise cli.Terminated
+
+    monkeypatch.setattr(cli, "_serve_with_one_line_errors", interrupted)
+    monkeypatch.setattr(cli, "exit_now_under_torchrun", lambda rc: None)
+    args = ["serve-offline", "-i", "in.jsonl", "-o", "out.jsonl"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 143 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 143 and capsys.readouterr().err == "interrupted before any request ran\n"
