@@ -118,7 +118,7 @@ def free_memory(device: torch.device) -> None:
 
 
 def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 1, micro_batches: int | None = None,
-                offload: str = "off", prefix_caching: bool = False) -> Result:
+                offload: str = "off", prefix_caching: bool = False, async_scheduling: bool = True) -> Result:
     config = model_config_from_hf(hf_config(args.model))
     torch.manual_seed(0)
     model = build_model(config, device=device, dtype=dtype)
@@ -132,17 +132,10 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
         kv_cache_gib=args.kv_cache_gib, pipeline_parallel=stages, micro_batches=micro_batches,
         pipeline_transport="inprocess",  # random weights live in this process: stages time-share this device
         offload=offload, host_memory_gib=args.host_memory_gib if offload != "off" else None,
-        cuda_graphs=args.cuda_graphs == "on", prefix_caching=prefix_caching,
+        cuda_graphs=args.cuda_graphs == "on", prefix_caching=prefix_caching, async_scheduling=async_scheduling,
     )
     engine = LLMEngine(engine_config, model=model)
-    # Warm-up outside the timed region: the first prefill and sampling steps compile kernels. Its
-    # prompt shares nothing with the workload (the prefix cache must not start warm).
-    vocab = MODEL_SHAPES[args.model]["vocab_size"]
-    warmup_prompt = torch.randint(0, vocab, (max(1, min(args.max_batched_tokens // 2, len(workload[0][0]))),),
-                                  generator=torch.Generator().manual_seed(getattr(args, "seed", 0) + 12345)).tolist()
-    engine.add_request(warmup_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-    for _ in engine.run():
-        pass
+    warm_up(engine, args, workload)
     for prompt, output_len in workload:
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
     if device.type == "cuda":
@@ -154,7 +147,8 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     seconds = time.perf_counter() - start
     prompt_tokens = sum(len(p) for p, _ in workload)
     stats = engine.last_run_stats
-    note = (f"{stats['steps']} steps of {stats['mean_micro_batch_seqs']:.0f} seqs, "
+    note = (f"{stats['steps']} steps of {stats['mean_micro_batch_seqs']:.0f} seqs ({stats['steps_launched_ahead']} "
+            "launched ahead), "
             f"{stats['mean_in_flight_seqs']:.0f} in flight, {stats['preemptions']} preemptions, "
             f"{engine.kv.num_gpu_chunks} chunks, device waited for host {stats['device_waited_for_host_fraction']:.0%}")
     if stages > 1:
@@ -177,10 +171,37 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
     del engine, model
     free_memory(device)
     name = (f"pipemax ({prefill_mode}" + (f", P={stages}" if stages > 1 else "") + f", M={stats['micro_batches']}"
+            + ("" if async_scheduling or stats["micro_batches"] > 1 else ", no async")
             + (f", offload {offload}" if offload != "off" else "")
             + (", prefix cache" if prefix_caching else "")
             + (", no CUDA graphs" if args.cuda_graphs == "off" and device.type == "cuda" else "") + ")")
     return Result(name, seconds, generated, generated + prompt_tokens, note)
+
+
+def warm_up(engine: LLMEngine, args, workload) -> None:
+    """Outside the timed region, every kind of step the run will take, so that no kernel variant
+    is compiled in it: prefill alone, prefill pieces beside decode rows (split decode attention and
+    its merge at the workload's context), and pure decode. Its prompts share nothing with the
+    workload (the prefix cache must not start warm)."""
+    vocab = MODEL_SHAPES[args.model]["vocab_size"]
+    generator = torch.Generator().manual_seed(getattr(args, "seed", 0) + 12345)
+    longest = max(len(prompt) for prompt, _ in workload)
+
+    def prompt(length: int) -> list[int]:
+        return torch.randint(0, vocab, (max(1, length),), generator=generator).tolist()
+
+    # A prompt at the workload's longest context decodes for a few steps while a second prompt,
+    # longer than one step's token budget, is prefilled in pieces beside it.
+    engine.add_request(prompt(min(longest, args.max_batched_tokens // 2)),
+                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for _ in engine.run():
+        pass
+    engine.add_request(prompt(min(longest, args.max_batched_tokens // 2)),
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.add_request(prompt(min(args.max_batched_tokens + 64, engine.max_model_len - 8)),
+                       SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    for _ in engine.run():
+        pass
 
 
 def run_transformers(args, workload, device, dtype, cache: str = "dynamic") -> Result:
@@ -268,6 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--offload", default="off", help="comma-separated offload modes to run: off,auto,force")
     parser.add_argument("--host-memory-gib", type=float, default=64.0, help="host KV pool when offloading")
     parser.add_argument("--prefix-caching", default="off", help="comma-separated: on,off runs each (default off)")
+    parser.add_argument("--async-scheduling", default="on",
+                        help="comma-separated: on,off runs each (the host one step ahead at M = 1; default on)")
     parser.add_argument("--cuda-graphs", default="on", choices=["on", "off"],
                         help="off: every step eager (to measure what the graphs, decode and piecewise, buy)")
     parser.add_argument("--peer-batch", type=int, help="first batch size to try for transformers")
@@ -290,12 +313,29 @@ def main(argv=None) -> int:
                              args.shared_prefix_len)
     peaks = measure_peaks(device, dtype, small=args.smoke)
 
+    prefill_s, decode_s = roofline_seconds(args, workload, peaks, dtype)
+    roofline = prefill_s + decode_s
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    # The header and each row as soon as it is known: a run cut short still shows what it measured.
+    print(f"device: {name}; model {args.model} ({dtype}); workload {args.workload}: {len(workload)} prompts, "
+          f"{sum(len(p) for p, _ in workload)} input / {sum(n for _, n in workload)} output tokens; "
+          f"memory cap {args.memory_cap_gib or '-'} GiB", flush=True)
+    print(f"peaks: HBM {peaks['hbm_gbps']:.0f} GB/s, matmul {peaks['matmul_tflops']:.1f} TFLOP/s; roofline "
+          f"{roofline:.2f} s (prefill {prefill_s:.2f} s + decode {decode_s:.2f} s)", flush=True)
+    print(f"{'system':<32} {'seconds':>9} {'gen tok/s':>11} {'total tok/s':>12} {'roofline':>9}  note", flush=True)
+
+    def row(result: Result) -> Result:
+        print(f"{result.system:<32} {result.seconds:>9.2f} {result.generated_per_s:>11.1f} "
+              f"{result.total_per_s:>12.1f} {roofline / result.seconds:>9.0%}  {result.note}", flush=True)
+        return result
+
     results = []
     modes = ["mixed", "separate"] if args.prefill_mode == "both" else [args.prefill_mode]
     stage_counts = [int(n) for n in args.pipeline_parallel.split(",")]
     micro_batch_counts = [int(n) for n in args.micro_batches.split(",")] if args.micro_batches else [None]
     offload_modes = args.offload.split(",")
     caching = [{"on": True, "off": False}[value] for value in args.prefix_caching.split(",")]
+    running_ahead = [{"on": True, "off": False}[value] for value in args.async_scheduling.split(",")]
     for mode in modes:
         for stages in stage_counts:
             for micro_batches in micro_batch_counts:
@@ -303,27 +343,17 @@ def main(argv=None) -> int:
                     continue
                 for offload in offload_modes:
                     for prefix_caching in caching:
-                        results.append(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches, offload,
-                                                   prefix_caching))
-    peer = None if args.skip_peer else run_transformers(args, workload, device, dtype)
+                        for async_scheduling in running_ahead:
+                            results.append(row(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches,
+                                                           offload, prefix_caching, async_scheduling)))
+    peer = None if args.skip_peer else row(run_transformers(args, workload, device, dtype))
     if peer:
         results.append(peer)
-    prefill_s, decode_s = roofline_seconds(args, workload, peaks, dtype)
-    roofline = prefill_s + decode_s
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [
-        f"device: {name}; model {args.model} ({dtype}); workload {args.workload}: {len(workload)} prompts, "
-        f"{sum(len(p) for p, _ in workload)} input / {sum(n for _, n in workload)} output tokens; "
-        f"memory cap {args.memory_cap_gib or '-'} GiB",
-        f"peaks: HBM {peaks['hbm_gbps']:.0f} GB/s, matmul {peaks['matmul_tflops']:.1f} TFLOP/s; roofline "
-        f"{roofline:.2f} s (prefill {prefill_s:.2f} s + decode {decode_s:.2f} s)",
-        f"{'system':<32} {'seconds':>9} {'gen tok/s':>11} {'total tok/s':>12} {'vs peer':>8} {'roofline':>9}  note",
-    ]
-    for result in results:
-        ratio = f"{result.generated_per_s / peer.generated_per_s:.2f}x" if peer else "-"
-        lines.append(f"{result.system:<32} {result.seconds:>9.2f} {result.generated_per_s:>11.1f} "
-                     f"{result.total_per_s:>12.1f} {ratio:>8} {roofline / result.seconds:>9.0%}  {result.note}")
+    lines = []
+    if peer:
+        lines += [f"vs {peer.system}: {result.system} {result.generated_per_s / peer.generated_per_s:.2f}x generated "
+                  "tokens/s" for result in results if result is not peer]
     pairs = {}  # each configuration with and without the prefix cache: the ratio
     for result in results:
         if result.system.startswith("pipemax"):

@@ -74,10 +74,10 @@ class ScheduledSequence:
     def end(self) -> int:
         return self.start + self.num_tokens
 
-    @property
-    def samples(self) -> bool:
-        """The step computes the sequence's last known token, so it yields the next one."""
-        return self.end == len(self.seq.token_ids)
+    def __post_init__(self):
+        # The step computes the sequence's last known token, so it yields the next one. Fixed when
+        # scheduled: at launch the sequence gets a placeholder for that token.
+        self.samples = self.end == len(self.seq.token_ids)
 
 
 @dataclass
@@ -189,6 +189,10 @@ class Scheduler:
             self.prefix.reset()
 
     def finish(self, seq: Sequence, aborted: bool = False) -> None:
+        if seq.status is SequenceStatus.WAITING:  # preempted while its last token was on its way: holds nothing
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            return
         if self.prefix is not None and not aborted:
             self.prefix.index_step([seq])  # its last step's chunks, before they go (it may finish in its first)
         self.groups[seq.micro_batch].remove(seq)
@@ -391,8 +395,9 @@ class Scheduler:
         for seq in list(group):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding or not self._runnable(seq):
-                continue  # preempted meanwhile, still prefilling, or not staged this step
+            if seq.status is not SequenceStatus.RUNNING or not seq.is_decoding or not self._runnable(seq) \
+                    or seq.awaits_last_token:
+                continue  # preempted meanwhile, still prefilling, not staged this step, or its last token is due
             if self._grow(group, seq, 1):
                 plan.decode.append(ScheduledSequence(seq, seq.num_computed_tokens, 1, seq.num_preemptions))
                 budget -= 1
@@ -413,8 +418,8 @@ class Scheduler:
         while len(self.waiting) > deferred and budget > 0 and len(group) < min(self.max_num_seqs, share) \
                 and not self._starved and not self._grows_first and deferred < MAX_DEFERRED:
             seq = self.waiting[deferred]
-            if seq.seq_id in self._preempted_now:
-                break
+            if seq.seq_id in self._preempted_now or seq.pending_tokens:
+                break  # (a token of its is still on its way: it is admitted again once it has come)
             shared = self._cached_prefix(seq, micro_batch)
             if shared is None:
                 deferred += 1

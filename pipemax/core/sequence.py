@@ -29,6 +29,11 @@ class Sequence:
     num_preemptions: int = 0
     micro_batch: int = 0  # the group it runs in (set when the scheduler admits it)
     admission: int = 0  # when it was (last) admitted: the newest is preempted first
+    # Running ahead (the engine launches a step before the one before it has returned its tokens):
+    # the last `pending_tokens` ids are placeholders for tokens still on their way, and a sequence
+    # whose pending token is its last by length (max_tokens, max_model_len) is not scheduled again.
+    pending_tokens: int = 0
+    awaits_last_token: bool = False
 
     def __post_init__(self):
         if not self.token_ids:

@@ -41,6 +41,9 @@ class StagePlan:
     token_ids: list[int]  # the step's input tokens, packed in sequence order (read by the first stage)
     new_seqs: list[tuple[int, list[int], SamplingParams]] = field(default_factory=list)  # sampler state to create
     released: list[int] = field(default_factory=list)  # sampler state to drop (finished or aborted)
+    # Running ahead: (row of token_ids, index among the previous step's sampled ids) for input
+    # tokens the previous step is still sampling; the first stage takes them from the device.
+    carried: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

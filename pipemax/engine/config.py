@@ -76,6 +76,10 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence, prompt + output; default: the model's
     seed: int = 0  # for requests without a seed of their own
     cuda_graphs: bool = True  # every step replays CUDA graphs (CUDA with the Triton backend only)
+    # One micro-batch in one process: launch each step before the one before it has returned its
+    # tokens (they reach the next step's input on the device), so the device never waits for the
+    # host's planning. Outputs are the same either way.
+    async_scheduling: bool = True
     pipeline_parallel: int = 1  # pipeline stages
     micro_batches: int | None = None  # micro-batches in flight; default: as many as stages
     pipeline_transport: str = "distributed"  # a process per stage and device, or inprocess (all on one device)
@@ -133,6 +137,8 @@ class EngineConfig:
                                                not self.pipeline_parallel <= self.micro_batches <= 64):
             raise ConfigError("micro_batches", f"must be an integer from the number of stages ({self.pipeline_parallel}) "
                                                f"to 64, got {self.micro_batches!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ConfigError("async_scheduling", f"must be True or False, got {self.async_scheduling!r}")
         if not isinstance(self.prefix_caching, bool):
             raise ConfigError("prefix_caching", f"must be True or False, got {self.prefix_caching!r}")
         if self.prefetch_gbs is not None and self.offload != "auto":

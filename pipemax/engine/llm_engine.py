@@ -139,6 +139,11 @@ class LLMEngine:
         # The staging ring (offload): its size depends on the fitted step costs, known before the
         # stages are built (every stage's KV manager splits its pool the same way).
         self.num_micro_batches = config.num_micro_batches
+        # The host one step ahead (async scheduling): where one micro-batch runs in this process. With
+        # several micro-batches the others hide the planning; offload's staging ring follows the
+        # launch order of whole steps, one per micro-batch in flight.
+        self.runs_ahead = (config.async_scheduling and not self.distributed and self.num_micro_batches == 1
+                           and config.offload == "off")
         self.step_cost_key = self._step_cost_key(config)
         seed, seed_path = load_step_costs(self.step_cost_key)
         self.cost_model = StepCostModel(seed=seed)
@@ -193,6 +198,7 @@ class LLMEngine:
         self._sequences: dict[int, Sequence] = {}
         self._new_seqs: list[Sequence] = []  # added since the last plan: the last stage has no sampler state yet
         self._released: list[int] = []  # finished since the last plan: the last stage drops their state
+        self._last_sampled: dict[int, int] = {}  # seq_id -> its row among the newest step's sampled ids
         self._in_flight: deque[InFlight] = deque()
         self._ids = itertools.count()
         self.num_steps = 0
@@ -355,18 +361,25 @@ class LLMEngine:
         tier_moves_before = (cache, cache.num_demoted, cache.num_promoted)
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0
         in_flight_seqs = 0  # summed at each launch: the sequences of every step in flight then
+        launched_ahead = 0  # steps launched before the tokens of the step before were read
+
+        def launch(micro_batch: int) -> None:
+            nonlocal sequences, in_flight_seqs
+            planned = time.perf_counter()
+            step = self._launch(micro_batch)
+            if step is None:
+                return
+            if timeline is not None:
+                timeline.add_host(f"plan micro-batch {micro_batch}", planned, time.perf_counter())
+            in_flight.append(step)
+            sequences += len(step.plan.scheduled)
+            in_flight_seqs += sum(len(flying.plan.scheduled) for flying in in_flight)
+
         while True:
             busy = {step.micro_batch for step in in_flight}
             for micro_batch in range(self.num_micro_batches):
                 if micro_batch not in busy:
-                    planned = time.perf_counter()
-                    step = self._launch(micro_batch)
-                    if timeline is not None and step is not None:
-                        timeline.add_host(f"plan micro-batch {micro_batch}", planned, time.perf_counter())
-                    if step is not None:
-                        in_flight.append(step)
-                        sequences += len(step.plan.scheduled)
-                        in_flight_seqs += sum(len(flying.plan.scheduled) for flying in in_flight)
+                    launch(micro_batch)
             if not in_flight:
                 if not self.has_unfinished():
                     break
@@ -377,6 +390,9 @@ class LLMEngine:
                 continue
             idle_rounds = 0
             step = in_flight.popleft()
+            if not in_flight and self._may_run_ahead(step):
+                launch(step.micro_batch)  # the host one step ahead: the device goes on while we wait here
+                launched_ahead += 1 if in_flight else 0
             waited = time.perf_counter()
             sampled = step.pending.result()
             if timeline is not None:
@@ -390,7 +406,7 @@ class LLMEngine:
                                # What the GPUs' KV serves at once: offload's gain (M steps in flight,
                                # each with its slot), where off's single pool is shared by all of them.
                                "mean_in_flight_seqs": in_flight_seqs / steps if steps else 0.0,
-                               "preemptions": self.scheduler.num_preemptions,
+                               "preemptions": self.scheduler.num_preemptions, "steps_launched_ahead": launched_ahead,
                                "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
         self.last_run_stats["cost_model"] = {**self.cost_model.stats(), "seeded_from": self.cost_model_seeded_from}
         self.last_run_stats["prefix_cached_tokens"] = prefix.cached_tokens if prefix is not None else 0
@@ -426,14 +442,33 @@ class LLMEngine:
                             "tokens) was full; give it more with --host-memory-gib", self.config.offload, kept_on_gpu,
                             self.kv.host.num_chunks, self.config.chunk_tokens)
 
+    def _may_run_ahead(self, step: InFlight) -> bool:
+        """The next step may be launched before this one's tokens are read: running ahead, and no row
+        of this step needs its sampled history on the host first (penalties and min_tokens read
+        the tokens so far; such a step is waited for, as every step is without running ahead)."""
+        return self.runs_ahead and not any(entry.samples and entry.seq.params.has_penalties
+                                           for entry in step.plan.scheduled)
+
     def _launch(self, micro_batch: int) -> InFlight | None:
         plan = self.scheduler.schedule(micro_batch)
         if not plan.scheduled:
             return None
+        stage_plan = self._stage_plan(micro_batch, plan)
         for entry in plan.scheduled:
             entry.seq.num_computed_tokens = entry.end
-        pending = self.pipeline.submit(self._stage_plan(micro_batch, plan))
+        pending = self.pipeline.submit(stage_plan)
         self.num_steps += 1
+        for entry in plan.scheduled:
+            if entry.samples:  # a placeholder until its token comes back (_complete)
+                seq = entry.seq
+                seq.token_ids.append(0)
+                seq.pending_tokens += 1
+                seq.awaits_last_token = (seq.num_output_tokens >= seq.params.max_tokens
+                                         or len(seq.token_ids) >= self.max_model_len)
+        # Where each sequence's token sits among this step's sampled ids: the step launched next may
+        # take it as input on the device (running ahead).
+        self._last_sampled = {seq_id: index for index, seq_id in enumerate(
+            entry.seq.seq_id for entry in plan.scheduled if entry.samples)}
         return InFlight(micro_batch, plan, pending, self.pipeline.clock.step_span())
 
     def _step_cost_key(self, config) -> dict:
@@ -462,26 +497,41 @@ class LLMEngine:
     def _stage_plan(self, micro_batch: int, plan: StepPlan) -> StagePlan:
         entries = plan.scheduled
         token_ids: list[int] = []
+        carried: list[tuple[int, int]] = []  # inputs the step before is still sampling: (row, its sampled index)
         for entry in entries:
-            token_ids += entry.seq.token_ids[entry.start:entry.end]
+            seq = entry.seq
+            known = len(seq.token_ids) - seq.pending_tokens
+            if entry.end > known:  # only a decode's one input can be on its way, from the last step launched
+                carried.append((len(token_ids) + known - entry.start, self._last_sampled[seq.seq_id]))
+            token_ids += seq.token_ids[entry.start:entry.end]
         new_seqs = [(seq.seq_id, seq.prompt_token_ids, seq.params) for seq in self._new_seqs]
         released, self._new_seqs, self._released = self._released, [], []
         return StagePlan(
             micro_batch=micro_batch, kv_ops=self.kv.take_log(), seq_ids=[e.seq.seq_id for e in entries],
             starts=[e.start for e in entries], counts=[e.num_tokens for e in entries], num_decode=len(plan.decode),
             samples=[e.samples for e in entries], token_ids=token_ids, new_seqs=new_seqs, released=released,
+            carried=carried,
         )
 
     def _complete(self, step: InFlight, sampled: SampledTokens) -> list[FinishedRequest]:
         finished = []
         for index, seq_id in enumerate(sampled.seq_ids):
-            seq = self._sequences[seq_id]
-            seq.token_ids.append(sampled.tokens[index])
+            seq = self._sequences.get(seq_id)
+            if seq is None:  # it finished at the step before, which this one ran ahead of: not an output
+                continue
+            position = len(seq.token_ids) - seq.pending_tokens  # its oldest placeholder
+            seq.token_ids[position] = sampled.tokens[index]
+            seq.pending_tokens -= 1
             if seq.params.logprobs:
                 seq.output_logprobs.append(sampled.logprobs[index])
             if seq.params.top_logprobs:
                 seq.output_top_logprobs.append(sampled.top_logprobs[index])
-            if self._check_stop(seq):
+            ahead = seq.token_ids[position + 1:]  # the next step's placeholder, when running ahead
+            del seq.token_ids[position + 1:]  # the stop checks see the tokens so far
+            if not self._check_stop(seq):
+                seq.token_ids += ahead
+            else:
+                seq.pending_tokens = 0  # (the token of the step ahead is dropped when it comes)
                 self.scheduler.finish(seq)
                 del self._sequences[seq_id]
                 self._released.append(seq_id)

@@ -104,6 +104,7 @@ class StageClock:
 class InProcessPipeline:
     def __init__(self, stages: list[StageExecutor]):
         self.stages = stages
+        stages[0].sampled_source = stages[-1]  # a step may take input ids the step before samples (running ahead)
         self.start_run()
 
     def start_run(self, timeline=None) -> None:

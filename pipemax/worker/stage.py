@@ -34,6 +34,9 @@ class SamplerState:
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     prompt_on_device: torch.Tensor | None = None
+    # Tokens sampled so far, counted as they are drawn: a step launched before the one before it
+    # has come back draws with the right key (output_token_ids lags until the tokens arrive).
+    num_sampled: int = 0
 
     def prompt_ids(self, device: torch.device) -> list[int] | torch.Tensor:
         """For repetition_penalty: the prompt's ids, uploaded once per request."""
@@ -95,6 +98,8 @@ class StageExecutor:
         self.samplers: dict[int, SamplerState] = {}
         self.eos_token_ids = eos_token_ids or set()
         self.noise_keys = random.Random(seed)
+        self.last_sampled_ids: torch.Tensor | None = None  # last stage: the newest step's ids, on the device
+        self.sampled_source: StageExecutor | None = None  # first stage: the last stage of its pipeline (in process)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_tokens: int = 0) -> None:
         self.runner.enable_cuda_graphs(max_batch, max_model_len, max_tokens)
@@ -113,6 +118,8 @@ class StageExecutor:
             for seq_id, prompt_token_ids, params in plan.new_seqs:
                 self.samplers[seq_id] = SamplerState(params, prompt_token_ids)
         batch = self.runner.build_batch(plan, shared_batch)
+        if plan.carried:
+            self._carry_sampled_ids(plan, batch[0])
         rows_of, by_layer = self._write_through_rows(plan) if self.transfers.enabled else ({}, False)
         if by_layer:
             self.runner.attention.after_store = self.transfers.write_back_by_layer(rows_of)
@@ -132,6 +139,16 @@ class StageExecutor:
                 self.transfers.write_back(rows_of)  # on its own stream, after the step's stores
             self.transfers.end_step()
         return out, batch
+
+    def _carry_sampled_ids(self, plan: StagePlan, input_ids: torch.Tensor) -> None:
+        """Input tokens the step before is still sampling (the engine ran ahead of its tokens): copied
+        on the device from that step's ids, which the stream computes first. No host wait."""
+        source = self.sampled_source.last_sampled_ids if self.sampled_source is not None else None
+        if source is None:
+            raise RuntimeError("a step carries tokens from a step this stage has not seen")
+        rows, indices = self.runner.upload_long([row for row, _ in plan.carried] +
+                                                [index for _, index in plan.carried]).split(len(plan.carried))
+        input_ids.index_copy_(0, rows, source.index_select(0, indices).to(input_ids.dtype))
 
     def _write_through_rows(self, plan: StagePlan) -> tuple[dict, bool]:
         """New KV rows of host-resident (staged) sequences go to their host copies as well, so
@@ -165,9 +182,13 @@ class StageExecutor:
         if any(p.has_penalties for p in params):
             histories = [(state.prompt_ids(self.device), state.output_token_ids) for state in states]
             processed = apply_penalties(logits, params, histories, self.eos_token_ids)
-        seeds = [row_seed(p.seed, len(state.output_token_ids)) if p.seed is not None else self.noise_keys.getrandbits(63)
-                 for p, state in zip(params, states)]
+        # (greedy rows draw no noise: their key is never read)
+        seeds = [row_seed(p.seed, state.num_sampled) if p.seed is not None else 0 if p.greedy
+                 else self.noise_keys.getrandbits(63) for p, state in zip(params, states)]
+        for state in states:
+            state.num_sampled += 1
         sampled = sample_on_device(logits, params, seeds, processed, greedy_ids=self.runner.greedy_ids)
+        self.last_sampled_ids = sampled[0]
 
         def record(result: SampledTokens) -> None:  # the history that penalties read next step
             for state, token in zip(states, result.tokens):

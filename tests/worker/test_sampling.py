@@ -114,12 +114,15 @@ def test_the_last_stage_keys_a_seeded_row_by_its_seed_and_step_so_each_step_draw
     last.runner = SimpleNamespace(greedy_ids=None)
     seeded = SamplingParams(temperature=1.0, seed=1234)
     last.samplers = {7: stage_module.SamplerState(seeded, [1, 2]),
-                     8: stage_module.SamplerState(seeded, [1, 2], output_token_ids=[5, 6, 7]),  # 3 steps ahead
+                     8: stage_module.SamplerState(seeded, [1, 2], output_token_ids=[5, 6, 7], num_sampled=3),  # 3 ahead
                      9: stage_module.SamplerState(SamplingParams(temperature=1.0), [3])}
     plan = StagePlan(micro_batch=0, kv_ops=[], seq_ids=[7, 8, 9], starts=[2, 5, 1], counts=[1, 1, 1], num_decode=3,
                      samples=[True, True, True], token_ids=[0, 0, 0])
     logits = torch.zeros(3, 64)  # every token equally likely: the noise alone chooses
-    tokens = [last._sample(plan, logits).result().tokens for _ in range(8)]
+    # Each step is launched before the one before it has returned its tokens (the engine runs
+    # ahead): the key counts the draws made, not the tokens that have come back.
+    pending = [last._sample(plan, logits) for _ in range(8)]
+    tokens = [step.result().tokens for step in pending]
     assert [step_keys[:2] for step_keys in keys] == [[row_seed(1234, k), row_seed(1234, k + 3)] for k in range(8)]
     first_row = [step_tokens[0] for step_tokens in tokens]
     assert len(set(first_row)) > 1  # not the same noise every step
