@@ -29,12 +29,9 @@ from .kv_store import store_kv_ref
 
 
 @triton.jit
-def _rotate_half(x1, x2, row_cos_ptr, row_sin_ptr, half_offsets, mask, HALF: tl.constexpr, dtype: tl.constexpr):
-    """(x1, x2) float32 halves -> rotated halves, float32, each step rounded to dtype."""
-    c1 = tl.load(row_cos_ptr + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    c2 = tl.load(row_cos_ptr + HALF + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    s1 = tl.load(row_sin_ptr + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    s2 = tl.load(row_sin_ptr + HALF + half_offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
+def _rotate_half(x1, x2, c1, c2, s1, s2, dtype: tl.constexpr):
+    """(x1, x2) float32 halves [heads, half] -> rotated halves in dtype, each product rounded to
+    dtype as transformers computes it (c*, s*: the token's rows [1, half], already in dtype)."""
     out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
     out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
     return out1, out2
@@ -43,10 +40,11 @@ def _rotate_half(x1, x2, row_cos_ptr, row_sin_ptr, half_offsets, mask, HALF: tl.
 @triton.jit
 def _head_rms_norm(x1, x2, weight_ptr, half_offsets, mask, eps, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                    dtype: tl.constexpr):
-    mean_square = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM
-    rstd = tl.math.rsqrt(mean_square + eps)
-    w1 = tl.load(weight_ptr + half_offsets, mask=mask, other=0.0).to(tl.float32)
-    w2 = tl.load(weight_ptr + HALF + half_offsets, mask=mask, other=0.0).to(tl.float32)
+    """RMSNorm over each head (row) of [heads, half] halves, float32 in and out."""
+    mean_square = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM
+    rstd = tl.math.rsqrt(mean_square + eps)[:, None]
+    w1 = tl.load(weight_ptr + half_offsets, mask=mask, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(weight_ptr + HALF + half_offsets, mask=mask, other=0.0).to(tl.float32)[None, :]
     x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     return x1, x2
@@ -75,41 +73,54 @@ def _rope_store_kv_kernel(
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    BLOCK_Q_HEADS: tl.constexpr,
+    BLOCK_KV_HEADS: tl.constexpr,
     CHUNK_TOKENS: tl.constexpr,
     HAS_QK_NORM: tl.constexpr,
 ):
+    """One program per token, every head of it at once: the token's cos/sin rows are read once,
+    and a step launches `tokens` programs of several warps rather than tokens x heads one-warp
+    programs (the per-head grid left prefill's element-wise work latency-bound)."""
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # q heads first, then kv heads (k rotated, v copied)
     dtype = qkv_ptr.dtype.element_ty
     half_offsets = tl.arange(0, BLOCK_HALF)
-    mask = half_offsets < HALF
+    half_mask = half_offsets < HALF
     row = qkv_ptr + token * stride_qkv
     row_cos, row_sin = cos_ptr + token * stride_cos, sin_ptr + token * stride_cos
-    source = row + head * HEAD_DIM
-    x1 = tl.load(source + half_offsets, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(source + HALF + half_offsets, mask=mask, other=0.0).to(tl.float32)
-    if head < NUM_HEADS:
+    c1 = tl.load(row_cos + half_offsets, mask=half_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
+    c2 = tl.load(row_cos + HALF + half_offsets, mask=half_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
+    s1 = tl.load(row_sin + half_offsets, mask=half_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
+    s2 = tl.load(row_sin + HALF + half_offsets, mask=half_mask, other=0.0).to(dtype).to(tl.float32)[None, :]
+
+    q_heads = tl.arange(0, BLOCK_Q_HEADS)
+    q_mask = (q_heads < NUM_HEADS)[:, None] & half_mask[None, :]
+    q_first = row + q_heads[:, None] * HEAD_DIM + half_offsets[None, :]
+    x1 = tl.load(q_first, mask=q_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(q_first + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    if HAS_QK_NORM:
+        x1, x2 = _head_rms_norm(x1, x2, q_norm_ptr, half_offsets, half_mask, eps, HEAD_DIM, HALF, dtype)
+    out1, out2 = _rotate_half(x1, x2, c1, c2, s1, s2, dtype)
+    tl.store(q_first, out1, mask=q_mask)
+    tl.store(q_first + HALF, out2, mask=q_mask)
+
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        kv_heads = tl.arange(0, BLOCK_KV_HEADS)
+        kv_mask = (kv_heads < NUM_KV_HEADS)[:, None] & half_mask[None, :]
+        k_first = row + (NUM_HEADS + kv_heads[:, None]) * HEAD_DIM + half_offsets[None, :]
+        k1 = tl.load(k_first, mask=kv_mask, other=0.0).to(tl.float32)  # (new names: a tile of another shape)
+        k2 = tl.load(k_first + HALF, mask=kv_mask, other=0.0).to(tl.float32)
         if HAS_QK_NORM:
-            x1, x2 = _head_rms_norm(x1, x2, q_norm_ptr, half_offsets, mask, eps, HEAD_DIM, HALF, dtype)
-        out1, out2 = _rotate_half(x1, x2, row_cos, row_sin, half_offsets, mask, HALF, dtype)
-        tl.store(source + half_offsets, out1, mask=mask)
-        tl.store(source + HALF + half_offsets, out2, mask=mask)
-    else:
-        kv_head = head - NUM_HEADS
-        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        if slot >= 0:
-            if HAS_QK_NORM:
-                x1, x2 = _head_rms_norm(x1, x2, k_norm_ptr, half_offsets, mask, eps, HEAD_DIM, HALF, dtype)
-            out1, out2 = _rotate_half(x1, x2, row_cos, row_sin, half_offsets, mask, HALF, dtype)
-            destination = (kv_pool_ptr + (slot // CHUNK_TOKENS) * stride_pool_chunk + layer * stride_pool_layer
-                           + (slot % CHUNK_TOKENS) * stride_pool_token + kv_head * stride_pool_head)
-            tl.store(destination + half_offsets, out1, mask=mask)
-            tl.store(destination + HALF + half_offsets, out2, mask=mask)
-            value = row + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
-            v1 = tl.load(value + half_offsets, mask=mask, other=0.0)
-            v2 = tl.load(value + HALF + half_offsets, mask=mask, other=0.0)
-            tl.store(destination + stride_pool_kv + half_offsets, v1, mask=mask)
-            tl.store(destination + stride_pool_kv + HALF + half_offsets, v2, mask=mask)
+            k1, k2 = _head_rms_norm(k1, k2, k_norm_ptr, half_offsets, half_mask, eps, HEAD_DIM, HALF, dtype)
+        k_out1, k_out2 = _rotate_half(k1, k2, c1, c2, s1, s2, dtype)
+        destination = (kv_pool_ptr + (slot // CHUNK_TOKENS) * stride_pool_chunk + layer * stride_pool_layer
+                       + (slot % CHUNK_TOKENS) * stride_pool_token + kv_heads[:, None] * stride_pool_head
+                       + half_offsets[None, :])
+        tl.store(destination, k_out1, mask=kv_mask)
+        tl.store(destination + HALF, k_out2, mask=kv_mask)
+        v_first = k_first + NUM_KV_HEADS * HEAD_DIM
+        tl.store(destination + stride_pool_kv, tl.load(v_first, mask=kv_mask, other=0.0), mask=kv_mask)
+        tl.store(destination + stride_pool_kv + HALF, tl.load(v_first + HALF, mask=kv_mask, other=0.0), mask=kv_mask)
 
 
 def _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight, k_norm_weight) -> tuple[int, int]:
@@ -153,13 +164,16 @@ def rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm
     half = head_dim // 2
     has_norm = q_norm_weight is not None
     with device_guard(qkv):
-        _rope_store_kv_kernel[(tokens, num_heads + num_kv_heads)](
+        block_half, block_q = next_power_of_2(half), next_power_of_2(num_heads)
+        _rope_store_kv_kernel[(tokens,)](
             qkv, cos, sin, kv_pool, slot_mapping, q_norm_weight if has_norm else qkv,
             k_norm_weight if has_norm else qkv, layer, eps, qkv.stride(0), cos.stride(0),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-            BLOCK_HALF=next_power_of_2(half), CHUNK_TOKENS=kv_pool.shape[3], HAS_QK_NORM=has_norm,
-            num_warps=1 if head_dim <= 128 else 2,
+            BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q, BLOCK_KV_HEADS=next_power_of_2(num_kv_heads),
+            CHUNK_TOKENS=kv_pool.shape[3], HAS_QK_NORM=has_norm,
+            # a warp per 256 elements of the q tile: 4 warps for 32 heads of 128, 1 for tiny shapes
+            num_warps=max(1, min(8, block_q * block_half // 256)),
         )
     return q
 
