@@ -107,8 +107,10 @@ class DecodeGraphs:
             self.split_counts[batch] = decode_module.choose_num_splits(batch, config.num_kv_heads, self.max_model_len,
                                                                        block_n, target)
         meta.decode_max_splits = self.split_counts[batch]
-        meta.decode_split_plan = decode_module.decode_split_plan(self.seq_lens[:batch], config.num_kv_heads,
-                                                                 meta.decode_max_splits, block_n, target)
+        # One split (a batch that fills the GPU by itself): attention writes its output directly,
+        # and the graph holds no plan kernels (max, clamp, stack) for every replay to run.
+        meta.decode_split_plan = None if meta.decode_max_splits == 1 else decode_module.decode_split_plan(
+            self.seq_lens[:batch], config.num_kv_heads, meta.decode_max_splits, block_n, target)
         hidden = self.model(self.inputs[:batch], self.positions[:batch], self.attention, meta)
         if not self.model.is_last:
             return hidden

@@ -36,10 +36,15 @@ class EagerDecodeGraphs(DecodeGraphs):
             target.copy_(source)
 
 
-def test_graph_decode_path_matches_eager(tmp_path, monkeypatch):
+@pytest.mark.parametrize("target_programs", [24, 1], ids=["splits", "one-split"])
+def test_graph_decode_path_matches_eager(tmp_path, monkeypatch, target_programs):
     # Several splits per sequence, as on a GPU with many SMs: some are empty for short sequences
-    # (a 5-token one has one tile of work for four splits), some long ones end mid-split.
-    monkeypatch.setattr(decode_module, "_target_programs", lambda device, tiles_key=(): 24)
+    # (a 5-token one has one tile of work for four splits), some long ones end mid-split. Or one
+    # split (a batch that fills the GPU): no split plan in the graph at all.
+    monkeypatch.setattr(decode_module, "_target_programs", lambda device, tiles_key=(): target_programs)
+    plans = []
+    split_plan = decode_module.decode_split_plan
+    monkeypatch.setattr(decode_module, "decode_split_plan", lambda *args: plans.append(args) or split_plan(*args))
     # The smallest run that still crosses every path: two layers (per-layer static buffers), five
     # requests through three slots (buckets 1, 2 and 3 replayed, padded rows), a prompt longer
     # than a step (chunked prefill), greedy and seeded rows in one batch.
@@ -61,4 +66,6 @@ def test_graph_decode_path_matches_eager(tmp_path, monkeypatch):
             runner.decode_graphs.capture()
             assert runner.decode_graphs.buckets == [1, 2, 3]
         results.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert llm.engine.last_run_stats["steps_launched_ahead"] > 0  # graphs take carried input ids too
     assert results[0] == results[1]
+    assert bool(plans) == (target_programs > 1)
