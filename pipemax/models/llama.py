@@ -191,4 +191,6 @@ class LlamaFamilyModel(nn.Module):
         return hidden if residual is None else hidden + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype: greedy's argmax reads them as they are (the same choice as
+        on their float32 copy), and the sampler upcasts only what it computes with."""
+        return self.lm_head(hidden)

@@ -132,4 +132,6 @@ class OPTModel(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits in the model's dtype: greedy's argmax reads them as they are (the same choice as
+        on their float32 copy), and the sampler upcasts only what it computes with."""
+        return self.lm_head(hidden)

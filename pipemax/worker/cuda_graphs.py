@@ -83,7 +83,8 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.split_counts: dict[int, int] = {}  # decode splits launched per bucket
         if model.is_last:
-            self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
+            dtype = next(model.parameters()).dtype  # (the LM head's: no float32 copy of the logits)
+            self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=dtype, device=device)
 
     def metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(

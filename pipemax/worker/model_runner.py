@@ -77,7 +77,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, plan: StagePlan, batch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """The stage's device work on a batch from build_batch: hidden states [tokens, hidden] for
-        the next stage, or on the last stage the logits [sampling sequences, vocab] float32 (and,
+        the next stage, or on the last stage the logits [sampling sequences, vocab] in the model's dtype (and,
         from a graph, their argmax in greedy_ids)."""
         input_ids, positions, meta, sample_rows = batch
         inputs = input_ids if self.model.is_first else hidden_in

@@ -67,7 +67,7 @@ class PiecewiseGraphs:
         self.max_samples = min(max_samples, max_tokens) if model.is_last else 0
         if self.max_samples:
             self.sample_rows = torch.zeros(self.max_samples, dtype=torch.int64, device=device)
-            self.logits = torch.zeros(self.max_samples, config.vocab_size, dtype=torch.float32, device=device)
+            self.logits = torch.zeros(self.max_samples, config.vocab_size, dtype=dtype, device=device)
             self.greedy_ids = torch.zeros(self.max_samples, dtype=torch.int64, device=device)
         self.graphs: dict[int, list] = {}
         self.states: dict[int, SimpleNamespace] = {}  # per bucket: the tensors the pieces hand on

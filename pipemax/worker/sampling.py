@@ -115,7 +115,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
                      processed_logits: torch.Tensor | None = None,
                      greedy_ids: torch.Tensor | None = None) -> SampledOnDevice:
-    """logits [n, vocab] float32 -> (chosen token per row [n] int64, their logprobs [n] if any row
+    """logits [n, vocab] (the model's dtype, or float32) -> (chosen token per row [n] int64, their logprobs [n] if any row
     asks, and (values, ids) [n, k] of the top alternatives if any row asks), all on the device.
 
     Random rows are drawn with the Gumbel-max trick: argmax(logits / temperature + G), G Gumbel
@@ -126,7 +126,9 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: 
     when given; logprobs always come from the raw logits. greedy_ids: the raw logits' argmax when
     already computed (inside a decode graph).
     """
-    logits = logits.float()
+    # No float32 copy of the whole batch's logits: greedy's argmax on the model's dtype chooses
+    # what it would on their float32 copy (an exact upcast); random rows and logprobs upcast
+    # what they compute with.
     raw_logits = logits
     if processed_logits is not None:
         logits = processed_logits.float()
@@ -142,7 +144,7 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: 
                                    float(min(params[r].top_k or vocab, vocab))] for r in random_rows],
                                  torch.float32, device)
         temperature, top_p, top_k = settings[:, 0:1], settings[:, 1:2], settings[:, 2:3].long()
-        scaled = logits[rows] / temperature
+        scaled = logits[rows].float() / temperature
         if any(params[r].top_p < 1 for r in random_rows):
             scaled = _top_k_top_p(scaled, top_k, top_p)
         elif any(0 < params[r].top_k < vocab for r in random_rows):
@@ -157,7 +159,7 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], seeds: 
         chosen[rows] = (scaled + noise).argmax(dim=-1)
     if not any(p.logprobs for p in params):
         return chosen, None, None
-    all_logprobs = torch.log_softmax(raw_logits, dim=-1)
+    all_logprobs = torch.log_softmax(raw_logits.float(), dim=-1)
     logprobs = all_logprobs.gather(1, chosen[:, None]).squeeze(1)
     most = max(p.top_logprobs for p in params)
     if not most:

@@ -181,7 +181,7 @@ class StageExecutor:
         processed = None
         if any(p.has_penalties for p in params):
             histories = [(state.prompt_ids(self.device), state.output_token_ids) for state in states]
-            processed = apply_penalties(logits, params, histories, self.eos_token_ids)
+            processed = apply_penalties(logits.float(), params, histories, self.eos_token_ids)
         # (greedy rows draw no noise: their key is never read)
         seeds = [row_seed(p.seed, state.num_sampled) if p.seed is not None else 0 if p.greedy
                  else self.noise_keys.getrandbits(63) for p, state in zip(params, states)]

@@ -155,3 +155,20 @@ def test_batched_penalties_equal_the_row_by_row_definitions():
             expected[row, [10, *p.stop_token_ids]] = float("-inf")
     assert torch.allclose(out, expected)
     assert torch.equal(out[1], logits[1])  # no penalties: untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_in_the_models_dtype_sample_as_their_float32_copy_does(dtype):
+    """The LM head's logits stay in the model's dtype (no float32 copy of the batch): every choice,
+    logprob and alternative equals what their exact float32 upcast gives. Coarse values make ties,
+    which argmax breaks the same way in both."""
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 50, generator=generator) * 4).round().to(dtype)  # many ties
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0.7, seed=1, top_p=0.8), SamplingParams(temperature=1.3, top_k=5, seed=2),
+              SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=4, logprobs=True)]
+    seeds = [0, 0, 11, 12, 0, 13]
+    low = sampling.sample_on_device(logits, params, seeds)
+    full = sampling.sample_on_device(logits.float(), params, seeds)
+    assert torch.equal(low[0], full[0]) and torch.equal(low[1], full[1])
+    assert torch.equal(low[2][0], full[2][0]) and torch.equal(low[2][1], full[2][1])
