@@ -4,7 +4,7 @@ the same pass.
 
 Interface
     rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads,
-                  q_norm_weight=None, k_norm_weight=None, eps=1e-6) -> q
+                  q_norm_weight=None, k_norm_weight=None, eps=1e-6, q_out=None) -> q
     qkv           [tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows contiguous: the layer's
                   fused q|k|v projection. Its q part is overwritten with the rotated q.
     cos, sin      [tokens, head_dim] float32: each token's rotary row (attention scaling folded
@@ -12,7 +12,10 @@ Interface
     kv_pool       [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]   (written)
     slot_mapping  [tokens] int32/int64, chunk_id * chunk_tokens + row; negative: not stored
     q/k_norm_weight  [head_dim] or None: RMSNorm over each head before the rotation (Qwen3)
-    returns       q, a [tokens, num_heads, head_dim] view of qkv
+    q_out         [tokens, num_heads, head_dim] or None: the rotated q goes here instead (a buffer
+                  attention reads, such as a piecewise graph's static q: no copy after), qkv's q
+                  part is left as it was
+    returns       q: q_out, or a [tokens, num_heads, head_dim] view of qkv
 
 Rotate-half convention (Llama, Qwen): out = x * cos + rotate_half(x) * sin, with cos and sin cast
 to the dtype first and each product rounded to the dtype, as transformers computes it.
@@ -53,6 +56,7 @@ def _head_rms_norm(x1, x2, weight_ptr, half_offsets, mask, eps, HEAD_DIM: tl.con
 @triton.jit(do_not_specialize=["layer"])
 def _rope_store_kv_kernel(
     qkv_ptr,
+    q_out_ptr,  # the rotated q's destination: qkv_ptr itself (in place), or a [tokens, heads, dim] buffer
     cos_ptr,
     sin_ptr,
     kv_pool_ptr,
@@ -62,6 +66,7 @@ def _rope_store_kv_kernel(
     layer,
     eps,
     stride_qkv,
+    stride_q_out,
     stride_cos,
     stride_pool_chunk,
     stride_pool_layer,
@@ -100,8 +105,9 @@ def _rope_store_kv_kernel(
     if HAS_QK_NORM:
         x1, x2 = _head_rms_norm(x1, x2, q_norm_ptr, half_offsets, half_mask, eps, HEAD_DIM, HALF, dtype)
     out1, out2 = _rotate_half(x1, x2, c1, c2, s1, s2, dtype)
-    tl.store(q_first, out1, mask=q_mask)
-    tl.store(q_first + HALF, out2, mask=q_mask)
+    q_destination = q_out_ptr + token * stride_q_out + q_heads[:, None] * HEAD_DIM + half_offsets[None, :]
+    tl.store(q_destination, out1, mask=q_mask)
+    tl.store(q_destination + HALF, out2, mask=q_mask)
 
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -121,6 +127,15 @@ def _rope_store_kv_kernel(
         v_first = k_first + NUM_KV_HEADS * HEAD_DIM
         tl.store(destination + stride_pool_kv, tl.load(v_first, mask=kv_mask, other=0.0), mask=kv_mask)
         tl.store(destination + stride_pool_kv + HALF, tl.load(v_first + HALF, mask=kv_mask, other=0.0), mask=kv_mask)
+
+
+def _check_q_out(q_out, qkv, num_heads: int, head_dim: int) -> None:
+    tokens = qkv.shape[0]
+    if q_out is not None and (q_out.shape != (tokens, num_heads, head_dim) or q_out.dtype != qkv.dtype
+                              or q_out.device != qkv.device or q_out.stride(2) != 1
+                              or q_out.stride(1) != head_dim):
+        raise ValueError(f"q_out must be [{tokens}, {num_heads}, {head_dim}] {qkv.dtype} on {qkv.device} with "
+                         f"contiguous heads, got {tuple(q_out.shape)} {q_out.dtype}")
 
 
 def _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight, k_norm_weight) -> tuple[int, int]:
@@ -154,11 +169,12 @@ def _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight
 
 
 def rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight=None, k_norm_weight=None,
-                  eps: float = 1e-6) -> torch.Tensor:
+                  eps: float = 1e-6, q_out: torch.Tensor | None = None) -> torch.Tensor:
     num_kv_heads, head_dim = _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight,
                                     k_norm_weight)
+    _check_q_out(q_out, qkv, num_heads, head_dim)
     tokens = qkv.shape[0]
-    q = qkv[:, :num_heads * head_dim].view(tokens, num_heads, head_dim)
+    q = qkv[:, :num_heads * head_dim].view(tokens, num_heads, head_dim) if q_out is None else q_out
     if tokens == 0:
         return q
     half = head_dim // 2
@@ -166,8 +182,9 @@ def rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm
     with device_guard(qkv):
         block_half, block_q = next_power_of_2(half), next_power_of_2(num_heads)
         _rope_store_kv_kernel[(tokens,)](
-            qkv, cos, sin, kv_pool, slot_mapping, q_norm_weight if has_norm else qkv,
-            k_norm_weight if has_norm else qkv, layer, eps, qkv.stride(0), cos.stride(0),
+            qkv, qkv if q_out is None else q_out, cos, sin, kv_pool, slot_mapping, q_norm_weight if has_norm else qkv,
+            k_norm_weight if has_norm else qkv, layer, eps, qkv.stride(0),
+            qkv.stride(0) if q_out is None else q_out.stride(0), cos.stride(0),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q, BLOCK_KV_HEADS=next_power_of_2(num_kv_heads),
@@ -190,9 +207,10 @@ def _head_norm(x, weight, eps):
 
 
 def rope_store_kv_ref(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight=None, k_norm_weight=None,
-                      eps: float = 1e-6) -> torch.Tensor:
+                      eps: float = 1e-6, q_out: torch.Tensor | None = None) -> torch.Tensor:
     num_kv_heads, head_dim = _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight,
                                     k_norm_weight)
+    _check_q_out(q_out, qkv, num_heads, head_dim)
     tokens = qkv.shape[0]
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_size].view(tokens, num_heads, head_dim)
@@ -203,5 +221,8 @@ def rope_store_kv_ref(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_
     cos, sin = cos.to(qkv.dtype)[:, None, :], sin.to(qkv.dtype)[:, None, :]
     rotated_q = _rotate(q, cos, sin)
     store_kv_ref(_rotate(k, cos, sin).contiguous(), v.contiguous(), kv_pool, layer, slot_mapping)
+    if q_out is not None:
+        q_out.copy_(rotated_q)
+        return q_out
     qkv[:, :q_size] = rotated_q.reshape(tokens, q_size)
     return qkv[:, :q_size].view(tokens, num_heads, head_dim)

@@ -65,26 +65,28 @@ class ChunkedAttention:
 
     def rotate_store(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                      slot_mapping: torch.Tensor, q_norm_weight=None, k_norm_weight=None,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, q_out: torch.Tensor | None = None) -> torch.Tensor:
         """From a layer's fused qkv projection [tokens, (heads + 2 kv_heads) * dim]: rotary
         embedding (and q/k norm) fused with the KV store in one launch. Returns q [tokens, heads,
-        dim], rotated in place in qkv."""
+        dim], rotated in place in qkv, or written into q_out."""
         q = self.ops.rope_store_kv(qkv, cos, sin, self.kv_pool, layer, slot_mapping, num_heads,
-                                   q_norm_weight, k_norm_weight, eps)
+                                   q_norm_weight, k_norm_weight, eps, q_out=q_out)
         if self.after_store is not None:
             self.after_store(layer)
         return q
 
     def store(self, layer: int, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
-              slot_mapping: torch.Tensor) -> torch.Tensor:
+              slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
         """From a fused qkv projection, the KV store alone (models without rotary embeddings, such
-        as OPT's learned positions). Returns q [tokens, heads, dim], a view of qkv."""
+        as OPT's learned positions). Returns q [tokens, heads, dim], a view of qkv (or q_out, a copy)."""
         tokens, head_dim = qkv.shape[0], qkv.shape[1] // (num_heads + 2 * num_kv_heads)
         q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
         self.ops.store_kv(k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim),
                           self.kv_pool, layer, slot_mapping)
         if self.after_store is not None:
             self.after_store(layer)
+        if q_out is not None:
+            return q_out.copy_(q.view(tokens, num_heads, head_dim))
         return q.view(tokens, num_heads, head_dim)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata,

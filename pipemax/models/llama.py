@@ -97,9 +97,11 @@ class DecoderLayer(nn.Module):
         q, residual = self.before_attention(layer, hidden, residual, cos, sin, attention, meta.slot_mapping)
         return self.after_attention(attention.attend(layer, q, meta), residual, attention)
 
-    def before_attention(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, slot_mapping):
-        """Norm (with the residual add), the qkv projection, rotary + KV store: (q, residual).
-        Everything here has the step's token count as its only shape: graph-capturable."""
+    def before_attention(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, slot_mapping,
+                         q_out=None):
+        """Norm (with the residual add), the qkv projection, rotary + KV store: (q, residual), q
+        written into q_out when given. Everything here has the step's token count as its only
+        shape: graph-capturable."""
         config, ops, eps = self.config, attention.ops, self.config.rms_norm_eps
         if residual is None:
             residual = hidden
@@ -108,7 +110,8 @@ class DecoderLayer(nn.Module):
             normed = ops.rms_norm(hidden, self.input_layernorm.weight, eps, residual, out=hidden)
         qkv = self.qkv_proj(normed)
         norms = (self.q_norm.weight, self.k_norm.weight) if config.qk_norm else (None, None)
-        return attention.rotate_store(layer, qkv, cos, sin, config.num_heads, slot_mapping, *norms, eps=eps), residual
+        q = attention.rotate_store(layer, qkv, cos, sin, config.num_heads, slot_mapping, *norms, eps=eps, q_out=q_out)
+        return q, residual
 
     def after_attention(self, attn, residual, attention: ChunkedAttention):
         """The output projection, norm (with the residual add), the MLP: (hidden, residual)."""

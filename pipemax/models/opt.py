@@ -36,12 +36,13 @@ class OPTDecoderLayer(nn.Module):
         q, residual = self.before_attention(layer, hidden, residual, cos, sin, attention, meta.slot_mapping)
         return self.after_attention(attention.attend(layer, q, meta), residual, attention)
 
-    def before_attention(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, slot_mapping):
+    def before_attention(self, layer, hidden, residual, cos, sin, attention: ChunkedAttention, slot_mapping,
+                         q_out=None):
         """(q, the layer's input): the input, normed first in pre-LN layers, projected; K/V stored."""
         x = hidden if residual is None else hidden + residual
         qkv = self.qkv_proj(self.self_attn_layer_norm(x) if self.config.pre_norm else x)
         config = self.config
-        return attention.store(layer, qkv, config.num_heads, config.num_kv_heads, slot_mapping), x
+        return attention.store(layer, qkv, config.num_heads, config.num_kv_heads, slot_mapping, q_out=q_out), x
 
     def after_attention(self, attn, residual, attention: ChunkedAttention):
         """(hidden, residual) whose sum is the layer's output (pre-LN), or (output, None) (post-LN)."""

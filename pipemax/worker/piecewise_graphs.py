@@ -86,9 +86,10 @@ class PiecewiseGraphs:
             state.hidden, state.residual = model.layers[index - 1].after_attention(
                 self.attn_out[:bucket], state.residual, attention)
         if index < len(model.layers):
-            q, state.residual = model.layers[index].before_attention(
-                index, state.hidden, state.residual, state.cos, state.sin, attention, self.slot_mapping[:bucket])
-            self.q[:bucket].copy_(q)
+            # Rotary writes q straight into the static buffer attention reads between the pieces.
+            _, state.residual = model.layers[index].before_attention(
+                index, state.hidden, state.residual, state.cos, state.sin, attention, self.slot_mapping[:bucket],
+                q_out=self.q[:bucket])
         else:
             state.output = model.finish(state.hidden, state.residual, attention)
             if self.max_samples:

@@ -92,7 +92,7 @@ def test_rope_store_kv_matches_reference(device, tokens, kv_heads, group, head_d
 
     expected_qkv, expected_pool = qkv.clone(), pool.clone()
     expected_q = rope_store_kv_ref(expected_qkv, cos, sin, expected_pool, layer, slot_mapping, heads, *norms)
-    qkv_dev, pool_dev = qkv.to(device), pool.to(device)
+    qkv_dev, pool_dev = qkv.to(device, copy=True), pool.to(device, copy=True)  # (copies on the CPU too)
     q = rope_store_kv(qkv_dev, cos.to(device), sin.to(device), pool_dev, layer, slot_mapping.to(device), heads,
                       *(n.to(device) if n is not None else None for n in norms))
     assert q.data_ptr() == qkv_dev.data_ptr() and q.shape == (tokens, heads, head_dim)
@@ -105,9 +105,22 @@ def test_rope_store_kv_matches_reference(device, tokens, kv_heads, group, head_d
     assert torch.equal(pool_dev.cpu()[chunks, layer, 1, rows], expected_pool[chunks, layer, 1, rows])
     untouched = torch.ones(num_chunks * chunk_tokens, dtype=torch.bool)
     untouched[slot_mapping[kept]] = False
-    flat = pool_dev.cpu().transpose(0, 3).reshape(chunk_tokens, num_chunks, layers, -1).transpose(0, 1)
-    before = pool.transpose(0, 3).reshape(chunk_tokens, num_chunks, layers, -1).transpose(0, 1)
-    assert torch.equal(flat.reshape(capacity, layers, -1)[untouched], before.reshape(capacity, layers, -1)[untouched])
+    # Each slot's rows (chunk * chunk_tokens + row) of every layer: the ones not stored are as they were.
+    flat = pool_dev.cpu().permute(0, 3, 1, 2, 4, 5).reshape(capacity, layers, -1)
+    before = pool.permute(0, 3, 1, 2, 4, 5).reshape(capacity, layers, -1)
+    assert torch.equal(flat[untouched], before[untouched])
+
+    # q into a buffer of its own (a piecewise graph's static q): the same values, the same KV,
+    # qkv left as it was; the reference alike.
+    q_out = torch.full((tokens, heads, head_dim), 7.0, dtype=dtype, device=device)
+    qkv_again, pool_again = qkv.to(device, copy=True), pool.to(device, copy=True)
+    written = rope_store_kv(qkv_again, cos.to(device), sin.to(device), pool_again, layer, slot_mapping.to(device),
+                            heads, *(n.to(device) if n is not None else None for n in norms), q_out=q_out)
+    assert written is q_out and torch.equal(q_out, q) and torch.equal(pool_again, pool_dev)
+    assert torch.equal(qkv_again.cpu(), qkv)
+    ref_out, ref_qkv = torch.empty(tokens, heads, head_dim, dtype=dtype), qkv.clone()
+    rope_store_kv_ref(ref_qkv, cos, sin, pool.clone(), layer, slot_mapping, heads, *norms, q_out=ref_out)
+    assert torch.equal(ref_out, expected_q) and torch.equal(ref_qkv, qkv)
 
 
 def test_rope_reference_is_the_model_code():
