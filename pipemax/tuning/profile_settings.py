@@ -9,6 +9,7 @@ only used when named: nodes that found different files would run different setti
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 # EngineConfig field -> (the args attribute of its flag, the built-in default)
@@ -83,9 +84,11 @@ def apply_server_profile(args: argparse.Namespace, under_torchrun: bool = False)
                          f"(`pipemax autotune{' --model ' + str(args.model) if args.model else ''}` makes one)")
         else:
             try:
-                plan = load_profile(path, key).plan
+                profile = load_profile(path, key)
             except ProfileError as error:
                 raise ProfileSettingsError(f"--profile: {error}") from None
+            check_profile_plan(profile, path)
+            plan = profile.plan
             lines.append(f"server profile: {path}")
     chosen = {field: plan[field] for field in PROFILE_FIELDS if field not in typed and plan.get(field) is not None}
     layout_typed = [field for field in ("pipeline_parallel", "data_parallel") if field in typed
@@ -113,6 +116,48 @@ def apply_server_profile(args: argparse.Namespace, under_torchrun: bool = False)
     args.profile_fields = set(chosen)  # an invalid value from the profile is named as the profile's
     lines.append("settings: " + describe_settings(args, typed, set(chosen)))
     return lines
+
+
+INTEGER_FIELDS = ("pipeline_parallel", "data_parallel", "micro_batches", "chunk_tokens", "max_num_seqs",
+                  "max_num_batched_tokens")
+NUMBER_FIELDS = {"kv_cache_gib": "GiB", "host_memory_gib": "GiB", "prefetch_gbs": "GB/s"}
+
+
+def check_profile_plan(profile, path) -> None:
+    """Each of the profile's settings is of its kind, and its layout is one of the GPUs and the
+    model it was made for: else one line naming the field at fault (a damaged or hand-edited
+    profile), before any field is compared with a flag or checked against another (a stage count
+    beyond the GPUs would be reported as the micro-batch count's range). Values within their kind
+    are the engine's to check (named as the profile's then: args.profile_fields)."""
+    from pipemax.engine.config import OFFLOAD_MODES
+
+    plan = profile.plan
+
+    def refuse(field: str, problem: str):
+        raise ProfileSettingsError(f"--profile: the server profile's {field} {problem} ({path}): run `pipemax "
+                                   "autotune` again")
+
+    for field in INTEGER_FIELDS:
+        value = plan.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            refuse(field, f"must be a positive integer, got {value!r}")
+    for field, unit in NUMBER_FIELDS.items():
+        value = plan.get(field)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or value <= 0):
+            refuse(field, f"must be a positive number of {unit}, got {value!r}")
+    if plan.get("offload") is not None and plan["offload"] not in OFFLOAD_MODES:
+        refuse("offload", f"must be one of {', '.join(OFFLOAD_MODES)}, got {plan['offload']!r}")
+    layers = plan.get("stage_layers")
+    if layers is not None and not (isinstance(layers, list) and all(
+            isinstance(count, int) and not isinstance(count, bool) and count >= 1 for count in layers)):
+        refuse("stage_layers", f"must be a list of layer counts, got {layers!r}")
+    stages, replicas = plan.get("pipeline_parallel", 1), plan.get("data_parallel", 1)
+    gpus, model_layers = profile.key.get("gpus"), profile.key.get("model", {}).get("num_layers")
+    if isinstance(gpus, int) and stages * replicas != gpus:
+        refuse("pipeline_parallel", f"of {stages} x data_parallel {replicas} is not the {gpus} GPU(s) it was made for")
+    if isinstance(model_layers, int) and stages > model_layers:
+        refuse("pipeline_parallel", f"of {stages} is more stages than the model's {model_layers} layers")
 
 
 def _with_profiles_gpu_count(key: dict, path) -> dict:

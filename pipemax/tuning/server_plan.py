@@ -21,15 +21,17 @@ server not at hand). Two models work together:
         N / 4); the plan counts on a lower prefetch rate where the host pool could not hold what
         a larger ring would stage. Where the ring does not pay, pp_offload is planned without it.
     Throughput only grows with b (the fixed cost d is shared by more sequences), so more GPU
-    memory, host memory or bandwidth never predicts less: the tests check it. pp and pp_offload
-    share their per-step limits (those offload's larger batch asks for), so that the two differ
-    only by offload.
+    memory, host memory or bandwidth never predicts less: the tests check it. Each layout has
+    the per-step limits its own batch asks for: pp's depend on nothing offload does (host memory,
+    PCIe), and pp_offload asks for a larger batch only with a ring the engine will size (S > 0);
+    without one it is pp, limits and all.
   - the discrete-event simulator (simulator.py) replays the real scheduler on a workload with the
     chosen settings (plan_schedule), with each stage's staging ring and copy engines, for the
     figures `pipemax plan` prints: the whole run's, and the steady state's, while requests still
     wait to start. A ring it finds slower than pp (the closed form's steady state can be wrong
-    for a workload not much larger than what the pipeline holds at once) is dropped from the
-    plan: offload=auto never loses to off.
+    for a workload not much larger than what the pipeline holds at once), or that keeps no
+    request on the host, is dropped from the plan: offload=auto never loses to off, and a
+    pp_offload that offloads nothing is pp.
 """
 
 from __future__ import annotations
@@ -179,8 +181,11 @@ class Plan:
                              "PCIe budget used (host to GPU, each GPU)")
         elif self.layout == "pp_offload":
             ring = simulated.get("ring_generated_tokens_per_s")
-            words.append("KV stays on the GPUs: a staging ring would not pay here"
-                         + (f" (simulated {ring:,.0f} generated tokens/s)" if ring is not None else ""))
+            if simulated.get("ring_host_resident_requests") == 0:
+                words.append("KV stays on the GPUs: a staging ring would keep no request on the host here")
+            else:
+                words.append("KV stays on the GPUs: a staging ring would not pay here"
+                             + (f" (simulated {ring:,.0f} generated tokens/s)" if ring is not None else ""))
         else:
             words.append("KV stays on the GPUs")
         return ", ".join(words)
@@ -311,9 +316,9 @@ def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, wor
                 layout: str) -> Plan:
     """The best settings for a layout by the steady-state model: pp (a stage per GPU), pp_offload
     (the same, with offload=auto and the host pool), dp (the whole model on each GPU, a replica
-    per GPU). pp and pp_offload get the same per-step limits (max_num_seqs, max_num_batched_tokens:
-    those offload's larger batch asks for), so that they differ only by offload. Raises PlanError
-    when the model does not fit."""
+    per GPU). Each gets the per-step limits (max_num_seqs, max_num_batched_tokens) its own batch
+    asks for; pp_offload without a ring (none pays, or the engine would size none) is pp's plan.
+    Raises PlanError when the model does not fit."""
     if layout not in ("pp", "pp_offload", "dp"):
         raise ValueError(f"unknown layout {layout!r}")
     stages, replicas = (1, facts.gpus) if layout == "dp" else (facts.gpus, 1)
@@ -353,12 +358,16 @@ def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, wor
     # The largest rate (exact ties: the first, fewer micro-batches, no ring). No tolerance: "nearly
     # as fast, fewer micro-batches" would make the choice, and so the prediction, non-monotone.
     best = {mode: max(states, key=lambda s: s.generated_per_s) for mode, states in candidates.items()}
-    limits = best["auto"]  # pp and pp_offload share the limits offload asks for
     chosen = best["auto"] if layout == "pp_offload" else best["off"]
-    offload = "auto" if chosen.staging_chunks else "off"  # (no ring pays: pp_offload is pp)
+    if not chosen.staging_chunks:
+        # No ring pays, or the engine would size none with these settings (the steady state's
+        # staged chunks would then be host-resident KV that nothing brings back): the batch is
+        # what the GPU pool holds, as pp's.
+        chosen = best["off"]
+    offload = "auto" if chosen.staging_chunks else "off"
     return Plan(layout, stages, replicas, tuple(end - start for start, end in ranges), chosen.micro_batches, offload,
                 facts.chunk_tokens, chunks * pipe.chunk_bytes, facts.host_kv_bytes if offload != "off" else 0,
-                limits.max_num_seqs, _batched_tokens(pipe, limits), chosen.prefetch_bytes_per_s,
+                chosen.max_num_seqs, _batched_tokens(pipe, chosen), chosen.prefetch_bytes_per_s,
                 chosen.batch, chosen.generated_per_s * replicas, chosen.staging_chunks,
                 chosen.staging_chunks * pipe.chunk_bytes)
 
@@ -382,9 +391,11 @@ def simulate_plan(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: to
     """Replays the real scheduler with the plan's settings on the workload (one replica's share for
     dp) and times it on the server's model; the figures `pipemax plan` prints. A pp_offload plan
     whose staging ring the simulation finds slower than the same server without it (the pp plan,
-    simulated here unless `without_ring` is given, simulated) becomes that plan: offload=auto never
-    loses to off, and the closed form's steady state can be wrong for a workload not much larger
-    than what the pipeline holds at once. Its ring's figure stays in the simulation's record."""
+    simulated here unless `without_ring` is given, simulated), or that keeps no request on the
+    host, becomes that plan: offload=auto never loses to off, the closed form's steady state can
+    be wrong for a workload not much larger than what the pipeline holds at once, and a ring that
+    stages nothing differs from pp only by the micro-batch count and the GPU pool its slots take.
+    Its ring's figures stay in the simulation's record."""
     simulation = _simulate(plan, facts, config, dtype, workload)
     if plan.layout == "pp_offload" and plan.offload != "off":
         try:
@@ -394,11 +405,12 @@ def simulate_plan(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: to
                 without_ring.simulation = _simulate(without_ring, facts, config, dtype, workload)
         except PlanError:  # (no pool without the ring holds the workload: the ring stays)
             without_ring = None
-        if without_ring and without_ring.simulation["generated_tokens_per_s"] > simulation["generated_tokens_per_s"]:
-            ring = simulation["generated_tokens_per_s"]
+        if without_ring and (simulation["host_resident_requests"] == 0 or without_ring.simulation[
+                "generated_tokens_per_s"] > simulation["generated_tokens_per_s"]):
+            ring = {f"ring_{name}": simulation[name] for name in ("generated_tokens_per_s", "host_resident_requests")}
             for name in (f.name for f in fields(Plan) if f.name != "layout"):
                 setattr(plan, name, getattr(without_ring, name))
-            simulation = {**without_ring.simulation, "ring_generated_tokens_per_s": ring}
+            simulation = {**without_ring.simulation, **ring}
     plan.simulation = simulation
     return simulation
 

@@ -4,6 +4,7 @@ staging ring on a Llama-2-70B shape over 8 PCIe GPUs of 32 GB: decode-heavy work
 capacity binds, gains a fifth and more at 55 GB/s and less at half the link; ShareGPT- and
 LongBench-like work, compute-bound, loses nothing."""
 
+import itertools
 import json
 
 import pytest
@@ -11,17 +12,21 @@ import torch
 import transformers
 
 from pipemax.cli import main
-from pipemax.models import model_config_from_hf
-from pipemax.tuning.plan_command import compare_layouts
+from pipemax.models import model_config_at, model_config_from_hf
+from pipemax.models.default_model import default_model_path
+from pipemax.tuning import plan_command
+from pipemax.tuning.plan_command import SERVER_FLAGS, compare_layouts
 from pipemax.tuning.server_plan import (
     MAX_SEQS_PER_STEP,
     MIN_BATCHED_TOKENS,
     Plan,
+    PlanError,
     ServerFacts,
     Workload,
     fit_to_model,
     roofline_costs,
 )
+from pipemax.tuning.server_profile import ServerProfile, profile_key, save_profile
 from pipemax.tuning.workloads import synthetic_lengths
 from pipemax.worker.memory_budget import kv_budget_bytes
 
@@ -100,6 +105,115 @@ def test_what_it_cannot_use_is_one_line(config_file, capsys, args, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("missing", [subset for size in range(1, 5)
+                                     for subset in itertools.combinations(SERVER_FLAGS, size)])
+def test_every_missing_server_figure_is_named_in_one_error(config_file, capsys, missing):
+    given = [part for flag, value in zip(SERVER[2::2], SERVER[3::2]) if flag not in missing for part in (flag, value)]
+    assert main(["plan", "--gpus", "4", *given, "--model", str(config_file), "--num-prompts", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    names = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+    verb = "is" if len(missing) == 1 else "are"
+    assert err == f"pipemax: {names} {verb} needed (or --profile from `pipemax autotune`)"
+
+
+def test_the_help_says_what_a_server_without_a_profile_needs(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Without --profile, --gpu-memory-gib, --pcie-gbs, --hbm-tbs and --tflops are all needed" in text
+    for flag in SERVER_FLAGS:
+        assert text.count(flag) >= 2  # in the description and in its own help
+    assert "--dtype {bfloat16,float16,float32} the weights' and KV cache's dtype (default: the profile's" in text
+
+
+def write_plan_profile(path, config, dtype="float32", costs=None, **measured):
+    """A profile as autotune writes one on a CPU, for `config`: 4 GiB of memory, 5 GB/s copies."""
+    costs = costs or {"layer": {"alpha": 1e-6, "beta": 1e-9, "delta": 1e-4}, "head": {"alpha": 0.0, "beta": 0.0,
+                                                                                      "delta": 1e-3}}
+    measurements = {"gpu_memory_bytes": 4 * 2**30, "pcie_bytes_per_s": 5e9, "link_bytes_per_s": None,
+                    "host_kv_bytes": 2**30, "chunk_tokens": 16, "costs": costs, **measured}
+    return save_profile(ServerProfile(profile_key("cpu", 1, config, dtype), {}, measurements,
+                                      {"pipeline_parallel": 1, "data_parallel": 1}), path)
+
+
+def test_a_profile_for_another_model_is_refused_as_serve_offline_refuses_it(config_file, tmp_path, capsys):
+    # The issue's: a SmolLM2 CPU profile for a 70B shape (which predicted 0 tok/s and named a best).
+    smollm2 = write_plan_profile(tmp_path / "smollm2.json", model_config_at(default_model_path()))
+    assert main(["plan", "--profile", str(smollm2), "--model", "bench/configs/llama-2-70b.json", "--gpus", "8",
+                 "--gpu-memory-gib", "32", "--num-prompts", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pipemax: --profile: the profile {smollm2} was made for 1 x cpu, LlamaForCausalLM (30 "
+                          "layers, hidden 576), float32; this is 1 x cpu, LlamaForCausalLM (80 layers, hidden 8192)")
+    assert err.count("\n") == 1
+    # Other shapes of the tiny model, and its own shape in another dtype, are refused too.
+    for change in (dict(num_hidden_layers=4), dict(hidden_size=512), dict(num_key_value_heads=8)):
+        other = write_plan_profile(tmp_path / "other.json", model_config_from_hf(transformers.LlamaConfig(
+            **{**TINY, **change})))
+        assert main(["plan", "--profile", str(other), "--model", str(config_file), "--num-prompts", "10"]) == 2
+        assert "was made for" in capsys.readouterr().err
+    own = write_plan_profile(tmp_path / "own.json", model_config_from_hf(transformers.LlamaConfig(**TINY)))
+    assert main(["plan", "--profile", str(own), "--model", str(config_file), "--dtype", "bfloat16",
+                 "--num-prompts", "10"]) == 2
+    assert "float32; this is 1 x cpu, LlamaForCausalLM (8 layers, hidden 256), bfloat16" in capsys.readouterr().err
+    # Its own model: the profile's dtype unless --dtype says otherwise, and it runs.
+    assert main(["plan", "--profile", str(own), "--model", str(config_file), "--num-prompts", "10"]) == 0
+    assert "hidden 256, float32" in capsys.readouterr().out
+    # One peak figure cannot make a roofline to replace its measured costs.
+    assert main(["plan", "--profile", str(own), "--model", str(config_file), "--hbm-tbs", "1", "--num-prompts",
+                 "10"]) == 2
+    assert "--hbm-tbs and --tflops go together" in capsys.readouterr().err
+
+
+FREE = {"alpha": 0.0, "beta": 0.0, "delta": 0.0}  # a stage part that costs nothing
+
+
+@pytest.mark.parametrize("measured, words", [
+    ({"costs": {"layer": FREE, "head": FREE}}, "no usable step costs"),
+    ({"costs": {"layer": {"alpha": "fast", "beta": 0.0, "delta": 1e-4}, "head": {}}}, "no usable step costs"),
+    ({"costs": {"layer": {"alpha": -1e-6, "beta": 0.0, "delta": 1e-4}, "head": FREE}}, "no usable step costs"),
+    ({"pcie_bytes_per_s": "fast"}, "measurement pcie_bytes_per_s must be a positive number, got 'fast'"),
+    ({"gpu_memory_bytes": 0}, "measurement gpu_memory_bytes must be a positive number, got 0"),
+    ({"chunk_tokens": 12}, "chunk_tokens must be a power of two from 8 to 256, got 12"),
+])
+def test_a_profile_measurement_it_cannot_use_is_one_line(config_file, tmp_path, capsys, measured, words):
+    costs = measured.pop("costs", None)
+    path = write_plan_profile(tmp_path / "p.json", model_config_from_hf(transformers.LlamaConfig(**TINY)), costs=costs,
+                              **measured)
+    assert main(["plan", "--profile", str(path), "--model", str(config_file), "--num-prompts", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipemax: --profile: ") and words in err and err.count("\n") == 1
+
+
+def test_no_layout_is_named_best_when_none_predicts_any_throughput(config_file, capsys, monkeypatch):
+    # Layouts that fit but predict 0 tokens/s (as the issue's profile of another model did): the
+    # table says so, names no best, and one line says why, exit status 1.
+    real = plan_command.compare_layouts
+
+    def predicting_nothing(*args):
+        results = real(*args)
+        for layout, result in results.items():
+            if layout == "dp":
+                results[layout] = PlanError("dp: 12.0 GiB of weights on a GPU of 2.0 GiB leave no room for a KV cache")
+            else:
+                result.simulation = {**result.simulation, "generated_tokens_per_s": 0.0,
+                                     "steady_generated_tokens_per_s": 0.0, "total_tokens_per_s": 0.0}
+        return results
+
+    monkeypatch.setattr(plan_command, "compare_layouts", predicting_nothing)
+    for json_flag in ([], ["--json"]):
+        assert main(["plan", *SERVER, "--model", str(config_file), "--num-prompts", "10", *json_flag]) == 1
+        out, err = capsys.readouterr()
+        assert "best:" not in out and err.count("\n") == 1
+        assert err == ("pipemax: no layout runs this workload on this server: pp_offload: predicts no generated "
+                       "tokens; pp: predicts no generated tokens; dp: 12.0 GiB of weights on a GPU of 2.0 GiB leave no "
+                       "room for a KV cache\n")
+
+
+def test_a_slow_figure_is_not_printed_as_zero():
+    assert plan_command._rate(0.42, 6) == "  0.42" and plan_command._rate(1234.4, 6) == " 1,234"
+    assert plan_command._rate(0.0, 3) == "  0"
+
+
 def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["plan", *SERVER, "--model", str(tmp_path / "nothing")]) == 2
     assert "--model:" in capsys.readouterr().err
@@ -131,28 +245,60 @@ LLAMA_2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=
                    num_key_value_heads=8, vocab_size=32000)  # bench/configs/llama-2-70b.json
 
 
-def llama_2_70b_ratios(workload: str, pcie_gbs: float, scale: int, num_prompts: int) -> tuple[float, float, Plan]:
+def llama_2_70b_plans(workload: str, pcie_gbs: float, scale: int, num_prompts: int, host_gib: float = 256,
+                      link_gbs: float = 55) -> dict:
     """`pipemax plan --gpus 8 --gpu-memory-gib 32 --pcie-gbs P --hbm-tbs 1.8 --tflops 200` with a
     Llama-2-70B shape, scaled down by `scale` so that it runs in seconds: the requests' lengths,
     the model's context, each GPU's KV pool, the host pool, the PCIe link and the chunk size all
     divided by it. Batches, the ring's share of the pool, the chunks a step's prefetch brings
     back and its share of the host pool stay as they are; steps get no shorter but for their
     attention, and a request takes 1/scale the steps. (Unscaled, `pipemax plan` takes minutes and
-    gives similar ratios.) pp_offload's generated tokens/s over pp's, for the whole run
-    and for its steady state (while requests wait to start: with few requests the last ones,
-    finishing in thinning batches, weigh on the whole run), and the pp_offload plan."""
+    gives similar ratios.) compare_layouts' result: {layout: Plan, simulated}."""
     config = model_config_from_hf(transformers.LlamaConfig(**LLAMA_2_70B, max_position_embeddings=4096 // scale))
     dtype = torch.bfloat16
     memory = 32 * 2**30
     kv = kv_budget_bytes(memory, config, [(0, 10)], dtype, 2 * MIN_BATCHED_TOKENS, MAX_SEQS_PER_STEP, True)
-    facts = ServerFacts(8, memory - kv + kv // scale, pcie_gbs * 1e9 / scale, 55e9, 256 * 2**30 // scale,
-                        roofline_costs(config, dtype, 1.8e12, 200e12), chunk_tokens=16 // scale)
+    facts = ServerFacts(8, memory - kv + kv // scale, pcie_gbs * 1e9 / scale, link_gbs * 1e9,
+                        int(host_gib * 2**30) // scale, roofline_costs(config, dtype, 1.8e12, 200e12),
+                        chunk_tokens=16 // scale)
     requests = Workload(tuple((max(1, prompt // scale), max(1, output // scale))
                               for prompt, output in synthetic_lengths(workload, num_prompts)))
-    results = compare_layouts(facts, config, dtype, fit_to_model(requests, config.max_model_len)[0])
+    return compare_layouts(facts, config, dtype, fit_to_model(requests, config.max_model_len)[0])
+
+
+def llama_2_70b_ratios(workload: str, pcie_gbs: float, scale: int, num_prompts: int) -> tuple[float, float, Plan]:
+    """pp_offload's generated tokens/s over pp's (llama_2_70b_plans), for the whole run and for
+    its steady state (while requests wait to start: with few requests the last ones, finishing in
+    thinning batches, weigh on the whole run), and the pp_offload plan."""
+    results = llama_2_70b_plans(workload, pcie_gbs, scale, num_prompts)
     plain, offload = results["pp"].simulation, results["pp_offload"].simulation
     return (offload["generated_tokens_per_s"] / plain["generated_tokens_per_s"],
             offload["steady_generated_tokens_per_s"] / plain["steady_generated_tokens_per_s"], results["pp_offload"])
+
+
+def test_more_host_memory_never_predicts_less_on_the_llama_2_70b_shape():
+    # The issue's: on the README's server pp_offload predicted 1,818 / 1,782 / 1,512 generated
+    # tokens/s with 8 / 32 / 256 GiB of host memory (its fallback, pp, took offload's per-step
+    # limits, larger with more host memory, and preempted more with them; scaled by 16 with 1,000
+    # requests that gave 1,513 then 1,467). pp's plan owes nothing to host memory.
+    low, high = (llama_2_70b_plans("sharegpt", 55, scale=16, num_prompts=1000, host_gib=gib) for gib in (32, 256))
+    assert low["pp"].engine_options() == high["pp"].engine_options()
+    assert high["pp_offload"].simulation["generated_tokens_per_s"] >= low["pp_offload"].simulation[
+        "generated_tokens_per_s"] >= low["pp"].simulation["generated_tokens_per_s"]
+
+
+def test_at_low_pcie_offload_is_pp_unless_requests_are_host_resident():
+    # The issue's: with 800 requests, 4 GB/s predicted more than 16 GB/s (1,437 against 702), and
+    # "best" at 4 GB/s was pp_offload with 0 requests host-resident and a batch of 104 where pp
+    # got 80 on the same KV. (The links at the PCIe rate, as without --link-gbs.)
+    slow, fast = (llama_2_70b_plans("sharegpt", gbs, scale=8, num_prompts=800, link_gbs=gbs) for gbs in (4, 16))
+    assert fast["pp_offload"].simulation["generated_tokens_per_s"] >= slow["pp_offload"].simulation[
+        "generated_tokens_per_s"]
+    for results in (slow, fast):
+        offload, plain = results["pp_offload"], results["pp"]
+        if offload.simulation["host_resident_requests"] == 0:
+            assert offload.engine_options() == plain.engine_options()
+        assert offload.max_num_seqs >= plain.max_num_seqs
 
 
 def test_decode_heavy_work_gains_a_fifth_from_the_staging_ring_at_55_gbs():

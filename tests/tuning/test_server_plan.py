@@ -1,7 +1,8 @@
 """The planner: its choices are monotone (more GPU memory, host memory or bandwidth never predicts
-less, in the closed form and in offload's simulated figures), pp and pp_offload share their
-per-step limits, it says plainly when a model does not fit, and its simulated figures come from
-the real scheduler."""
+less, in the closed form and in offload's simulated figures, each varied alone too), pp owes
+nothing to host memory or PCIe, pp_offload holds no more KV than PCIe brings back and is pp where
+it keeps nothing on the host, it says plainly when a model does not fit, and its simulated figures
+come from the real scheduler."""
 
 import dataclasses
 
@@ -12,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipemax.models import model_config_from_hf
+from pipemax.parallel.partition import partition_layers
 from pipemax.tuning.server_plan import (
     ComputeCosts,
     PlanError,
@@ -40,6 +42,9 @@ MiB = 2**20
 # that overflow a KV pool of a few MiB: there the staging ring pays, and a simulation of 48 of
 # them takes well under a second.
 WEIGHTS_BOUND = ComputeCosts(StageCosts(2e-6, 2e-9, 1e-3), StageCosts(0.0, 0.0, 1e-4))
+# Attention-bound steps (a context token costs 100 times as much): the step the engine sizes its
+# staging ring by (max_num_seqs at a full pool's context) is then much longer than a decode step.
+ATTENTION_BOUND = ComputeCosts(StageCosts(2e-6, 2e-7, 1e-3), StageCosts(0.0, 0.0, 1e-4))
 DECODE_HEAVY = Workload(tuple((max(1, p // 16), max(1, o // 16)) for p, o in synthetic_lengths("decode-heavy", 400)))
 SHORT_DECODE_HEAVY = Workload(DECODE_HEAVY.requests[:48])
 TIGHT_MEMORY = st.integers(1594, 1606)  # MiB: on 4 GPUs, KV pools of 200 to 1,700 chunks beside the rest
@@ -51,10 +56,12 @@ def facts(memory_mib=2000, pcie=25e9, link=25e9, gpus=4, host_mib=4096, costs=CO
 
 # (costs, workload, GPU memory MiB, PCIe B/s, host memory MiB): a roomy server and ShareGPT-like
 # work, where KV rarely binds, or a tight one and decode-heavy work, where the staging ring mostly
-# pays, and the host pool sometimes binds.
+# pays, and the host pool sometimes binds (weights- or attention-bound steps; PCIe from 1 MB/s, where
+# a step brings back less than a chunk, to 10 GB/s, as many examples in each decade).
 SERVERS = st.one_of(
     st.tuples(st.just(COSTS), st.just(WORKLOAD), st.integers(1200, 8000), st.floats(1e7, 1e11), st.integers(1, 8192)),
-    st.tuples(st.just(WEIGHTS_BOUND), st.just(DECODE_HEAVY), TIGHT_MEMORY, st.floats(1e8, 1e10), st.integers(1, 256)))
+    st.tuples(st.sampled_from([WEIGHTS_BOUND, ATTENTION_BOUND]), st.just(DECODE_HEAVY), TIGHT_MEMORY,
+              st.floats(6.0, 10.0).map(lambda exponent: 10**exponent), st.integers(1, 256)))
 
 
 def test_roofline_costs_from_the_model_shape():
@@ -106,20 +113,46 @@ def test_more_bandwidth_or_host_memory_never_predicts_less(server, link, link_fa
 
 
 @settings(max_examples=examples(60), deadline=None)
-@given(server=SERVERS, gpus=st.integers(1, 8))
-def test_pp_and_pp_offload_get_the_same_per_step_limits(server, gpus):
+# 3 MB/s: a step brings back less than a chunk, so the engine sizes no ring (S = 0), though the
+# steady state's fraction of a chunk staged per step would grow the batch a little.
+@example(server=(WEIGHTS_BOUND, DECODE_HEAVY, 1600, 3e6, 64), gpus=4, pcie_factor=1.0, more_host=0)
+@given(server=SERVERS, gpus=st.integers(1, 8), pcie_factor=st.floats(1.0, 1000.0), more_host=st.integers(0, 4096))
+def test_pp_owes_nothing_to_offload_and_pp_offload_without_a_ring_is_pp(server, gpus, pcie_factor, more_host):
+    # pp's plan does not move with host memory or PCIe; pp_offload's batch (and its limits) pass
+    # pp's only with a ring the engine will size, else pp_offload is pp's plan.
     costs, workload, memory, pcie, host = server
-    server = facts(memory, pcie=pcie, gpus=gpus, host_mib=host, costs=costs)
+    base = facts(memory, pcie=pcie, gpus=gpus, host_mib=host, costs=costs)
+    other = dataclasses.replace(base, pcie_bytes_per_s=pcie * pcie_factor, host_kv_bytes=(host + more_host) * MiB)
     try:
-        plain = choose_plan(server, CONFIG, DTYPE, workload, "pp")
+        plain = choose_plan(base, CONFIG, DTYPE, workload, "pp")
     except PlanError:
         return
-    offload = choose_plan(server, CONFIG, DTYPE, workload, "pp_offload")
-    assert (plain.max_num_seqs, plain.max_num_batched_tokens) == (offload.max_num_seqs, offload.max_num_batched_tokens)
-    assert plain.kv_cache_bytes == offload.kv_cache_bytes and plain.offload == "off"
-    if offload.offload == "auto":  # the ring pays: offload's batch is the larger, and the limits are its
+    assert choose_plan(other, CONFIG, DTYPE, workload, "pp") == plain and plain.offload == "off"
+    offload = choose_plan(base, CONFIG, DTYPE, workload, "pp_offload")
+    assert offload.kv_cache_bytes == plain.kv_cache_bytes
+    if offload.offload == "auto":  # the ring pays: offload's batch is the larger, and its limits follow it
+        assert offload.staging_chunks > 0 and offload.host_kv_bytes == base.host_kv_bytes
         assert offload.batch_per_micro_batch * offload.micro_batches > plain.batch_per_micro_batch * plain.micro_batches
-        assert offload.max_num_seqs >= offload.batch_per_micro_batch
+        assert offload.max_num_seqs >= offload.batch_per_micro_batch and offload.max_num_seqs >= plain.max_num_seqs
+    else:
+        assert offload.engine_options() == plain.engine_options()
+        assert offload.batch_per_micro_batch == plain.batch_per_micro_batch
+
+
+def test_a_ring_the_engine_would_not_size_is_no_ring(monkeypatch):
+    # Where one step's prefetch brings back less than a chunk the engine sizes S = 0, yet the
+    # steady state counts a fraction of a chunk staged per step: that batch would be KV left on
+    # the host. (Not reached by the servers above, where a fraction of a chunk never pays for the
+    # ring's two slots; the engine's S forced to 0 here.)
+    import pipemax.tuning.server_plan as server_plan
+
+    server = facts(1600, pcie=5e9, gpus=4, host_mib=64, costs=WEIGHTS_BOUND)
+    plain = choose_plan(server, CONFIG, DTYPE, DECODE_HEAVY, "pp")
+    assert choose_plan(server, CONFIG, DTYPE, DECODE_HEAVY, "pp_offload").offload == "auto"
+    monkeypatch.setattr(server_plan, "_engine_staging_chunks", lambda *args: 0)
+    offload = choose_plan(server, CONFIG, DTYPE, DECODE_HEAVY, "pp_offload")
+    assert offload.offload == "off" and offload.engine_options() == plain.engine_options()
+    assert offload.batch_per_micro_batch == plain.batch_per_micro_batch
 
 
 def test_a_step_has_room_for_the_prompt_tokens_that_keep_its_batch_full():
@@ -204,18 +237,44 @@ def test_the_activation_reserve_counts_expert_buffers():
 
 
 
+def simulated_offload(server, workload):
+    """The pp_offload plan, simulated beside the pp plan it falls back to, and that pp plan."""
+    plain = choose_plan(server, CONFIG, DTYPE, workload, "pp")
+    offload = choose_plan(server, CONFIG, DTYPE, workload, "pp_offload")
+    simulate_plan(offload, server, CONFIG, DTYPE, workload, plain)
+    return offload, plain
+
+
 @settings(max_examples=examples(15), deadline=None)
-@given(memory=TIGHT_MEMORY, pcie=st.floats(1e7, 1e10), pcie_factor=st.floats(1.0, 30.0), host=st.integers(1, 32),
-       more_host=st.integers(0, 32))
+@given(memory=TIGHT_MEMORY, pcie=st.floats(7.0, 10.0).map(lambda exponent: 10**exponent),
+       pcie_factor=st.floats(1.0, 30.0), host=st.integers(1, 32), more_host=st.integers(1, 32),
+       vary=st.sampled_from(["pcie", "host", "both"]))
 def test_the_simulated_offload_figures_never_drop_with_more_bandwidth_or_host_memory(memory, pcie, pcie_factor, host,
-                                                                                     more_host):
-    # (pp's simulated figure is not held to this: it runs with offload's per-step limits, and a
-    # larger max_num_seqs can make the scheduler admit requests the pool then preempts.)
+                                                                                     more_host, vary):
+    # PCIe alone, host memory alone, or both. (pp's figure cannot move: its plan does not.)
     base = facts(memory, pcie=pcie, gpus=4, host_mib=host, costs=WEIGHTS_BOUND)
-    better = dataclasses.replace(base, pcie_bytes_per_s=pcie * pcie_factor, host_kv_bytes=(host + more_host) * MiB)
-    slow, fast = (simulate_plan(choose_plan(f, CONFIG, DTYPE, SHORT_DECODE_HEAVY, "pp_offload"), f, CONFIG, DTYPE,
-                                SHORT_DECODE_HEAVY) for f in (base, better))
-    assert fast["generated_tokens_per_s"] >= slow["generated_tokens_per_s"]
+    better = dataclasses.replace(base, pcie_bytes_per_s=pcie * pcie_factor if vary != "host" else pcie,
+                                 host_kv_bytes=(host + more_host) * MiB if vary != "pcie" else base.host_kv_bytes)
+    (slow, slow_plain), (fast, fast_plain) = (simulated_offload(f, SHORT_DECODE_HEAVY) for f in (base, better))
+    assert fast.simulation["generated_tokens_per_s"] >= slow.simulation["generated_tokens_per_s"]
+    for offload, plain in ((slow, slow_plain), (fast, fast_plain)):
+        # Either requests are host-resident, or pp_offload is pp: no larger batch on the same KV.
+        if offload.simulation["host_resident_requests"] == 0:
+            assert offload.engine_options() == plain.engine_options()
+            assert offload.batch_per_micro_batch == plain.batch_per_micro_batch
+
+
+def test_a_ring_that_keeps_no_request_on_the_host_is_dropped():
+    # A ring planned for 400 decode-heavy requests, simulated on 16 that the GPU pool holds: no
+    # request goes to the host and the two run alike; pp_offload is then pp, not a layout beside it.
+    server = facts(1600, pcie=5e9, gpus=4, host_mib=64, costs=WEIGHTS_BOUND)
+    plain = choose_plan(server, CONFIG, DTYPE, DECODE_HEAVY, "pp")
+    offload = choose_plan(server, CONFIG, DTYPE, DECODE_HEAVY, "pp_offload")
+    assert offload.offload == "auto" and offload.micro_batches > plain.micro_batches
+    simulated = simulate_plan(offload, server, CONFIG, DTYPE, Workload(DECODE_HEAVY.requests[:16]), plain)
+    assert simulated["ring_host_resident_requests"] == 0 and simulated["host_resident_requests"] == 0
+    assert offload.offload == "off" and offload.engine_options() == plain.engine_options()
+    assert "keep no request on the host" in offload.describe(server)
 
 
 def test_a_ring_the_simulation_finds_slower_is_dropped():
@@ -232,3 +291,56 @@ def test_a_ring_the_simulation_finds_slower_is_dropped():
     assert simulated["generated_tokens_per_s"] == plain.simulation["generated_tokens_per_s"]
     assert simulated["ring_generated_tokens_per_s"] < simulated["generated_tokens_per_s"]
     assert "a staging ring would not pay here" in plan.describe(server)
+
+
+def _kv_held_and_limits(plan, server, workload):
+    """(chunks of each stage's pool the plan's micro-batches hold, its GPU pool N, what PCIe brings
+    back to a stage in one decode step of the plan's batch, in chunks, the host pool in chunks)."""
+    element = torch.tensor([], dtype=DTYPE).element_size()
+    ranges = partition_layers(CONFIG, plan.stages, list(plan.stage_layers))
+    token_bytes = [2 * CONFIG.kv_size * element * (end - start) for start, end in ranges]
+    chunk_bytes = max(token_bytes) * server.chunk_tokens
+    context = workload.running_context + server.chunk_tokens / 2
+    batch = plan.batch_per_micro_batch
+    step = max(server.costs.stage(end - start, index == plan.stages - 1).seconds(batch, batch * context)
+               for index, (start, end) in enumerate(ranges))
+    held = plan.micro_batches * batch * context / server.chunk_tokens
+    return (held, plan.kv_cache_bytes // chunk_bytes, server.pcie_bytes_per_s * step / chunk_bytes,
+            server.host_kv_bytes // (sum(token_bytes) * server.chunk_tokens))
+
+
+@settings(max_examples=examples(60), deadline=None)
+# 43 MB/s brings back 19 chunks in a decode step; the engine's ring, sized by a step at a full
+# pool's context, is larger: a step stages no more than the former.
+@example(server=(ATTENTION_BOUND, DECODE_HEAVY, 1603, 4.33e7, 19), gpus=6)
+@given(server=SERVERS, gpus=st.integers(2, 8))
+def test_offload_holds_no_more_kv_than_pcie_brings_back_and_the_host_pool_holds(server, gpus):
+    # Each micro-batch's step can compute, beyond the GPU pool, only what one step's prefetch
+    # brought back into its slot; and only what the host pool holds can be host-resident.
+    costs, workload, memory, pcie, host = server
+    server = facts(memory, pcie=pcie, gpus=gpus, host_mib=host, costs=costs)
+    try:
+        plan = choose_plan(server, CONFIG, DTYPE, workload, "pp_offload")
+    except PlanError:
+        return
+    held, gpu_pool, per_step, host_pool = _kv_held_and_limits(plan, server, workload)
+    assert held <= gpu_pool + plan.micro_batches * per_step + 1e-6
+    assert held <= gpu_pool + host_pool + 1e-6
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(server=SERVERS, pcie_factor=st.floats(1.0, 1000.0), gpus=st.integers(2, 8))
+def test_at_lower_pcie_alone_offload_plans_no_larger_batch(server, pcie_factor, gpus):
+    # PCIe alone (the links and the host pool as they are): at the lower rate, pp_offload's batch
+    # and its per-step limit are no larger, and its prediction no higher.
+    costs, workload, memory, pcie, host = server
+    low = facts(memory, pcie=pcie / pcie_factor, gpus=gpus, host_mib=host, costs=costs)
+    high = dataclasses.replace(low, pcie_bytes_per_s=pcie)
+    try:
+        slow = choose_plan(low, CONFIG, DTYPE, workload, "pp_offload")
+    except PlanError:
+        return
+    fast = choose_plan(high, CONFIG, DTYPE, workload, "pp_offload")
+    assert slow.max_num_seqs <= fast.max_num_seqs
+    assert slow.estimated_generated_tokens_per_s <= fast.estimated_generated_tokens_per_s
+    assert slow.batch_per_micro_batch * slow.micro_batches <= fast.batch_per_micro_batch * fast.micro_batches + 1e-6

@@ -1,12 +1,22 @@
 """Server profiles: a round trip keeps everything; a profile from another GPU, GPU count or model
-is refused with one line saying what it was made for and what this is; damaged files are refused
-plainly."""
+is refused with one line saying what it was made for and what this is; damaged files, and settings
+of the wrong kind or a layout of other GPUs, are refused plainly, naming the field at fault."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from pipemax.cli import main
+from pipemax.tuning.profile_settings import (
+    INTEGER_FIELDS,
+    NUMBER_FIELDS,
+    PROFILE_FIELDS,
+    ProfileSettingsError,
+    check_profile_plan,
+)
 from pipemax.tuning.server_profile import (
     ProfileError,
     ServerProfile,
@@ -15,6 +25,7 @@ from pipemax.tuning.server_profile import (
     profile_key,
     save_profile,
 )
+from tests.helpers import examples
 
 LLAMA_8B = SimpleNamespace(architecture="LlamaForCausalLM", hidden_size=4096, intermediate_size=14336, num_layers=32,
                            num_heads=32, num_kv_heads=8, head_dim=128, vocab_size=128256)
@@ -73,3 +84,73 @@ def test_the_key_names_the_experts():
                                                        moe_layers=(0, 1)), "bfloat16")
     assert dense != moe and moe["model"]["moe_layers"] == [0, 1]  # JSON values: the key survives a round trip
     assert json.loads(json.dumps(moe)) == moe
+
+
+# JSON values that are no positive count: text, fractions, truth values, zero and below, lists.
+NOT_A_COUNT = st.one_of(st.text(max_size=5), st.floats(0.1, 1e6).filter(lambda value: value != int(value)),
+                        st.booleans(), st.integers(-10, 0), st.lists(st.integers(1, 9), max_size=2))
+NOT_A_SIZE = st.one_of(st.text(max_size=5), st.booleans(), st.floats(-1e3, 0.0), st.just(float("inf")),
+                       st.lists(st.floats(1, 9), max_size=2))
+
+
+def refusal(plan: dict, gpus: int = 1) -> str:
+    with pytest.raises(ProfileSettingsError) as error:
+        check_profile_plan(ServerProfile(profile_key("cpu", gpus, LLAMA_8B, "float32"), plan=plan), "p.json")
+    message = str(error.value)
+    assert "\n" not in message and "p.json" in message and "pipemax autotune" in message
+    return message
+
+
+@settings(max_examples=examples(40), deadline=None)
+@example(field="max_num_seqs", value="lots")
+@given(field=st.sampled_from(INTEGER_FIELDS), value=NOT_A_COUNT)
+def test_a_count_of_the_wrong_kind_is_named(field, value):
+    message = refusal({field: value})
+    assert message.startswith(f"--profile: the server profile's {field} must be a positive integer")
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(field=st.sampled_from(sorted(NUMBER_FIELDS)), value=NOT_A_SIZE)
+def test_a_size_of_the_wrong_kind_is_named(field, value):
+    assert f"the server profile's {field} must be a positive number" in refusal({field: value})
+
+
+@settings(max_examples=examples(30), deadline=None)
+@example(gpus=1, stages=64, replicas=1, micro_batches=None)
+@given(gpus=st.integers(1, 16), stages=st.integers(1, 64), replicas=st.integers(1, 8),
+       micro_batches=st.one_of(st.none(), st.integers(1, 64)))
+def test_a_layout_of_other_gpus_or_more_stages_than_layers_names_the_stages(gpus, stages, replicas, micro_batches):
+    # (not the micro-batch count, whose range follows from the stage count)
+    plan = {"pipeline_parallel": stages, "data_parallel": replicas, "micro_batches": micro_batches}
+    if stages * replicas == gpus and stages <= LLAMA_8B.num_layers:
+        check_profile_plan(ServerProfile(profile_key("cpu", gpus, LLAMA_8B, "float32"), plan=plan), "p.json")
+        return
+    assert refusal(plan, gpus).startswith("--profile: the server profile's pipeline_parallel of ")
+
+
+def test_other_kinds_are_named():
+    assert "offload must be one of off, auto, force, got 'yes'" in refusal({"offload": "yes"})
+    assert "stage_layers must be a list of layer counts" in refusal({"stage_layers": "16,16"}, gpus=2)
+
+
+@pytest.mark.parametrize("plan, flags, words", [
+    ({"max_num_seqs": "lots"}, [], "max_num_seqs must be a positive integer, got 'lots'"),
+    ({"max_num_seqs": "lots"}, ["--max-batch", "8"], "max_num_seqs must be a positive integer, got 'lots'"),
+    ({"pipeline_parallel": 64}, [], "pipeline_parallel of 64 x data_parallel 1 is not the 1 GPU(s)"),
+    ({"pipeline_parallel": 64, "micro_batches": 64}, [], "pipeline_parallel of 64 x data_parallel 1"),
+])
+def test_serve_offline_refuses_a_bad_profile_field_in_one_line(model_folder, tmp_path, capsys, plan, flags, words):
+    # Even where a flag overrides the field: the profile is damaged, and saying so beats a traceback.
+    from pipemax.models import model_config_at
+
+    path = save_profile(ServerProfile(profile_key("cpu", 1, model_config_at(model_folder), "float32"), plan=plan),
+                        tmp_path / "profile.json")
+    (tmp_path / "in.jsonl").write_text("")
+    assert main(["serve-offline", "--model", str(model_folder), "--profile", str(path), "-i",
+                 str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipemax: --profile: the server profile's ") and words in err and err.count("\n") == 1
+
+
+def test_every_profile_field_is_checked():
+    assert set(INTEGER_FIELDS) | set(NUMBER_FIELDS) | {"offload", "stage_layers"} == set(PROFILE_FIELDS)
