@@ -77,7 +77,22 @@ class Bench:
         order = torch.randperm(num_chunks)[: batch * chunks_per_seq]
         return order.view(batch, chunks_per_seq).to(torch.int32).to(self.device)
 
-    def decode(self, peaks, batch: int, context: int, chunk_tokens: int = 16):
+    def decode(self, peaks, batch: int, context: int, chunk_tokens: int = 16, num_stages: int | None = None,
+               num_splits: int | None = None):
+        """Decode attention over scattered chunks. num_stages / num_splits: a variant against the
+        default tiles (issue 22: two stages, 5 CTAs an SM; two splits at short contexts)."""
+        import importlib
+
+        decode_module = importlib.import_module("pipemax.kernels.decode_attention")
+        default_tiles = decode_module.decode_tiles
+        if num_stages is not None:
+            decode_module.decode_tiles = lambda *args: {**default_tiles(*args), "num_stages": num_stages}
+        try:
+            self._decode(peaks, batch, context, chunk_tokens, num_stages, num_splits)
+        finally:
+            decode_module.decode_tiles = default_tiles
+
+    def _decode(self, peaks, batch: int, context: int, chunk_tokens: int, num_stages, num_splits):
         chunks_per_seq = -(-context // chunk_tokens)
         num_chunks = batch * chunks_per_seq
         layers = 2  # the per-layer read pattern does not depend on how many layers a chunk holds
@@ -86,11 +101,14 @@ class Bench:
         lens = torch.full((batch,), context, dtype=torch.int32, device=self.device)
         q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device=self.device, dtype=self.dtype)
         scale = 1 / math.sqrt(HEAD_DIM)
-        ms = self.time_ms(lambda: kernels.decode_attention(q, pool, 1, tables, lens, scale, max_seq_len=context))
+        ms = self.time_ms(lambda: kernels.decode_attention(q, pool, 1, tables, lens, scale, max_seq_len=context,
+                                                           num_splits=num_splits))
         nbytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * pool.element_size() + 2 * q.numel() * q.element_size()
         rate = nbytes / ms / 1e6
-        target = 0.70 if (batch, context) == (128, 2048) else None
-        self.rows.append(Row("decode_attention", f"B={batch} ctx={context}", ms, rate, "GB/s",
+        target = 0.85 if (batch, context) == (128, 2048) and num_stages is None and num_splits is None else None
+        variant = "".join(f" {name}={value}" for name, value in (("stages", num_stages), ("splits", num_splits))
+                          if value is not None)
+        self.rows.append(Row("decode_attention", f"B={batch} ctx={context}{variant}", ms, rate, "GB/s",
                              rate / peaks["hbm_gbps"], target))
 
     def prefill(self, peaks, batch: int, new_tokens: int, prefix: int, chunk_tokens: int = 16):
@@ -239,6 +257,7 @@ class Bench:
         peaks = self.measure_peaks()
         if self.smoke:
             self.decode(peaks, batch=2, context=40)
+            self.decode(peaks, batch=2, context=40, num_stages=2, num_splits=2)
             self.prefill(peaks, batch=2, new_tokens=20, prefix=8)
             self.store(peaks, tokens=8)
             self.chunk_copies(peaks, num_copies=3, chunk_tokens=16, layers=2)
@@ -249,6 +268,12 @@ class Bench:
             for context in (512, 2048, 8192):
                 self.decode(peaks, batch, context)
                 torch.cuda.empty_cache()
+        # Issue 22's decode-attention choices, against the default rows above: two pipeline stages
+        # (more CTAs an SM), and two splits below ~1k context (a shorter wave tail).
+        for context in (512, 1024, 2048):
+            self.decode(peaks, 128, context, num_stages=2)
+        for context in (512, 1024):
+            self.decode(peaks, 128, context, num_splits=2)
         self.prefill(peaks, batch=4, new_tokens=2048, prefix=0)
         self.prefill(peaks, batch=4, new_tokens=512, prefix=3584)
         self.store(peaks, tokens=4096)

@@ -151,6 +151,8 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
             "launched ahead), "
             f"{stats['mean_in_flight_seqs']:.0f} in flight, {stats['preemptions']} preemptions, "
             f"{engine.kv.num_gpu_chunks} chunks, device waited for host {stats['device_waited_for_host_fraction']:.0%}")
+    phases = stats["phase_seconds"]
+    note += f", steps with prefill {phases['prefill']:.2f} s, decode steps {phases['decode']:.2f} s"
     if stages > 1:
         note += ", stage busy " + "/".join(f"{1 - b:.0%}" for b in stats["stage_bubble_fraction"])
     if "prefix_cache" in stats:

@@ -362,6 +362,7 @@ class LLMEngine:
         steps_before, sequences, idle_rounds = self.num_steps, 0, 0
         in_flight_seqs = 0  # summed at each launch: the sequences of every step in flight then
         launched_ahead = 0  # steps launched before the tokens of the step before were read
+        phase_seconds = {"prefill": 0.0, "decode": 0.0}
 
         def launch(micro_batch: int) -> None:
             nonlocal sequences, in_flight_seqs
@@ -397,7 +398,9 @@ class LLMEngine:
             sampled = step.pending.result()
             if timeline is not None:
                 timeline.add_host(f"tokens of micro-batch {step.micro_batch}", waited, time.perf_counter())
-            self._measure(step)
+            seconds = self._measure(step)
+            if seconds is not None:  # the device time of steps with prompt pieces, and of pure decode steps
+                phase_seconds["prefill" if step.plan.prefill else "decode"] += seconds
             yield from self._complete(step, sampled)
         steps = self.num_steps - steps_before
         self.last_run_stats = {"stages": len(self.stage_ranges), "micro_batches": self.num_micro_batches,
@@ -407,6 +410,9 @@ class LLMEngine:
                                # each with its slot), where off's single pool is shared by all of them.
                                "mean_in_flight_seqs": in_flight_seqs / steps if steps else 0.0,
                                "preemptions": self.scheduler.num_preemptions, "steps_launched_ahead": launched_ahead,
+                               # Device seconds of steps with prompt pieces and of pure decode steps
+                               # (this process's stages; steps whose time was known when their tokens came).
+                               "phase_seconds": phase_seconds,
                                "balancing_moves": self.scheduler.num_moves, **self.pipeline.stats()}
         self.last_run_stats["cost_model"] = {**self.cost_model.stats(), "seeded_from": self.cost_model_seeded_from}
         self.last_run_stats["prefix_cached_tokens"] = prefix.cached_tokens if prefix is not None else 0
@@ -486,13 +492,15 @@ class LLMEngine:
                 "cuda_graphs": bool(config.cuda_graphs and self.device.type == "cuda"),
                 "step_code": step_code_digest(), "torch": torch.__version__, "triton": triton.__version__}
 
-    def _measure(self, step: InFlight) -> None:
-        """The step's device time, once it has run (no waiting), teaches the cost model."""
+    def _measure(self, step: InFlight) -> float | None:
+        """The step's device time, once it has run (no waiting), teaches the cost model; None when
+        it is not known yet."""
         if step.span is None:
-            return
+            return None
         seconds = self.pipeline.clock.span_seconds(step.span)
         if seconds is not None:
             self.cost_model.observe(step.plan.num_tokens, sum(e.end for e in step.plan.scheduled), seconds)
+        return seconds
 
     def _stage_plan(self, micro_batch: int, plan: StepPlan) -> StagePlan:
         entries = plan.scheduled

@@ -57,6 +57,8 @@ def test_running_ahead_gives_the_outputs_of_waiting_for_every_step(tiny, options
     assert ahead.engine.runs_ahead and not first.engine.runs_ahead
     ahead.engine.eos_token_ids = first.engine.eos_token_ids
     ran_ahead = outputs(ahead, prompts, params)
+    phases = ahead.engine.last_run_stats["phase_seconds"]  # (the bench's per-phase times)
+    assert phases["prefill"] > 0 and phases["decode"] > 0
     launched_ahead = ahead.engine.last_run_stats["steps_launched_ahead"]
     assert first.engine.last_run_stats["steps_launched_ahead"] == 0
     assert launched_ahead >= (2 if penalties else MAX_TOKENS - 3)  # (the penalties' 4 steps waited for)
