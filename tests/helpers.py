@@ -74,7 +74,8 @@ def settled_kv_managers(llm) -> list:
     engine = llm.engine
     pending = list(engine.kv.log)
     for stage in engine.stages:
-        stage.transfers.replay(stage.kv, pending)
+        if stage.replays_kv_ops:  # (else the stage's manager is the scheduler's)
+            stage.transfers.replay(stage.kv, pending)
     return [engine.kv] + [stage.kv for stage in engine.stages]
 
 

@@ -188,6 +188,8 @@ class LLMEngine:
             raise
         # The scheduler's own KV manager decides; every stage replays its log.
         self.kv = RecordingKVManager(num_chunks, self.num_host_chunks, config.chunk_tokens, self.staging_chunks)
+        if not self.distributed and len(self.stages) == 1 and self.num_host_chunks == 0:
+            self.stages[0].share_manager(self.kv)  # one stage here, no copies to drive: no replay
         budget = None
         if config.offload == "auto":
             budget = PrefetchBudget(self.cost_model, self.copy_bytes_per_second, self.link_chunk_bytes,

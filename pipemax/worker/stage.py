@@ -98,8 +98,18 @@ class StageExecutor:
         self.samplers: dict[int, SamplerState] = {}
         self.eos_token_ids = eos_token_ids or set()
         self.noise_keys = random.Random(seed)
+        self.replays_kv_ops = True  # False: the stage uses the scheduler's own manager (share_manager)
         self.last_sampled_ids: torch.Tensor | None = None  # last stage: the newest step's ids, on the device
         self.sampled_source: StageExecutor | None = None  # first stage: the last stage of its pipeline (in process)
+
+    def share_manager(self, kv: KVManager) -> None:
+        """Use the scheduler's KV manager itself (the only stage, in the scheduler's process, with no
+        host pool and so no copies to drive): its decisions are already this stage's chunk tables
+        when a plan is submitted, and replaying them on a second manager is host time for nothing."""
+        if self.transfers.enabled:
+            raise ValueError("a stage with a host pool replays the KV operations: their copies run from there")
+        self.kv = self.runner.kv = kv
+        self.replays_kv_ops = False
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, max_tokens: int = 0) -> None:
         self.runner.enable_cuda_graphs(max_batch, max_model_len, max_tokens)
@@ -109,7 +119,8 @@ class StageExecutor:
         batch, which a next stage on the same device may share: see ModelRunner.build_batch).
         A clock (pipeline.StageClock) marks when the device work starts and ends: the host's
         preparation of the batch before it is the device's wait for the host."""
-        self.transfers.replay(self.kv, plan.kv_ops)
+        if self.replays_kv_ops:
+            self.transfers.replay(self.kv, plan.kv_ops)
         for op, seq_id, _ in plan.kv_ops:
             if op == "free" and seq_id not in self.kv.sequences:
                 self.runner.tables.forget(seq_id)

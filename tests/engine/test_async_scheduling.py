@@ -135,6 +135,21 @@ def test_step_k_plus_1_is_launched_before_step_k_tokens_are_read(tiny, monkeypat
         assert events == [(kind, step) for step in range(len(events) // 2) for kind in ("launch", "read")]
 
 
+def test_one_stage_without_a_host_pool_uses_the_schedulers_kv_manager(tiny):  # noqa: F811
+    """No replay of the KV operations where nothing needs it: the only stage, in this process, with
+    no copies to drive, takes the scheduler's manager itself; with a host pool it replays."""
+    folder, hf, prompts = tiny
+    shared = LLM(model=str(folder), chunk_tokens=8)
+    assert shared.engine.stages[0].kv is shared.engine.kv and not shared.engine.stages[0].replays_kv_ops
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert [o.token_ids for o in shared.generate(prompts, params, use_tqdm=False)] == \
+        [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+    tiered = LLM(model=str(folder), host_memory_gib=0.01)  # the prefix cache's host tier: copies to drive
+    assert tiered.engine.stages[0].kv is not tiered.engine.kv and tiered.engine.stages[0].replays_kv_ops
+    two = LLM(model=str(folder), pipeline_parallel=2, pipeline_transport="inprocess")
+    assert all(stage.replays_kv_ops for stage in two.engine.stages)
+
+
 def test_async_scheduling_runs_only_where_one_micro_batch_runs_in_this_process(tiny):  # noqa: F811
     folder, _, _ = tiny
     assert not LLM(model=str(folder), micro_batches=2).engine.runs_ahead  # the other micro-batch hides the host
