@@ -178,5 +178,7 @@ def test_steady_decode_syncs_the_host_once_per_step_at_most(tiny):  # noqa: F811
     finally:
         torch.cuda.set_sync_debug_mode("default")
     steps = llm.engine.last_run_stats["steps"]
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= steps // 10, f"{len(syncs)} host synchronisations in {steps} steps"
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    # (the token read waits on an event, which the debug mode does not count; a run's start and
+    # end may synchronise once or twice, never a step)
+    assert steps >= 64 and len(syncs) <= 2, f"{len(syncs)} host synchronisations in {steps} steps: {syncs[:3]}"
