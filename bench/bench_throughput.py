@@ -181,27 +181,17 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
 
 
 def warm_up(engine: LLMEngine, args, workload) -> None:
-    """Outside the timed region, every kind of step the run will take, so that no kernel variant
-    is compiled in it: prefill alone, prefill pieces beside decode rows (split decode attention and
-    its merge at the workload's context), and pure decode. Its prompts share nothing with the
-    workload (the prefix cache must not start warm)."""
+    """Outside the timed region, the kinds of step the run will take, so that no kernel variant is
+    compiled inside it. The timed run's prefill ramp puts a few, then more and more decode rows
+    beside prompt pieces, and decode attention's split count (a compiled constant of its merge)
+    follows those small batches: so the warm-up runs the same ramp, on fresh prompts of the
+    workload's first lengths (the prefix cache must not start warm), then a few decode steps."""
     vocab = MODEL_SHAPES[args.model]["vocab_size"]
     generator = torch.Generator().manual_seed(getattr(args, "seed", 0) + 12345)
-    longest = max(len(prompt) for prompt, _ in workload)
-
-    def prompt(length: int) -> list[int]:
-        return torch.randint(0, vocab, (max(1, length),), generator=generator).tolist()
-
-    # A prompt at the workload's longest context decodes for a few steps while a second prompt,
-    # longer than one step's token budget, is prefilled in pieces beside it.
-    engine.add_request(prompt(min(longest, args.max_batched_tokens // 2)),
-                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    for _ in engine.run():
-        pass
-    engine.add_request(prompt(min(longest, args.max_batched_tokens // 2)),
-                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    engine.add_request(prompt(min(args.max_batched_tokens + 64, engine.max_model_len - 8)),
-                       SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    lengths = [len(prompt) for prompt, _ in workload[:48]]
+    for length in lengths:
+        prompt = torch.randint(0, vocab, (max(1, min(length, engine.max_model_len - 4)),), generator=generator)
+        engine.add_request(prompt.tolist(), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     for _ in engine.run():
         pass
 

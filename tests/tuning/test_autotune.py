@@ -294,7 +294,7 @@ def test_autotune_refuses_to_save_noisy_measurements_unless_forced(model_folder,
 
 def test_autotune_never_saves_a_plan_of_no_throughput_silently(model_folder, tmp_path, monkeypatch, capsys):
     """The issue's busy machine measured a layer 50x too slow and saved "0 generated tokens/s"."""
-    from pipemax.tuning import server_plan
+    from pipemax.tuning import microbench, server_plan
 
     simulate = server_plan.simulate_plan
 
@@ -303,6 +303,12 @@ def test_autotune_never_saves_a_plan_of_no_throughput_silently(model_folder, tmp
         plan.simulation["generated_tokens_per_s"] = 0.0
 
     monkeypatch.setattr(server_plan, "simulate_plan", nothing_generated)
+
+    class NeverNoisy(microbench.NoiseCheck):  # (a busy CI machine must not refuse for noise first)
+        def __init__(self):
+            super().__init__(limit=float("inf"))
+
+    monkeypatch.setattr(microbench, "NoiseCheck", NeverNoisy)
     profile = tmp_path / "p.json"
     tune = ["autotune", "--model", str(model_folder), "--quick", "--num-prompts", "10", "--no-progress",
             "-o", str(profile)]
