@@ -457,9 +457,13 @@ def test_the_last_stage_takes_the_next_plan_while_its_tokens_are_on_their_way():
     assert mailbox.messages == [(("tokens", index, {"step": index}), 0) for index in range(3)]
 
 
-def test_data_parallel_replicas_share_the_node_host_pool():
+def test_data_parallel_replicas_share_the_node_host_pool(monkeypatch):
+    from pipemax.engine import config as config_module
     from pipemax.engine.config import EngineConfig
     from pipemax.engine.data_parallel import replica_configs
+
+    # The default pool is a quarter of what is free: read once, not as other jobs move it between calls.
+    monkeypatch.setattr(config_module, "available_host_memory_gib", lambda: 16.0)
 
     config = EngineConfig(model="m", device="cpu", data_parallel=4, offload="force", host_memory_gib=2.0)
     assert [c.host_kv_bytes() for c in replica_configs(config)] == [2**29] * 4  # a quarter each, not 2 GiB each
