@@ -366,17 +366,18 @@ class LLMEngine:
         launched_ahead = 0  # steps launched before the tokens of the step before were read
         phase_seconds = {"prefill": 0.0, "decode": 0.0}
 
-        def launch(micro_batch: int) -> None:
+        def launch(micro_batch: int) -> bool:
             nonlocal sequences, in_flight_seqs
             planned = time.perf_counter()
             step = self._launch(micro_batch)
             if step is None:
-                return
+                return False
             if timeline is not None:
                 timeline.add_host(f"plan micro-batch {micro_batch}", planned, time.perf_counter())
             in_flight.append(step)
             sequences += len(step.plan.scheduled)
             in_flight_seqs += sum(len(flying.plan.scheduled) for flying in in_flight)
+            return True
 
         while True:
             busy = {step.micro_batch for step in in_flight}
@@ -394,8 +395,8 @@ class LLMEngine:
             idle_rounds = 0
             step = in_flight.popleft()
             if not in_flight and self._may_run_ahead(step):
-                launch(step.micro_batch)  # the host one step ahead: the device goes on while we wait here
-                launched_ahead += 1 if in_flight else 0
+                # the host one step ahead: the device goes on while we wait here
+                launched_ahead += launch(step.micro_batch)
             waited = time.perf_counter()
             sampled = step.pending.result()
             if timeline is not None:
@@ -473,10 +474,9 @@ class LLMEngine:
                 seq.pending_tokens += 1
                 seq.awaits_last_token = (seq.num_output_tokens >= seq.params.max_tokens
                                          or len(seq.token_ids) >= self.max_model_len)
-        # Where each sequence's token sits among this step's sampled ids: the step launched next may
-        # take it as input on the device (running ahead).
-        self._last_sampled = {seq_id: index for index, seq_id in enumerate(
-            entry.seq.seq_id for entry in plan.scheduled if entry.samples)}
+        if self.runs_ahead:  # where each token sits among this step's sampled ids: the next step's carried inputs
+            self._last_sampled = {seq_id: index for index, seq_id in enumerate(
+                entry.seq.seq_id for entry in plan.scheduled if entry.samples)}
         return InFlight(micro_batch, plan, pending, self.pipeline.clock.step_span())
 
     def _step_cost_key(self, config) -> dict:

@@ -5,37 +5,24 @@ the demoted entry would get the promoted entry's KV, and the promoted one would 
 
 from pipemax.core.kv_manager import KVManager
 from pipemax.core.step_plan import RecordingKVManager, apply_kv_ops
+from tests.core.test_kv_prefix_sharing import ContentCopies
 
 
-class LabelCopies:
-    """Stands in for a stage's KVTransfers: logs each copy and moves chunk labels as it would move KV."""
+class LabelCopies(ContentCopies):
+    """Stands in for a stage's KVTransfers: moves chunk labels as the copies would move KV, and logs
+    each cache copy in the order it ran."""
 
     def __init__(self):
-        self.gpu, self.host = {}, {}  # chunk id -> the label of the KV it holds
+        super().__init__({}, {})  # chunk id -> the label of the KV it holds
         self.log = []  # ("demote" | "promote", pairs), in the order the copies ran
 
     def demote(self, pairs):
         self.log.append(("demote", pairs))
-        for gpu, host in pairs:
-            self.host[host] = self.gpu[gpu]
+        super().demote(pairs)
 
     def promote(self, pairs):
         self.log.append(("promote", pairs))
-        for host, gpu in pairs:
-            self.gpu[gpu] = self.host[host]
-
-    # The sequences' own copies and the chunk bookkeeping play no part here.
-    def claim(self, chunks):
-        pass
-
-    def claim_host(self, chunks):
-        pass
-
-    def freeing(self, seq_id, chunks, finished=False, cached=(), host_chunks=()):
-        pass
-
-    def begin_step(self, step):
-        pass
+        super().promote(pairs)
 
 
 def cache_two_unheld_prefixes(kv, copies):
