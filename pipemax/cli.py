@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pipemax.core.kv_dtype import KV_CACHE_DTYPES
 from pipemax.tuning.profile_settings import add_profile_arguments
 
 
@@ -47,6 +48,7 @@ FLAG_OF_OPTION = {
     "pipeline_transport": "--pipeline-transport", "stage_layers": "--stage-layers", "stage_timeout": "--stage-timeout",
     "data_parallel": "--data-parallel", "offload": "--offload", "host_memory_gib": "--host-memory-gib",
     "trace": "--trace", "prefetch_gbs": "--prefetch-gbs", "prefix_caching": "--prefix-caching",
+    "kv_cache_dtype": "--kv-cache-dtype",
 }
 
 
@@ -64,6 +66,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                                        "SmolLM2-135M-Instruct")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                       help="KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2. fp8 holds "
+                            "twice the tokens per GiB and moves and reads half the KV bytes, with a scale per "
+                            "token and KV head; needs an sm_89+ GPU (Ada, Hopper, Blackwell) or the CPU")
     group.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda if available)")
     group.add_argument("--max-batch", type=int, help="sequences per step (default: the server profile's, else 256)")
     group.add_argument("--max-batched-tokens", type=int,
@@ -130,6 +136,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         data_parallel=args.data_parallel, offload=args.offload, host_memory_gib=args.host_memory_gib,
         trace=str(args.trace) if args.trace else None, overwrite_trace=getattr(args, "overwrite", False),
         prefetch_gbs=args.prefetch_gbs, prefix_caching=args.prefix_caching == "on",
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

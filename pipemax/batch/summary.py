@@ -33,7 +33,8 @@ def describe_run(stats: dict) -> str:
     if not stats.get("steps"):
         return ""
     line = (f"pipeline: {stats['stages']} stage(s) of {'/'.join(map(str, stats['stage_layers']))} layers, "
-            f"{stats['micro_batches']} micro-batch(es), {stats['steps']} steps of {stats['mean_micro_batch_seqs']:.1f} "
+            f"{stats['micro_batches']} micro-batch(es), {stats.get('kv_cache_dtype', '?')} KV cache, "
+            f"{stats['steps']} steps of {stats['mean_micro_batch_seqs']:.1f} "
             "sequences on average")
     if "stage_busy_seconds" in stats:
         busy = ", ".join(f"{1 - bubble:.0%}" for bubble in stats["stage_bubble_fraction"])

@@ -18,6 +18,8 @@ Owns
     cost_model.py        a step's predicted time, T = alpha tokens + beta context + delta, fitted online
     offload_schedule.py  the engine's whole schedule as a pure function (what the simulator times)
     step_plan.py         the record a step sends every stage; KV operations logged to be replayed
+    kv_dtype.py          KV cache dtypes: names, bytes per element, per token and per chunk (with fp8's
+                         per-row scales)
     errors.py            ConfigError, the one-line error for a bad option
 
 May import: the standard library and other modules of core. Never imports torch, numpy, triton or

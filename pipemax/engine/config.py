@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from pipemax.core.errors import ConfigError
+from pipemax.core.kv_dtype import KV_CACHE_DTYPES, kv_storage_name
 from pipemax.core.sampling_params import SEED_RANGE
-from pipemax.worker.kv_pool import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS
+from pipemax.worker.kv_pool import KV_TORCH_DTYPES, MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OFFLOAD_MODES = ("off", "auto", "force")
@@ -89,6 +90,9 @@ class EngineConfig:
     offload: str = "off"  # off | auto | force: KV of micro-batches between their steps in host memory
     host_memory_gib: float | None = None  # host KV pool (offload, prefix cache's host tier), this node's stages together
     prefetch_gbs: float | None = None  # host -> GPU GB/s offload=auto's budget counts on; default: measured at start
+    # KV cache storage: auto (the model's dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2. fp8 halves the
+    # KV's bytes in VRAM, over PCIe and through attention (a float32 scale per stored row and KV head).
+    kv_cache_dtype: str = "auto"
     prefix_caching: bool = True  # share the KV of full chunks of common prompt prefixes (GPU, then host tier)
     trace: str | None = None  # write a Chrome / Perfetto trace of each run here
     overwrite_trace: bool = False  # trace may replace a file that is not a trace (the CLI's --overwrite)
@@ -97,7 +101,7 @@ class EngineConfig:
         """Check every option before anything loads; ConfigError names the option at fault."""
         choices = {"dtype": ("auto", *DTYPES), "attention_backend": ("auto", "triton", "torch"),
                    "prefill_mode": ("mixed", "separate"), "pipeline_transport": PIPELINE_TRANSPORTS,
-                   "offload": OFFLOAD_MODES}
+                   "offload": OFFLOAD_MODES, "kv_cache_dtype": KV_CACHE_DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -156,6 +160,19 @@ class EngineConfig:
             check_trace_path(self.trace, self.overwrite_trace)
         device = self.resolved_device()  # a device that does not exist fails here, before any weights load
         self._check_memory_budgets(device)
+        self._check_kv_cache_dtype(device)
+
+    def _check_kv_cache_dtype(self, device: torch.device) -> None:
+        """fp8 KV needs a GPU that converts to and from fp8 in hardware (sm_89 and newer); the CPU
+        runs it through the torch references."""
+        if not self.kv_cache_dtype.startswith("fp8") or device.type != "cuda":
+            return
+        major, minor = torch.cuda.get_device_capability(device.index or 0)
+        if (major, minor) < (8, 9):
+            name = torch.cuda.get_device_name(device.index or 0)
+            raise ConfigError("kv_cache_dtype", f"{self.kv_cache_dtype} needs a GPU with fp8 conversion (sm_89 or "
+                                                f"newer: L4, L40S, RTX 4090, H100, ...); {name} is sm_{major}{minor}: "
+                                                "use auto (the model's dtype)")
 
     def _check_memory_budgets(self, device: torch.device) -> None:
         """A budget larger than the memory there is fails now, not as an allocator error after the
@@ -216,3 +233,10 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def kv_storage(self) -> str:
+        """What the KV pools hold (core/kv_dtype.py): the model's dtype name, or fp8_e4m3 / fp8_e5m2."""
+        return kv_storage_name(self.kv_cache_dtype, str(self.resolved_dtype()).removeprefix("torch."))
+
+    def resolved_kv_dtype(self) -> torch.dtype:
+        return KV_TORCH_DTYPES[self.kv_storage()]

@@ -87,6 +87,7 @@ class LLMEngine:
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
+        self.kv_dtype = config.resolved_kv_dtype()  # what the KV pools hold: the model's dtype or fp8
         self.tokenizer = tokenizer
         path = Path(config.model)
         self.model_config: ModelConfig = model_config_at(path) if model is None else model.config
@@ -120,7 +121,7 @@ class LLMEngine:
 
         # One chunk count for every stage: the scheduler's decisions must fit each stage's pool.
         specs = [KVPoolSpec(end - start, self.model_config.num_kv_heads, self.model_config.head_dim,
-                            config.chunk_tokens, self.dtype) for start, end in self.stage_ranges]
+                            config.chunk_tokens, self.dtype, self.kv_dtype) for start, end in self.stage_ranges]
         if self.distributed:  # a pool per device: the tightest decides
             budgets = [self._kv_budget_bytes(torch.device(device), [stage_range], here=rank == 0)
                        for rank, (device, stage_range) in enumerate(zip(self.stage_devices, self.stage_ranges))]
@@ -234,7 +235,7 @@ class LLMEngine:
                            config.cuda_graphs, config.max_num_seqs, self.max_model_len, set(self._eos_token_ids),
                            config.seed, head_rank=head, num_host_chunks=self.num_host_chunks,
                            max_num_batched_tokens=config.max_num_batched_tokens,
-                           staging_chunks=self.staging_chunks)
+                           staging_chunks=self.staging_chunks, kv_dtype=self.kv_dtype)
                  for stage in range(1, world)]
         return DistributedPipeline(specs, "nccl" if self.device.type == "cuda" else "gloo", self.device, self.cluster)
 
@@ -407,6 +408,7 @@ class LLMEngine:
             yield from self._complete(step, sampled)
         steps = self.num_steps - steps_before
         self.last_run_stats = {"stages": len(self.stage_ranges), "micro_batches": self.num_micro_batches,
+                               "kv_cache_dtype": self.config.kv_storage(),
                                "stage_layers": [end - start for start, end in self.stage_ranges], "steps": steps,
                                "mean_micro_batch_seqs": sequences / steps if steps else 0.0,
                                # What the GPUs' KV serves at once: offload's gain (M steps in flight,
@@ -487,7 +489,8 @@ class LLMEngine:
         else:
             hardware = f"cpu x {torch.get_num_threads()} threads"
         return {"device": hardware, **model_shape(mc),
-                "dtype": str(self.dtype).removeprefix("torch."), "stage_layers": [e - s for s, e in self.stage_ranges],
+                "dtype": str(self.dtype).removeprefix("torch."), "kv_cache_dtype": config.kv_storage(),
+                "stage_layers": [e - s for s, e in self.stage_ranges],
                 "transport": "distributed" if self.distributed else "inprocess",
                 "attention_backend": config.attention_backend, "chunk_tokens": config.chunk_tokens,
                 "offload": config.offload,  # (on the CPU, write-through runs inside the timed step)

@@ -29,9 +29,14 @@ Kernels, one file each (see each module's docstring for shapes):
     sampling_noise.py     gumbel_noise: per-row Philox Gumbel noise for sampling on the device
     moe_gemm.py           moe_experts: a MoE layer's routed experts, grouped GEMMs over tokens sorted
                           by expert
+    fp8.py                fp8 KV: formats, rounding to the fp8 grid in kernels, quantize_ref /
+                          dequantize_ref; why a scale per row and head
 Each has a `<name>_ref` in pure torch with the same arguments.
 
-Dtypes float32, float16 and bfloat16; head_dim up to 256 (64, 80, 96, 128 tested).
+Dtypes float32, float16 and bfloat16; head_dim up to 256 (64, 80, 96, 128 tested). A KV pool may
+instead hold fp8 (float8_e4m3fn, float8_e5m2) with a parallel scales tensor
+[num_chunks, layers, 2, chunk_tokens, num_kv_heads] float32 (fp8.py): the store quantises, attention
+dequantises in registers, copies move the scales with their chunks.
 
 On a machine without CUDA the kernels are defined for Triton's interpreter (TRITON_INTERPRET=1,
 set here unless the caller chose) so they can run on CPU tensors, slowly; the engine uses the
@@ -55,8 +60,12 @@ from .rope import rope_store_kv, rope_store_kv_ref  # noqa: E402
 from .sampling_noise import gumbel_noise, gumbel_noise_ref  # noqa: E402
 from .prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
 from .moe_gemm import moe_experts, moe_experts_ref  # noqa: E402
+from .fp8 import FP8_DTYPES, dequantize_ref, quantize_ref  # noqa: E402
 
 __all__ = [
+    "FP8_DTYPES",
+    "dequantize_ref",
+    "quantize_ref",
     "copy_chunks",
     "copy_chunks_ref",
     "copy_rows",

@@ -10,6 +10,7 @@ import torch
 import triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KV_POOL_DTYPES = SUPPORTED_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)  # fp8: with scales (fp8.py)
 
 
 def interpreter_active() -> bool:
@@ -100,8 +101,8 @@ def check_kv_pool(kv_pool: torch.Tensor, name: str = "kv_pool") -> None:
             f"{name} must have shape [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim], "
             f"got {tuple(kv_pool.shape)}"
         )
-    if kv_pool.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} dtype {kv_pool.dtype} is not one of {SUPPORTED_DTYPES}")
+    if kv_pool.dtype not in KV_POOL_DTYPES:
+        raise TypeError(f"{name} dtype {kv_pool.dtype} is not one of {KV_POOL_DTYPES}")
     if not kv_pool.is_contiguous():
         raise ValueError(f"{name} must be contiguous: a chunk is one block of memory")
     chunk_tokens = kv_pool.shape[3]
@@ -144,7 +145,8 @@ def check_attention_inputs(q: torch.Tensor, kv_pool: torch.Tensor, layer: int, c
     num_heads = q.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if q.dtype != kv_pool.dtype or q.device != kv_pool.device:
+    fp8_pool = kv_pool.dtype not in SUPPORTED_DTYPES
+    if q.device != kv_pool.device or (q.dtype != kv_pool.dtype and not fp8_pool) or q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q ({q.dtype}, {q.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
     if q.stride(2) != 1:
         raise ValueError("q must be contiguous in head_dim")

@@ -3,7 +3,9 @@
 Interface
     decode_attention(q, kv_pool, layer, chunk_tables, seq_lens, scale, num_splits=None) -> out
     q            [batch, num_heads, head_dim]                  the query of each sequence's newest token
-    kv_pool      [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]   (GPU pool)
+    kv_pool      [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]   (GPU pool), q's
+                 dtype or fp8 (then kv_scales [num_chunks, layers, 2, chunk_tokens, num_kv_heads]
+                 float32, fp8.py)
     layer        which layer of the pool (layer index within the stage)
     chunk_tables [batch, max_chunks] int32                     chunk ids in position order; entries
                                                                past a sequence's last chunk are ignored
@@ -37,6 +39,7 @@ from ._common import (
     next_power_of_2,
 )
 from .attention_core import load_kv_tile, online_softmax_step, tile_chunk_ids
+from .fp8 import check_kv_scales, dequantize_ref, v_weight
 
 LOG2_E = 1.4426950408889634
 
@@ -46,6 +49,7 @@ LOG2_E = 1.4426950408889634
 def _decode_attention_split_kernel(
     q_ptr,  # [batch, num_heads, head_dim]
     kv_pool_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
+    kv_scales_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads] float32 when KV_SCALED (fp8 pool)
     chunk_tables_ptr,  # [batch, max_chunks] int32
     seq_lens_ptr,  # [batch] int32
     partial_out_ptr,  # [batch, num_heads, num_splits, head_dim] float32
@@ -64,6 +68,9 @@ def _decode_attention_split_kernel(
     stride_pool_kv,
     stride_pool_token,
     stride_pool_head,
+    stride_scales_chunk,
+    stride_scales_layer,
+    stride_scales_kv,
     stride_table_batch,
     num_heads,  # runtime values: a new batch shape must not cost a recompilation
     num_splits,
@@ -71,6 +78,9 @@ def _decode_attention_split_kernel(
     BLOCK_D: tl.constexpr,
     CHUNK_TOKENS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per KV head
+    NUM_KV_HEADS: tl.constexpr,
+    KV_SCALED: tl.constexpr,  # an fp8 pool: tiles widen to q's dtype, scales per position (attention_core)
+    V_WEIGHT: tl.constexpr,  # fp8: the probabilities' weight in fp16 range (attention_core.online_softmax_step)
     BLOCK_G: tl.constexpr,  # GROUP_SIZE padded to a tensor-core tile (>= 16)
     BLOCK_N: tl.constexpr,  # positions per iteration
     DOT_PRECISION: tl.constexpr,
@@ -114,15 +124,19 @@ def _decode_attention_split_kernel(
     for block_start in range(split_start, split_end, BLOCK_N):
         positions = block_start + offsets
         position_mask = positions < split_end
-        k, v = load_kv_tile(
+        k, v, k_scale, v_scale = load_kv_tile(
             kv_pool_ptr, chunk_ids, positions, position_mask, dims, dim_mask, layer, kv_head,
             stride_pool_chunk, stride_pool_layer, stride_pool_kv, stride_pool_token, stride_pool_head,
-            CHUNK_TOKENS, UPCAST,
+            CHUNK_TOKENS, UPCAST, kv_scales_ptr, stride_scales_chunk, stride_scales_layer, stride_scales_kv,
+            NUM_KV_HEADS,
+            KV_SCALED,
+            q_ptr.dtype.element_ty,
         )
         following = positions + BLOCK_N  # the next tile's chunk ids, one tile ahead (see tile_chunk_ids)
         chunk_ids = tile_chunk_ids(table_row, following, following < split_end, CHUNK_TOKENS)
         running_max, running_sum, acc = online_softmax_step(
-            q, k, v, position_mask[None, :], running_max, running_sum, acc, scale_log2, DOT_PRECISION
+            q, k, v, position_mask[None, :], running_max, running_sum, acc, scale_log2, DOT_PRECISION, k_scale,
+            v_scale, KV_SCALED, V_WEIGHT,
         )
 
     # A split past the end of a short sequence saw no position: weight zero in the merge.
@@ -242,6 +256,7 @@ def decode_attention(
     block_n: int | None = None,
     out: torch.Tensor | None = None,
     split_plan: torch.Tensor | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch decode attention; see the module docstring. max_seq_len (a bound on seq_lens)
     avoids a device sync; block_n defaults to a tile that fits the GPU's shared memory; out
@@ -249,6 +264,7 @@ def decode_attention(
     o_proj input. split_plan (decode_split_plan, on the device) sets the splits a step uses out
     of the num_splits launched: how a captured graph follows the real lengths."""
     chunk_tokens, num_kv_heads, head_dim, num_heads = check_attention_inputs(q, kv_pool, layer, chunk_tables, "batch")
+    kv_scaled = check_kv_scales(kv_pool, kv_scales)
     batch = q.shape[0]
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
     if chunk_tables.shape[0] != batch or seq_lens.shape[0] != batch:
@@ -269,7 +285,7 @@ def decode_attention(
         raise ValueError(f"chunk_tables hold {chunk_tables.shape[1]} chunks of {chunk_tokens} tokens, "
                          f"fewer than max_seq_len {max_seq_len}")
     group_size = num_heads // num_kv_heads
-    tiles_key = (q.dtype, head_dim, group_size, block_n)
+    tiles_key = (q.dtype, kv_pool.dtype, head_dim, group_size, block_n)
     if split_plan is not None and num_splits is None:
         raise ValueError("a device split plan needs num_splits, the programs launched per sequence")
     if num_splits is None:
@@ -289,13 +305,15 @@ def decode_attention(
     block_d = max(16, next_power_of_2(head_dim))
     with device_guard(q):
         compiled = _decode_attention_split_kernel[(batch, num_kv_heads, num_splits)](
-            q, kv_pool, chunk_tables, seq_lens, partial_out, partial_lse, out, plan,
+            q, kv_pool, kv_scales if kv_scaled else q, chunk_tables, seq_lens, partial_out, partial_lse, out, plan,
             layer, scale * LOG2_E, tokens_per_split,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+            *(kv_scales.stride()[:3] if kv_scaled else (0, 0, 0)),
             chunk_tables.stride(0), num_heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK_TOKENS=chunk_tokens,
-            GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)), BLOCK_N=block_n,
+            GROUP_SIZE=group_size, NUM_KV_HEADS=num_kv_heads, KV_SCALED=kv_scaled,
+            V_WEIGHT=v_weight(kv_pool.dtype), BLOCK_G=max(16, next_power_of_2(group_size)), BLOCK_N=block_n,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
             num_warps=tiles["num_warps"], DIRECT=direct, PLAN_ON_DEVICE=plan_on_device,
         )
@@ -309,22 +327,28 @@ def decode_attention(
     return out
 
 
-def gather_sequence_kv(kv_pool: torch.Tensor, layer: int, chunk_table: torch.Tensor, length: int):
-    """K and V of one sequence's first `length` positions, each [length, num_kv_heads, head_dim]."""
+def gather_sequence_kv(kv_pool: torch.Tensor, layer: int, chunk_table: torch.Tensor, length: int,
+                       kv_scales: torch.Tensor | None = None):
+    """K and V of one sequence's first `length` positions, each [length, num_kv_heads, head_dim]:
+    as stored, or dequantised to float32 by kv_scales (an fp8 pool)."""
     chunk_tokens = kv_pool.shape[3]
     num_chunks = -(-length // chunk_tokens)
-    chunks = kv_pool[chunk_table[:num_chunks].long(), layer]  # [n, 2, chunk_tokens, kv_heads, dim]
+    chunk_ids = chunk_table[:num_chunks].long()
+    chunks = kv_pool[chunk_ids, layer]  # [n, 2, chunk_tokens, kv_heads, dim]
+    if kv_scales is not None:  # scales [n, 2, chunk_tokens, kv_heads]: one per row and head, broadcast over dims
+        chunks = dequantize_ref(chunks, kv_scales[chunk_ids, layer][..., None])
     k = chunks[:, 0].reshape(-1, *kv_pool.shape[4:])[:length]
     v = chunks[:, 1].reshape(-1, *kv_pool.shape[4:])[:length]
     return k, v
 
 
-def decode_attention_ref(q, kv_pool, layer, chunk_tables, seq_lens, scale) -> torch.Tensor:
-    """Pure-torch decode attention in float32, one sequence at a time."""
+def decode_attention_ref(q, kv_pool, layer, chunk_tables, seq_lens, scale, kv_scales=None) -> torch.Tensor:
+    """Pure-torch decode attention in float32, one sequence at a time (an fp8 pool dequantised first)."""
+    check_kv_scales(kv_pool, kv_scales)
     num_heads, num_kv_heads = q.shape[1], kv_pool.shape[4]
     out = torch.empty_like(q)
     for sequence in range(q.shape[0]):
-        k, v = gather_sequence_kv(kv_pool, layer, chunk_tables[sequence], int(seq_lens[sequence]))
+        k, v = gather_sequence_kv(kv_pool, layer, chunk_tables[sequence], int(seq_lens[sequence]), kv_scales)
         k = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)  # [len, heads, dim]
         v = v.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[sequence].float(), k) * scale

@@ -3,7 +3,8 @@
 Interface
     prefill_attention(q, kv_pool, layer, chunk_tables, cu_seqlens_q, seq_lens, scale) -> out
     q            [total_new_tokens, num_heads, head_dim]    new tokens of all sequences, packed
-    kv_pool      [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
+    kv_pool      [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim], q's dtype or fp8
+                                                            (then kv_scales, as decode_attention's)
     layer        which layer of the pool
     chunk_tables [batch, max_chunks] int32                  chunk ids in position order
     cu_seqlens_q [batch + 1] int32                          sequence b's new tokens are
@@ -38,12 +39,14 @@ from ._common import (
 )
 from .attention_core import load_kv_tile, online_softmax_step, tile_chunk_ids
 from .decode_attention import LOG2_E, gather_sequence_kv
+from .fp8 import check_kv_scales, v_weight
 
 
 @triton.jit(do_not_specialize=["layer", "stride_table_batch"])
 def _prefill_attention_kernel(
     q_ptr,  # [total_new_tokens, num_heads, head_dim]
     kv_pool_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]
+    kv_scales_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads] float32 when KV_SCALED (fp8 pool)
     chunk_tables_ptr,  # [batch, max_chunks] int32
     cu_seqlens_q_ptr,  # [batch + 1] int32
     seq_lens_ptr,  # [batch] int32
@@ -59,11 +62,17 @@ def _prefill_attention_kernel(
     stride_pool_kv,
     stride_pool_token,
     stride_pool_head,
+    stride_scales_chunk,
+    stride_scales_layer,
+    stride_scales_kv,
     stride_table_batch,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CHUNK_TOKENS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,  # query heads per KV head
+    NUM_KV_HEADS: tl.constexpr,
+    KV_SCALED: tl.constexpr,  # an fp8 pool: tiles widen to q's dtype, scales per position (attention_core)
+    V_WEIGHT: tl.constexpr,  # fp8: the probabilities' weight in fp16 range (attention_core.online_softmax_step)
     BLOCK_M: tl.constexpr,  # new tokens per program
     BLOCK_N: tl.constexpr,  # key positions per iteration
     DOT_PRECISION: tl.constexpr,
@@ -106,16 +115,20 @@ def _prefill_attention_kernel(
     for block_start in range(0, key_end, BLOCK_N):
         positions = block_start + offsets
         position_mask = positions < key_end
-        k, v = load_kv_tile(
+        k, v, k_scale, v_scale = load_kv_tile(
             kv_pool_ptr, chunk_ids, positions, position_mask, dims, dim_mask, layer, kv_head,
             stride_pool_chunk, stride_pool_layer, stride_pool_kv, stride_pool_token, stride_pool_head,
-            CHUNK_TOKENS, UPCAST,
+            CHUNK_TOKENS, UPCAST, kv_scales_ptr, stride_scales_chunk, stride_scales_layer, stride_scales_kv,
+            NUM_KV_HEADS,
+            KV_SCALED,
+            q_ptr.dtype.element_ty,
         )
         following = positions + BLOCK_N  # the next tile's chunk ids, one tile ahead (see tile_chunk_ids)
         chunk_ids = tile_chunk_ids(table_row, following, following < key_end, CHUNK_TOKENS)
         visible = (positions[None, :] <= query_positions[:, None]) & position_mask[None, :]
         running_max, running_sum, acc = online_softmax_step(
-            q, k, v, visible, running_max, running_sum, acc, scale_log2, DOT_PRECISION
+            q, k, v, visible, running_max, running_sum, acc, scale_log2, DOT_PRECISION, k_scale, v_scale, KV_SCALED,
+            V_WEIGHT
         )
 
     safe_sum = tl.where(running_sum > 0, running_sum, 1.0)
@@ -136,12 +149,14 @@ def prefill_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch prefill attention; see the module docstring. max_q_len (the longest q_len; a smaller
     value leaves rows unwritten) avoids a device sync; tiles default to ones that fit the GPU; out
     (q's shape and dtype, contiguous in head_dim) receives the result, e.g. a slice of the o_proj
     input."""
     chunk_tokens, num_kv_heads, head_dim, num_heads = check_attention_inputs(q, kv_pool, layer, chunk_tables, "tokens")
+    kv_scaled = check_kv_scales(kv_pool, kv_scales)
     check_index_tensor(cu_seqlens_q, "cu_seqlens_q", 1, q.device)
     check_index_tensor(seq_lens, "seq_lens", 1, q.device)
     batch = seq_lens.shape[0]
@@ -163,21 +178,26 @@ def prefill_attention(
     grid = (triton.cdiv(max_q_len, block_m), batch, num_heads)
     with device_guard(q):
         _prefill_attention_kernel[grid](
-            q, kv_pool, chunk_tables, cu_seqlens_q, seq_lens, out,
+            q, kv_pool, kv_scales if kv_scaled else q, chunk_tables, cu_seqlens_q, seq_lens, out,
             layer, scale * LOG2_E,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+            *(kv_scales.stride()[:3] if kv_scaled else (0, 0, 0)),
             chunk_tables.stride(0),
             HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), CHUNK_TOKENS=chunk_tokens,
-            GROUP_SIZE=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=block_n,
+            GROUP_SIZE=num_heads // num_kv_heads, NUM_KV_HEADS=num_kv_heads, KV_SCALED=kv_scaled,
+            V_WEIGHT=v_weight(kv_pool.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION=dot_precision(q.dtype), UPCAST=needs_upcast(q.dtype), num_stages=tiles["num_stages"],
             num_warps=tiles["num_warps"],
         )
     return out
 
 
-def prefill_attention_ref(q, kv_pool, layer, chunk_tables, cu_seqlens_q, seq_lens, scale) -> torch.Tensor:
-    """Pure-torch causal prefill attention over chunked KV, in float32, one sequence at a time."""
+def prefill_attention_ref(q, kv_pool, layer, chunk_tables, cu_seqlens_q, seq_lens, scale,
+                          kv_scales=None) -> torch.Tensor:
+    """Pure-torch causal prefill attention over chunked KV, in float32, one sequence at a time (an
+    fp8 pool dequantised first)."""
+    check_kv_scales(kv_pool, kv_scales)
     num_heads, num_kv_heads = q.shape[1], kv_pool.shape[4]
     out = torch.empty_like(q)
     for sequence in range(seq_lens.shape[0]):
@@ -185,7 +205,7 @@ def prefill_attention_ref(q, kv_pool, layer, chunk_tables, cu_seqlens_q, seq_len
         seq_len = int(seq_lens[sequence])
         if end == start:
             continue
-        k, v = gather_sequence_kv(kv_pool, layer, chunk_tables[sequence], seq_len)
+        k, v = gather_sequence_kv(kv_pool, layer, chunk_tables[sequence], seq_len, kv_scales)
         k = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)  # [seq_len, heads, dim]
         v = v.float().repeat_interleave(num_heads // num_kv_heads, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale

@@ -4,7 +4,8 @@ the same pass.
 
 Interface
     rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads,
-                  q_norm_weight=None, k_norm_weight=None, eps=1e-6, q_out=None) -> q
+                  q_norm_weight=None, k_norm_weight=None, eps=1e-6, q_out=None,
+                  kv_scales=None, fixed_scales=None) -> q
     qkv           [tokens, (num_heads + 2 * num_kv_heads) * head_dim], rows contiguous: the layer's
                   fused q|k|v projection. Its q part is overwritten with the rotated q.
     cos, sin      [tokens, head_dim] float32: each token's rotary row (attention scaling folded
@@ -15,6 +16,8 @@ Interface
     q_out         [tokens, num_heads, head_dim] or None: the rotated q goes here instead (a buffer
                   attention reads, such as a piecewise graph's static q: no copy after), qkv's q
                   part is left as it was
+    kv_scales, fixed_scales   an fp8 pool's scales [chunks, layers, 2, chunk_tokens, kv_heads] and a
+                  checkpoint's [layers, 2] (kv_store.py): k and v are quantised as they are stored
     returns       q: q_out, or a [tokens, num_heads, head_dim] view of qkv
 
 Rotate-half convention (Llama, Qwen): out = x * cos + rotate_half(x) * sin, with cos and sin cast
@@ -28,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_index_tensor, check_kv_pool, check_layer, device_guard, next_power_of_2
+from .fp8 import check_fixed_scales, check_kv_scales, fp8_constants, is_fp8, quantize, row_scales
 from .kv_store import store_kv_ref
 
 
@@ -63,6 +67,8 @@ def _rope_store_kv_kernel(
     slot_mapping_ptr,
     q_norm_ptr,
     k_norm_ptr,
+    kv_scales_ptr,  # [num_chunks, layers, 2, chunk_tokens, num_kv_heads] float32 when KV_FP8
+    fixed_scales_ptr,  # [layers, 2] float32 when FIXED_SCALES
     layer,
     eps,
     stride_qkv,
@@ -73,6 +79,9 @@ def _rope_store_kv_kernel(
     stride_pool_kv,
     stride_pool_token,
     stride_pool_head,
+    stride_scales_chunk,
+    stride_scales_layer,
+    stride_scales_kv,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -82,6 +91,11 @@ def _rope_store_kv_kernel(
     BLOCK_KV_HEADS: tl.constexpr,
     CHUNK_TOKENS: tl.constexpr,
     HAS_QK_NORM: tl.constexpr,
+    KV_FP8: tl.constexpr,  # an fp8 pool: rows quantised, scales stored (fp8.py)
+    FIXED_SCALES: tl.constexpr,  # a checkpoint's per-layer scales
+    MANTISSA: tl.constexpr,
+    MIN_NORMAL_EXP: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     """One program per token, every head of it at once: the token's cos/sin rows are read once,
     and a step launches `tokens` programs of several warps rather than tokens x heads one-warp
@@ -122,11 +136,40 @@ def _rope_store_kv_kernel(
         destination = (kv_pool_ptr + (slot // CHUNK_TOKENS) * stride_pool_chunk + layer * stride_pool_layer
                        + (slot % CHUNK_TOKENS) * stride_pool_token + kv_heads[:, None] * stride_pool_head
                        + half_offsets[None, :])
-        tl.store(destination, k_out1, mask=kv_mask)
-        tl.store(destination + HALF, k_out2, mask=kv_mask)
         v_first = k_first + NUM_KV_HEADS * HEAD_DIM
-        tl.store(destination + stride_pool_kv, tl.load(v_first, mask=kv_mask, other=0.0), mask=kv_mask)
-        tl.store(destination + stride_pool_kv + HALF, tl.load(v_first + HALF, mask=kv_mask, other=0.0), mask=kv_mask)
+        v1 = tl.load(v_first, mask=kv_mask, other=0.0)
+        v2 = tl.load(v_first + HALF, mask=kv_mask, other=0.0)
+        if KV_FP8:  # each row quantised with its own scale per head (fp8.py), stored beside it
+            scale_row = (kv_scales_ptr + (slot // CHUNK_TOKENS) * stride_scales_chunk + layer * stride_scales_layer
+                         + (slot % CHUNK_TOKENS) * NUM_KV_HEADS + kv_heads)
+            head_mask = kv_heads < NUM_KV_HEADS
+            fixed_k = 0.0
+            fixed_v = 0.0
+            if FIXED_SCALES:
+                fixed_k = tl.load(fixed_scales_ptr + layer * 2)
+                fixed_v = tl.load(fixed_scales_ptr + layer * 2 + 1)
+            _store_fp8_halves(k_out1.to(tl.float32), k_out2.to(tl.float32), destination, scale_row, kv_mask,
+                              head_mask, fixed_k, HALF, MANTISSA, MIN_NORMAL_EXP, FP8_MAX)
+            _store_fp8_halves(v1.to(tl.float32), v2.to(tl.float32), destination + stride_pool_kv,
+                              scale_row + stride_scales_kv, kv_mask, head_mask, fixed_v, HALF, MANTISSA,
+                              MIN_NORMAL_EXP, FP8_MAX)
+        else:
+            tl.store(destination, k_out1, mask=kv_mask)
+            tl.store(destination + HALF, k_out2, mask=kv_mask)
+            tl.store(destination + stride_pool_kv, v1, mask=kv_mask)
+            tl.store(destination + stride_pool_kv + HALF, v2, mask=kv_mask)
+
+
+@triton.jit
+def _store_fp8_halves(x1, x2, destination, scale_row, mask, head_mask, fixed_scale, HALF: tl.constexpr,
+                      MANTISSA: tl.constexpr, MIN_NORMAL_EXP: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One token's K or V [heads, half] x 2 (float32) quantised with a scale per head, and the scales."""
+    largest = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
+    scales = row_scales(largest, fixed_scale, FP8_MAX)
+    fp8 = destination.dtype.element_ty
+    tl.store(destination, quantize(x1, scales[:, None], MANTISSA, MIN_NORMAL_EXP, FP8_MAX).to(fp8), mask=mask)
+    tl.store(destination + HALF, quantize(x2, scales[:, None], MANTISSA, MIN_NORMAL_EXP, FP8_MAX).to(fp8), mask=mask)
+    tl.store(scale_row, scales, mask=head_mask)
 
 
 def _check_q_out(q_out, qkv, num_heads: int, head_dim: int) -> None:
@@ -145,7 +188,7 @@ def _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight
     width = (num_heads + 2 * num_kv_heads) * head_dim
     if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
         raise ValueError(f"qkv must be [tokens, {width}] with contiguous rows, got {tuple(qkv.shape)}")
-    if qkv.dtype != kv_pool.dtype or qkv.device != kv_pool.device:
+    if qkv.device != kv_pool.device or (qkv.dtype != kv_pool.dtype and not is_fp8(kv_pool.dtype)):
         raise TypeError(f"qkv ({qkv.dtype}, {qkv.device}) must match kv_pool ({kv_pool.dtype}, {kv_pool.device})")
     if head_dim % 2:
         raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
@@ -169,10 +212,13 @@ def _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight
 
 
 def rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight=None, k_norm_weight=None,
-                  eps: float = 1e-6, q_out: torch.Tensor | None = None) -> torch.Tensor:
+                  eps: float = 1e-6, q_out: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None,
+                  fixed_scales: torch.Tensor | None = None) -> torch.Tensor:
     num_kv_heads, head_dim = _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight,
                                     k_norm_weight)
     _check_q_out(q_out, qkv, num_heads, head_dim)
+    fp8 = check_kv_scales(kv_pool, kv_scales)
+    check_fixed_scales(kv_pool, fixed_scales)
     tokens = qkv.shape[0]
     q = qkv[:, :num_heads * head_dim].view(tokens, num_heads, head_dim) if q_out is None else q_out
     if tokens == 0:
@@ -183,12 +229,15 @@ def rope_store_kv(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm
         block_half, block_q = next_power_of_2(half), next_power_of_2(num_heads)
         _rope_store_kv_kernel[(tokens,)](
             qkv, qkv if q_out is None else q_out, cos, sin, kv_pool, slot_mapping, q_norm_weight if has_norm else qkv,
-            k_norm_weight if has_norm else qkv, layer, eps, qkv.stride(0),
+            k_norm_weight if has_norm else qkv, kv_scales if fp8 else qkv,
+            fixed_scales if fixed_scales is not None else qkv, layer, eps, qkv.stride(0),
             qkv.stride(0) if q_out is None else q_out.stride(0), cos.stride(0),
             kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3), kv_pool.stride(4),
+            *(kv_scales.stride()[:3] if fp8 else (0, 0, 0)),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_HALF=block_half, BLOCK_Q_HEADS=block_q, BLOCK_KV_HEADS=next_power_of_2(num_kv_heads),
-            CHUNK_TOKENS=kv_pool.shape[3], HAS_QK_NORM=has_norm,
+            CHUNK_TOKENS=kv_pool.shape[3], HAS_QK_NORM=has_norm, KV_FP8=fp8, FIXED_SCALES=fixed_scales is not None,
+            **(fp8_constants(kv_pool.dtype) if fp8 else {"MANTISSA": 0, "MIN_NORMAL_EXP": 0, "FP8_MAX": 0.0}),
             # a warp per 256 elements of the q tile: 4 warps for 32 heads of 128, 1 for tiny shapes
             num_warps=max(1, min(8, block_q * block_half // 256)),
         )
@@ -207,7 +256,8 @@ def _head_norm(x, weight, eps):
 
 
 def rope_store_kv_ref(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight=None, k_norm_weight=None,
-                      eps: float = 1e-6, q_out: torch.Tensor | None = None) -> torch.Tensor:
+                      eps: float = 1e-6, q_out: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None,
+                      fixed_scales: torch.Tensor | None = None) -> torch.Tensor:
     num_kv_heads, head_dim = _check(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_norm_weight,
                                     k_norm_weight)
     _check_q_out(q_out, qkv, num_heads, head_dim)
@@ -220,7 +270,8 @@ def rope_store_kv_ref(qkv, cos, sin, kv_pool, layer, slot_mapping, num_heads, q_
         q, k = _head_norm(q, q_norm_weight, eps), _head_norm(k, k_norm_weight, eps)
     cos, sin = cos.to(qkv.dtype)[:, None, :], sin.to(qkv.dtype)[:, None, :]
     rotated_q = _rotate(q, cos, sin)
-    store_kv_ref(_rotate(k, cos, sin).contiguous(), v.contiguous(), kv_pool, layer, slot_mapping)
+    store_kv_ref(_rotate(k, cos, sin).contiguous(), v.contiguous(), kv_pool, layer, slot_mapping, kv_scales,
+                 fixed_scales)
     if q_out is not None:
         q_out.copy_(rotated_q)
         return q_out

@@ -19,6 +19,18 @@ from pipemax import kernels
 ATTENTION_BACKENDS = ("triton", "torch")
 
 
+def add_kv_scale_buffer(layer: torch.nn.Module, device=None) -> None:
+    """A decoder layer's checkpoint KV scales (k_scale, v_scale; 0 = none in the checkpoint),
+    float32 whatever the model's dtype: used only by an fp8 KV cache."""
+    layer.register_buffer("kv_scale", torch.zeros(2, dtype=torch.float32, device=device), persistent=False)
+
+
+def checkpoint_kv_scales(layers) -> torch.Tensor | None:
+    """The stage's checkpoint KV scales [layers, 2] float32, or None when the checkpoint has none."""
+    scales = torch.stack([layer.kv_scale.float() for layer in layers])
+    return scales.contiguous() if bool((scales > 0).any()) else None
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] chunk_id * chunk_tokens + row, -1 = padding
@@ -50,12 +62,18 @@ class LayerOps:
 
 
 class ChunkedAttention:
-    """Store new K/V, then decode and prefill attention, over one stage's GPU pool."""
+    """Store new K/V, then decode and prefill attention, over one stage's GPU pool.
 
-    def __init__(self, kv_pool: torch.Tensor, backend: str, scale: float):
+    An fp8 pool comes with its scales (kv_scales [chunks, layers, 2, chunk_tokens, kv_heads]
+    float32), and optionally a checkpoint's fixed per-layer scales ([layers, 2]; kernels/fp8.py)."""
+
+    def __init__(self, kv_pool: torch.Tensor, backend: str, scale: float, kv_scales: torch.Tensor | None = None,
+                 fixed_scales: torch.Tensor | None = None):
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
         self.kv_pool = kv_pool
+        self.kv_scales = kv_scales
+        self.fixed_scales = fixed_scales
         self.backend = backend
         self.scale = scale
         self.ops = LayerOps(backend)
@@ -70,7 +88,8 @@ class ChunkedAttention:
         embedding (and q/k norm) fused with the KV store in one launch. Returns q [tokens, heads,
         dim], rotated in place in qkv, or written into q_out."""
         q = self.ops.rope_store_kv(qkv, cos, sin, self.kv_pool, layer, slot_mapping, num_heads,
-                                   q_norm_weight, k_norm_weight, eps, q_out=q_out)
+                                   q_norm_weight, k_norm_weight, eps, q_out=q_out, kv_scales=self.kv_scales,
+                                   fixed_scales=self.fixed_scales)
         if self.after_store is not None:
             self.after_store(layer)
         return q
@@ -82,7 +101,7 @@ class ChunkedAttention:
         tokens, head_dim = qkv.shape[0], qkv.shape[1] // (num_heads + 2 * num_kv_heads)
         q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
         self.ops.store_kv(k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim),
-                          self.kv_pool, layer, slot_mapping)
+                          self.kv_pool, layer, slot_mapping, self.kv_scales, self.fixed_scales)
         if self.after_store is not None:
             self.after_store(layer)
         if q_out is not None:
@@ -104,11 +123,12 @@ class ChunkedAttention:
                 kernels.decode_attention(
                     q[:num_decode], self.kv_pool, layer, meta.decode_chunk_tables, meta.decode_seq_lens, self.scale,
                     max_seq_len=meta.decode_max_seq_len, out=out[:num_decode],
-                    num_splits=meta.decode_max_splits, split_plan=meta.decode_split_plan,
+                    num_splits=meta.decode_max_splits, split_plan=meta.decode_split_plan, kv_scales=self.kv_scales,
                 )
             else:
                 out[:num_decode] = kernels.decode_attention_ref(
-                    q[:num_decode], self.kv_pool, layer, meta.decode_chunk_tables, meta.decode_seq_lens, self.scale
+                    q[:num_decode], self.kv_pool, layer, meta.decode_chunk_tables, meta.decode_seq_lens, self.scale,
+                    self.kv_scales,
                 )
         if q.shape[0] > num_decode:
             prefill_q = q[num_decode:]
@@ -116,12 +136,12 @@ class ChunkedAttention:
                 kernels.prefill_attention(
                     prefill_q, self.kv_pool, layer, meta.prefill_chunk_tables, meta.prefill_cu_seqlens_q,
                     meta.prefill_seq_lens, self.scale, max_q_len=meta.prefill_max_q_len, out=out[num_decode:],
-                    **_interpreter_blocks(q.device),
+                    kv_scales=self.kv_scales, **_interpreter_blocks(q.device),
                 )
             else:
                 out[num_decode:] = kernels.prefill_attention_ref(
                     prefill_q, self.kv_pool, layer, meta.prefill_chunk_tables, meta.prefill_cu_seqlens_q,
-                    meta.prefill_seq_lens, self.scale,
+                    meta.prefill_seq_lens, self.scale, self.kv_scales,
                 )
         return result
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionMetadata, ChunkedAttention
+from .attention import AttentionMetadata, ChunkedAttention, add_kv_scale_buffer, checkpoint_kv_scales
 from .config import ModelConfig
 from .rope import RotaryEmbedding
 
@@ -79,6 +79,7 @@ class DecoderLayer(nn.Module):
         self.config = config
         hidden = config.hidden_size
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, **factory)
+        add_kv_scale_buffer(self, device)
         self.qkv_proj = nn.Linear(hidden, config.q_size + 2 * config.kv_size, bias=config.qkv_bias, **factory)
         self.o_proj = nn.Linear(config.q_size, hidden, bias=config.o_bias, **factory)
         if config.qk_norm:
@@ -165,6 +166,10 @@ class LlamaFamilyModel(nn.Module):
             view.norm, view.lm_head = self.norm, self.lm_head
         view.rotary = self.rotary
         return view
+
+    def kv_cache_scales(self) -> torch.Tensor | None:
+        """The checkpoint's k_scale / v_scale of this stage's layers [layers, 2], or None."""
+        return checkpoint_kv_scales(self.layers)
 
     @property
     def num_stage_layers(self) -> int:

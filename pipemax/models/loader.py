@@ -54,6 +54,10 @@ OPT_TOP_LEVEL = {"model.decoder.final_layer_norm.": "model.norm.", "model.decode
                  # the facebook/opt-* checkpoints on the Hub name their tensors decoder.* (no model.)
                  "decoder.final_layer_norm.": "model.norm.", "decoder.": "model."}
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+# An fp8 checkpoint's KV-cache scales (dequantised value = fp8 value x scale), as vLLM reads them:
+# (K, V) entries each sets. Kept as each layer's kv_scale buffer; only an fp8 KV cache uses them.
+KV_SCALE_NAMES = {"self_attn.k_scale": (0,), "self_attn.v_scale": (1,), "self_attn.attn.k_scale": (0,),
+                  "self_attn.attn.v_scale": (1,), "self_attn.kv_scale": (0, 1)}
 
 
 def canonical_name(name: str) -> str:
@@ -248,7 +252,15 @@ def load_weights(model: LlamaFamilyModel, named_tensors: Iterable[tuple[str, tor
             layer = int(match.group(1)) - model.layer_start
             module, _, kind = match.group(2).rpartition(".")  # kind: weight or bias
             expert, every_expert = EXPERT_NAME.match(match.group(2)), FUSED_EXPERTS.match(match.group(2))
-            if every_expert:
+            if match.group(2) in KV_SCALE_NAMES:
+                values = tensor.float()
+                if values.numel() == 0 or not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
+                    raise WeightLoadError(f"{name} is {values.flatten()[:4].tolist()}: a KV scale must be a positive "
+                                          "number")
+                value = float(values.max())  # a scalar (per-tensor); finer scales: their largest
+                for index in KV_SCALE_NAMES[match.group(2)]:
+                    model.layers[layer].kv_scale[index] = value
+            elif every_expert:
                 target = "experts_gate_up" if every_expert.group(1) == "gate_up_proj" else "experts_down"
                 for index in range(tensor.shape[0]):
                     if target == "experts_down":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, ChunkedAttention
+from .attention import AttentionMetadata, ChunkedAttention, add_kv_scale_buffer, checkpoint_kv_scales
 from .config import ModelConfig
 
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 (rows 0 and 1 were for padding)
@@ -26,6 +26,7 @@ class OPTDecoderLayer(nn.Module):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.config = config
         self.self_attn_layer_norm = nn.LayerNorm(hidden, eps=eps, **factory)
+        add_kv_scale_buffer(self, device)
         self.qkv_proj = nn.Linear(hidden, 3 * hidden, bias=True, **factory)
         self.o_proj = nn.Linear(hidden, hidden, bias=True, **factory)
         self.final_layer_norm = nn.LayerNorm(hidden, eps=eps, **factory)
@@ -82,6 +83,10 @@ class OPTModel(nn.Module):
             self.lm_head = nn.Linear(width, config.vocab_size, bias=False, **factory)
             if config.tie_word_embeddings and self.is_first:
                 self.lm_head.weight = self.embed_tokens.weight
+
+    def kv_cache_scales(self) -> torch.Tensor | None:
+        """The checkpoint's k_scale / v_scale of this stage's layers [layers, 2], or None."""
+        return checkpoint_kv_scales(self.layers)
 
     def stage(self, layer_start: int, layer_end: int) -> OPTModel:
         """Layers [layer_start, layer_end) as a stage of their own, sharing the parameters."""

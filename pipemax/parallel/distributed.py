@@ -100,6 +100,7 @@ class StageSpec:
     num_host_chunks: int = 0  # the stage's host KV pool (offload)
     max_num_batched_tokens: int = 0  # CUDA graphs for steps with prefill: token buckets up to this
     staging_chunks: int = 0  # one slot of the staging ring (offload), as on every stage
+    kv_dtype: torch.dtype | None = None  # what the KV pool holds (None: dtype); fp8 with scales
 
     @property
     def is_last(self) -> bool:
@@ -664,7 +665,8 @@ def build_stage(spec: StageSpec) -> StageExecutor:
     start, end = spec.layer_range
     model = load_model(spec.model_path, start, end, device=device, dtype=spec.dtype)
     config = model.config
-    kv_spec = KVPoolSpec(end - start, config.num_kv_heads, config.head_dim, spec.chunk_tokens, spec.dtype)
+    kv_spec = KVPoolSpec(end - start, config.num_kv_heads, config.head_dim, spec.chunk_tokens, spec.dtype,
+                         spec.kv_dtype)
     pool = KVPool(kv_spec, spec.num_chunks, spec.num_host_chunks, device, spec.attention_backend)
     kv = KVManager(spec.num_chunks, spec.num_host_chunks, spec.chunk_tokens, spec.staging_chunks)
     stage = StageExecutor(spec.rank - spec.head_rank, model, pool, kv,

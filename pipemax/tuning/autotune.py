@@ -1,6 +1,6 @@
 """`pipemax autotune`: probe the server, measure it, choose the engine's settings, save a profile.
 
-    pipemax autotune [--model M] [--gpus N] [-o profile.json]
+    pipemax autotune [--model M] [--gpus N] [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_e5m2] [-o profile.json]
 
 1. Probe (tuning/hardware.py): GPUs, their memory and PCIe links, NVLink, the driver, host memory
    and cores, through NVML. Without a driver the probe says so and the CPU is measured instead.
@@ -12,10 +12,12 @@
    layout (a stage per GPU with offload and without; a replica per GPU where the model fits one)
    the micro-batches, batch, KV budgets and prefill tokens per step; the real scheduler is
    simulated on the planned workload and the fastest layout wins.
-4. Save the profile, keyed by the GPU model, the GPU count and the model's shape; `pipemax
-   serve-offline` loads it by that key. Not when a measurement stayed noisy (its repeats disagreed
-   by more than 2x, taken three times: another job was using the machine) or the plan predicts no
-   throughput: that is one line naming it, unless --force.
+   Every KV byte (copies, pools, attention's step cost) is in the KV cache's dtype
+   (--kv-cache-dtype: fp8 measures fp8 chunks and the engine's fp8 attention).
+4. Save the profile, keyed by the GPU model, the GPU count, the model's shape, its dtype and the
+   KV cache's storage dtype; `pipemax serve-offline` loads it by that key. Not when a measurement
+   stayed noisy (its repeats disagreed by more than 2x, taken three times: another job was using
+   the machine) or the plan predicts no throughput: that is one line naming it, unless --force.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+
+from pipemax.core.kv_dtype import KV_CACHE_DTYPES, is_fp8, kv_storage_name
+
+from .plan_command import KV_CACHE_DTYPE_HELP
+
+FP8_SM = (8, 9)  # fp8 KV needs Ada (sm_89) or later: its conversions are native from there on
 
 
 def add_autotune_parser(commands) -> None:
@@ -38,7 +46,11 @@ def add_autotune_parser(commands) -> None:
     tune.add_argument("-o", "--output", type=Path, help="where to write the profile (default: the profiles folder, "
                                                         "where serve-offline looks)")
     tune.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                      help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+                      help="weights' dtype, and the KV cache's with --kv-cache-dtype auto (auto: bfloat16 on CUDA, "
+                           "float32 on CPU)")
+    tune.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                      help=KV_CACHE_DTYPE_HELP + "; measured so, and the profile is made for it (serve-offline "
+                                                 "finds it with the same --kv-cache-dtype). Default auto")
     tune.add_argument("--gpu-memory-gib", type=float, help="memory PipeMax may use on each GPU (default: 90%% of it)")
     tune.add_argument("--host-memory-gib", type=float,
                       help="host memory for offloaded KV, the whole server (default: a quarter of what is available)")
@@ -84,7 +96,7 @@ def run_autotune(args: argparse.Namespace) -> int:
     from pipemax.models.default_model import default_model_path
     from pipemax.parallel.partition import PartitionError, partition_layers
     from pipemax.tuning import microbench
-    from pipemax.worker.kv_pool import KVPoolSpec
+    from pipemax.worker.kv_pool import KV_TORCH_DTYPES, KVPoolSpec
     from pipemax.worker.memory_budget import kv_budget_bytes
 
     from .hardware import probe
@@ -102,6 +114,13 @@ def run_autotune(args: argparse.Namespace) -> int:
               f"CPU at {threads} torch thread(s)")
     dtype = torch.float32 if args.dtype == "auto" and device.type == "cpu" else DTYPES.get(args.dtype, torch.bfloat16)
     dtype_name = str(dtype).removeprefix("torch.")
+    kv_storage = kv_storage_name(args.kv_cache_dtype, dtype_name)
+    if is_fp8(kv_storage) and device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_SM:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise AutotuneError(f"--kv-cache-dtype {args.kv_cache_dtype}: an fp8 KV cache needs an sm_89+ GPU (Ada, "
+                            f"Hopper, Blackwell); {this_device_name(device)} is sm_{major}{minor}: use "
+                            "--kv-cache-dtype auto")
+    kv_dtype = KV_TORCH_DTYPES[kv_storage]  # what the measured pools hold
     model_path = Path(args.model) if args.model else default_model_path()
     try:
         config = model_config_for_plan(model_path)
@@ -135,7 +154,8 @@ def run_autotune(args: argparse.Namespace) -> int:
     chunks, pairs, copy_bytes = grid(device.type, args.quick, config.max_model_len)
     depths = sorted({stage_layers, 1 if stage_layers > 1 else 2})
     total = len(chunks) * 4 + 2 + len(pairs) * len(depths) + 1
-    spec_of = lambda tokens: KVPoolSpec(stage_layers, config.num_kv_heads, config.head_dim, tokens, dtype)  # noqa
+    spec_of = lambda tokens: KVPoolSpec(stage_layers, config.num_kv_heads, config.head_dim, tokens, dtype,  # noqa
+                                        kv_dtype=kv_dtype)
     noise = microbench.NoiseCheck()
     with _progress(total, args.no_progress) as tick:
         rates = microbench.copy_rates(spec_of, chunks, device, copy_bytes, progress=tick, noise=noise)
@@ -154,7 +174,7 @@ def run_autotune(args: argparse.Namespace) -> int:
                                                4096 if on_gpu else 256, 40 if on_gpu else 4, noise)
         tick()
         fits = {layers: microbench.step_costs(config, layers, device, dtype, pairs, chunk_tokens, progress=tick,
-                                              noise=noise)
+                                              noise=noise, kv_cache_dtype=args.kv_cache_dtype)
                 for layers in depths}
         link = microbench.activation_link(config.hidden_size, dtype, noise=noise) if gpus > 1 else None
         tick()
@@ -165,7 +185,7 @@ def run_autotune(args: argparse.Namespace) -> int:
     plans, refused = {}, []
     for layout in layouts:
         try:
-            candidate = choose_plan(facts, config, dtype, workload, layout)
+            candidate = choose_plan(facts, config, dtype, workload, layout, args.kv_cache_dtype)
             simulate_plan(candidate, facts, config, dtype, workload)
         except PlanError as error:
             refused.append(str(error))
@@ -186,7 +206,8 @@ def run_autotune(args: argparse.Namespace) -> int:
           f"matmuls {beside['copy_gbs']:.1f} GB/s, the matmuls {beside['matmul_slowdown']:.2f}x as long"
           + (f"; GPU 0 -> 1 {link / 1e9:.1f} GB/s" if link else ""))
     print(f"step costs per layer: {costs.layer.alpha * 1e6:.2f} us a token, {costs.layer.beta * 1e9:.2f} ns a context "
-          f"token, {costs.layer.delta * 1e6:.0f} us a step; LM head and step overhead {costs.head.delta * 1e3:.2f} ms")
+          f"token ({kv_storage} KV), {costs.layer.delta * 1e6:.0f} us a step; LM head and step overhead "
+          f"{costs.head.delta * 1e3:.2f} ms")
     print(f"workload planned for: {len(workload.requests):,} requests, mean {workload.mean_input:.0f} in, "
           f"{workload.mean_output:.0f} out" + "".join(f"; {note}" for note in notes))
     for name, candidate in plans.items():
@@ -206,7 +227,7 @@ def run_autotune(args: argparse.Namespace) -> int:
         "step_fits": {str(layers): {"coefficients": list(fit[0]), **fit[1]} for layers, fit in fits.items()},
         "noisy": noise.noisy,  # what stayed noisy (saved with --force): its repeats' spread
     }
-    key = profile_key(this_device_name(device), gpus, config, dtype_name)
+    key = profile_key(this_device_name(device), gpus, config, dtype_name, args.kv_cache_dtype)
     profile = ServerProfile(key, hardware.to_dict(), measurements, {
         **plan.engine_options(), "layout": best, "dtype": dtype_name,
         "predicted": {name: {k: p.simulation[k] for k in ("generated_tokens_per_s", "total_tokens_per_s",
@@ -219,8 +240,10 @@ def run_autotune(args: argparse.Namespace) -> int:
                             f"{error.strerror or error}") from None
     found = path == default_profile_path(key) and gpus == visible and args.dtype == "auto"
     print(f"profile: {path}" + ("" if found else "  (serve-offline finds it with --profile)"))
+    # (serve-offline looks the profile up by its KV dtype too: the flag goes with it, found or named)
     print(f"next: pipemax serve-offline {'--model ' + str(model_path) + ' ' if args.model else ''}"
           + ("" if found else f"--profile {path} " + (f"--dtype {args.dtype} " if args.dtype != "auto" else ""))
+          + (f"--kv-cache-dtype {args.kv_cache_dtype} " if args.kv_cache_dtype != "auto" else "")
           + "-i requests.jsonl -o results.jsonl")
     return 0
 

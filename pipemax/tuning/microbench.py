@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from pipemax import kernels
+from pipemax.core.kv_dtype import kv_storage_name, kv_token_bytes
 from pipemax.models import ModelConfig, build_model
 from pipemax.worker.kv_pool import KVPoolSpec, pinned_empty, unpin
 
@@ -114,35 +115,45 @@ def _timed(device: torch.device, run: Callable[[], None], repeats: int, noise: N
 
 class _Pools:
     """A host pool (pinned on CUDA) and a device pool of the same chunks, and shuffled ids: a
-    prefetch gathers chunks scattered over the pools."""
+    prefetch gathers chunks scattered over the pools. An fp8 pool's chunks carry their scales in a
+    block of their own, copied with them as the engine's pools do."""
 
     def __init__(self, spec: KVPoolSpec, device: torch.device, total_bytes: int, seed: int = 0):
         self.count = max(4, total_bytes // spec.chunk_bytes)
-        self.bytes = self.count * spec.chunk_bytes
-        shape = (self.count, *spec.chunk_shape)
-        if device.type == "cuda":
-            self.host = pinned_empty(shape, spec.dtype)
-            weakref.finalize(self, unpin, self.host)  # unregistered with its pool, as KVPool does
-        else:
-            self.host = torch.empty(shape, dtype=spec.dtype)
-        self.device_pool = torch.empty(shape, dtype=spec.dtype, device=device)
+        self.bytes = self.count * spec.chunk_bytes  # what a copy of every chunk moves (fp8: scales included)
+        self.host, self.device_pool = self._pair((self.count, *spec.chunk_shape), spec.kv_dtype, device)
+        self.host_scales = self.device_scales = None
+        if spec.fp8:
+            self.host_scales, self.device_scales = self._pair((self.count, *spec.scales_shape), torch.float32, device)
         generator = torch.Generator().manual_seed(seed)
         self.host_ids = torch.randperm(self.count, generator=generator).to(device)
         self.device_ids = torch.randperm(self.count, generator=generator).to(device)
         self.host_list, self.device_list = self.host_ids.tolist(), self.device_ids.tolist()
 
+    def _pair(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """(a host tensor, pinned on CUDA; a device tensor) of the shape."""
+        if device.type == "cuda":
+            host = pinned_empty(shape, dtype)
+            weakref.finalize(self, unpin, host)  # unregistered with its pool, as KVPool does
+        else:
+            host = torch.empty(shape, dtype=dtype)
+        return host, torch.empty(shape, dtype=dtype, device=device)
+
     def copy(self, method: str, to_device: bool) -> None:
-        src, dst = (self.host, self.device_pool) if to_device else (self.device_pool, self.host)
-        src_ids, dst_ids = (self.host_ids, self.device_ids) if to_device else (self.device_ids, self.host_ids)
+        host = (self.host, self.host_scales, self.host_ids, self.host_list)
+        on_device = (self.device_pool, self.device_scales, self.device_ids, self.device_list)
+        (src, src_scales, src_ids, src_list), (dst, dst_scales, dst_ids, dst_list) = \
+            (host, on_device) if to_device else (on_device, host)
         if method == "kernel":
             if self.device_pool.device.type == "cuda":
-                kernels.copy_chunks(src, dst, src_ids, dst_ids)
+                kernels.copy_chunks(src, dst, src_ids, dst_ids, src_scales, dst_scales)
             else:  # the engine's copy on the CPU
-                kernels.copy_chunks_ref(src, dst, src_ids, dst_ids)
+                kernels.copy_chunks_ref(src, dst, src_ids, dst_ids, src_scales, dst_scales)
             return
-        src_list, dst_list = (self.host_list, self.device_list) if to_device else (self.device_list, self.host_list)
-        for source, target in zip(src_list, dst_list):  # one cudaMemcpyAsync per chunk
+        for source, target in zip(src_list, dst_list):  # one cudaMemcpyAsync per chunk (and its scales)
             dst[target].copy_(src[source], non_blocking=True)
+            if src_scales is not None:
+                dst_scales[target].copy_(src_scales[source], non_blocking=True)
 
 
 def copy_rates(spec_of: Callable[[int], KVPoolSpec], chunk_sizes: list[int], device: torch.device,
@@ -299,28 +310,31 @@ def activation_link(hidden_size: int, dtype: torch.dtype, tokens: int = 4096, re
 def step_costs(config: ModelConfig, layers: int, device: torch.device, dtype: torch.dtype,
                pairs: list[tuple[int, int]], chunk_tokens: int = 16,
                progress: Callable[[], None] = lambda: None,
-               noise: NoiseCheck | None = None) -> tuple[tuple[float, float, float], dict]:
+               noise: NoiseCheck | None = None,
+               kv_cache_dtype: str = "auto") -> tuple[tuple[float, float, float], dict]:
     """(alpha, beta, delta) of a model of `layers` layers of config's shape (with its embedding and
     LM head), fitted to the engine's own measured steps over (batch, prompt length) pairs (each a
-    prefill, then decodes): the cost model the engine itself fits. Also {samples, mean error}.
+    prefill, then decodes): the cost model the engine itself fits, its KV cache in kv_cache_dtype
+    (beta is attention's read of a context token in that storage). Also {samples, mean error}.
     A pair's decode steps are its repeats (the same batch, nearly the same context)."""
     from pipemax.core.cost_model import StepCostModel
     from pipemax.core.sampling_params import SamplingParams
     from pipemax.engine.llm_engine import EngineConfig, LLMEngine
 
     stage_config = dataclasses.replace(config, num_layers=layers)
-    pairs = fitting_pairs(stage_config, layers, device, dtype, pairs, chunk_tokens)
+    storage = kv_storage_name(kv_cache_dtype, str(dtype).removeprefix("torch."))
+    pairs = fitting_pairs(stage_config, layers, device, dtype, pairs, chunk_tokens, storage)
     torch.manual_seed(0)
     model = build_model(stage_config, device=device, dtype=dtype)
     for param in model.parameters():  # random weights of a sane scale: the time is the same
         torch.nn.init.normal_(param, std=0.02)
     max_batch, longest = max(b for b, _ in pairs), max(p for _, p in pairs)
     kv_tokens = max(batch * (prompt + 8 + chunk_tokens) for batch, prompt in pairs)
-    kv_gib = kv_tokens * 2 * config.kv_size * layers * torch.tensor([], dtype=dtype).element_size() / 2**30
+    kv_gib = kv_tokens * kv_token_bytes(layers, config.num_kv_heads, config.head_dim, storage, chunk_tokens) / 2**30
     engine = LLMEngine(EngineConfig(
         model=f"random:{config.architecture}", dtype=str(dtype).removeprefix("torch."), device=str(device),
         max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch), chunk_tokens=chunk_tokens,
-        kv_cache_gib=max(kv_gib * 1.2, 1 / 64), max_model_len=longest + 8), model=model)
+        kv_cache_gib=max(kv_gib * 1.2, 1 / 64), max_model_len=longest + 8, kv_cache_dtype=kv_cache_dtype), model=model)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
     def run_pair(batch: int, prompt: int) -> list[tuple[int, int, float]]:
@@ -359,16 +373,16 @@ def decode_seconds(samples: list[tuple[int, int, float]]) -> list[float]:
 
 
 def fitting_pairs(stage_config: ModelConfig, layers: int, device: torch.device, dtype: torch.dtype,
-                  pairs: list[tuple[int, int]], chunk_tokens: int) -> list[tuple[int, int]]:
-    """The grid's (batch, prompt) pairs whose KV fits beside the measured model's weights on the
-    device (90% of what is free now); at least the smallest pair."""
+                  pairs: list[tuple[int, int]], chunk_tokens: int, kv_storage: str) -> list[tuple[int, int]]:
+    """The grid's (batch, prompt) pairs whose KV (in kv_storage, core/kv_dtype.py) fits beside the
+    measured model's weights on the device (90% of what is free now); at least the smallest pair."""
     from pipemax.worker.memory_budget import kv_budget_bytes
 
     if device.type != "cuda":
         return pairs
     free, _ = torch.cuda.mem_get_info(device)
     budget = kv_budget_bytes(int(0.9 * free), stage_config, [(0, layers)], dtype, 2048, max(b for b, _ in pairs), True)
-    token_bytes = 2 * stage_config.kv_size * layers * torch.tensor([], dtype=dtype).element_size()
+    token_bytes = kv_token_bytes(layers, stage_config.num_kv_heads, stage_config.head_dim, kv_storage, chunk_tokens)
     fitting = [(b, p) for b, p in pairs if b * (p + 8 + chunk_tokens) * token_bytes * 1.2 <= budget]
     return fitting or [min(pairs)]
 

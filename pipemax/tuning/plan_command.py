@@ -1,7 +1,8 @@
 """`pipemax plan`: what a server would do with a model and a workload, for servers not at hand.
 
     pipemax plan --gpus 8 --gpu-memory-gib 32 --pcie-gbs 55 --hbm-tbs 1.8 --tflops 200 \\
-        --model CONFIG_OR_FOLDER --workload sharegpt|longbench|decode-heavy|FILE.jsonl [--json]
+        --model CONFIG_OR_FOLDER --workload sharegpt|longbench|decode-heavy|FILE.jsonl \\
+        [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_e5m2] [--json]
 
 It compares three layouts on the same server: a pipeline stage per GPU with offload=auto
 (pp_offload: each stage's staging ring, sized as the engine will) and without (pp), and the whole
@@ -13,8 +14,9 @@ run's generated tokens/s and the steady state's (while requests wait to start, a
 slot of the ring in GB and the share of the run a stage waited on its copies. No layout is named
 best unless it predicts some throughput: where none does, one line says why (exit status 1).
 Compute comes from a roofline of the given peaks, or from the step costs an autotune profile
-measured (--profile, refused unless made for this model and dtype); every flag given overrides
-the profile.
+measured (--profile, refused unless made for this model, dtype and KV cache dtype); every flag
+given overrides the profile. --kv-cache-dtype fp8 counts the KV cache at a byte an element (plus
+its scales): in each GPU's pool, over PCIe and in attention's read of the context.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ import math
 import sys
 from pathlib import Path
 
+from pipemax.core.kv_dtype import KV_CACHE_DTYPES
+
 LAYOUTS = ("pp_offload", "pp", "dp")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+KV_CACHE_DTYPE_HELP = ("the KV cache's dtype: auto (the model's), fp8 (= fp8_e4m3) or fp8_e5m2. fp8 halves the KV's "
+                       "bytes in VRAM, over PCIe and through attention (a float32 scale per token, layer and KV head "
+                       "beside them); it needs sm_89+ GPUs (Ada, Hopper, Blackwell)")
 SERVER_FLAGS = ("--gpu-memory-gib", "--pcie-gbs", "--hbm-tbs", "--tflops")  # what a server without a profile needs
 
 
@@ -58,7 +65,10 @@ def add_plan_parser(commands) -> None:
     plan.add_argument("--host-memory-gib", type=float, default=None,
                       help="host memory for offloaded KV, the whole server (default: the profile's, else 256)")
     plan.add_argument("--dtype", choices=DTYPE_NAMES,
-                      help="the weights' and KV cache's dtype (default: the profile's, else bfloat16)")
+                      help="the weights' and activations' dtype, and the KV cache's with --kv-cache-dtype auto "
+                           "(default: the profile's, else bfloat16)")
+    plan.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                      help=KV_CACHE_DTYPE_HELP + " (default: the profile's, else auto)")
     plan.add_argument("--chunk-tokens", type=int, help="tokens per KV chunk (default: the profile's, else 16)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
     plan.add_argument("--json", action="store_true", help="print one JSON object, a key per layout")
@@ -139,27 +149,32 @@ def _tokenizer_of(model_path: Path):
 
 
 def load_plan_profile(args, config):
-    """(the autotune profile --profile names, or None; the dtype the plan uses). The profile is
-    refused, by serve-offline's check, unless it was made for this model and dtype: its costs
-    are a layer of that shape. Its GPU and GPU count may differ (a server not at hand)."""
-    from .server_profile import ProfileError, load_profile, profile_key
+    """(the autotune profile --profile names, or None; the dtype the plan uses; its KV cache
+    dtype). The profile is refused, by serve-offline's check, unless it was made for this model,
+    dtype and KV cache dtype: its costs are a layer of that shape reading KV of that dtype, its
+    chunk size was chosen by copies of such chunks. Its GPU and GPU count may differ (a server not
+    at hand)."""
+    from .server_profile import ProfileError, kv_cache_dtype_of, load_profile, profile_key
 
     if args.profile is None:
-        return None, args.dtype or "bfloat16"
+        return None, args.dtype or "bfloat16", args.kv_cache_dtype or "auto"
     try:
         profile = load_profile(args.profile)
         dtype = args.dtype or profile.key.get("dtype")
         if dtype not in DTYPE_NAMES:
             raise PlanInputError(f"--profile: {args.profile} was made for the dtype {dtype!r}, which plan does not "
                                  f"model: give --dtype ({', '.join(DTYPE_NAMES)})")
-        load_profile(args.profile, profile_key(profile.key.get("gpu"), profile.key.get("gpus"), config, dtype))
+        kv_cache_dtype = args.kv_cache_dtype or kv_cache_dtype_of(profile.key)
+        load_profile(args.profile, profile_key(profile.key.get("gpu"), profile.key.get("gpus"), config, dtype,
+                                               kv_cache_dtype))
     except ProfileError as error:
         raise PlanInputError(f"--profile: {error}") from None
-    return profile, dtype
+    return profile, dtype, kv_cache_dtype
 
 
-def server_facts(args, config, dtype, profile=None):
-    """The server's facts: the profile's measurements, each overridden by a flag given."""
+def server_facts(args, config, dtype, profile=None, kv_cache_dtype="auto"):
+    """The server's facts: the profile's measurements, each overridden by a flag given (a
+    roofline's attention cost reads KV in kv_cache_dtype's storage)."""
     from .server_plan import ServerFacts, roofline_costs
 
     measured = profile.measurements if profile is not None else {}
@@ -198,7 +213,7 @@ def server_facts(args, config, dtype, profile=None):
     pcie = pick(args.pcie_gbs, 1e9, "pcie_bytes_per_s")
     link = pick(args.link_gbs, 1e9, "link_bytes_per_s", default=pcie)  # (no NVLink: activations cross PCIe)
     if roofline:
-        costs = roofline_costs(config, dtype, args.hbm_tbs * 1e12, args.tflops * 1e12)
+        costs = roofline_costs(config, dtype, args.hbm_tbs * 1e12, args.tflops * 1e12, kv_cache_dtype)
     else:
         costs = _measured_costs(measured["costs"], args.profile)
     host = pick(args.host_memory_gib, 2**30, "host_kv_bytes", default=256 * 2**30)
@@ -236,7 +251,7 @@ def _measured_costs(record, path):
     return costs
 
 
-def compare_layouts(facts, config, dtype, workload) -> dict:
+def compare_layouts(facts, config, dtype, workload, kv_cache_dtype="auto") -> dict:
     """{layout: Plan (with its simulation) or PlanError}, in LAYOUTS order. pp is simulated first:
     pp_offload's staging ring is kept only where it beats it (server_plan.simulate_plan)."""
     from .server_plan import PlanError, choose_plan, simulate_plan
@@ -244,7 +259,7 @@ def compare_layouts(facts, config, dtype, workload) -> dict:
     results = {}
     for layout in ("pp", "pp_offload", "dp"):
         try:
-            plan = choose_plan(facts, config, dtype, workload, layout)
+            plan = choose_plan(facts, config, dtype, workload, layout, kv_cache_dtype)
             plain = results.get("pp") if layout == "pp_offload" else None
             simulate_plan(plan, facts, config, dtype, workload, None if isinstance(plain, PlanError) else plain)
         except PlanError as error:
@@ -262,7 +277,7 @@ def layouts_json(results: dict) -> dict:
                            "total_tokens_per_s": None, "stage_utilisation": None, "pcie_gbs": None}
             continue
         simulated = result.simulation
-        out[layout] = {"fits": True, **{key: simulated[key] for key in (
+        out[layout] = {"fits": True, "kv_storage": result.kv_storage, **{key: simulated[key] for key in (
             "generated_tokens_per_s", "steady_generated_tokens_per_s", "total_tokens_per_s", "stage_utilisation",
             "pcie_gbs", "prefetch_gbs", "exposed_copy_fraction", "host_resident_requests", "preemptions",
             "mean_sequences_per_step", "requests")},
@@ -323,19 +338,21 @@ def run_plan(args: argparse.Namespace) -> int:
     """Prints the table (or JSON); exit status 1, with one line saying why, when no layout runs."""
     import torch
 
+    from .server_plan import kv_storage
+
     config = model_config_for_plan(Path(args.model))
-    profile, dtype_name = load_plan_profile(args, config)
+    profile, dtype_name, kv_cache_dtype = load_plan_profile(args, config)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype_name]
-    facts = server_facts(args, config, dtype, profile)
+    facts = server_facts(args, config, dtype, profile, kv_cache_dtype)
     workload, notes = load_workload(args, Path(args.model), config.max_model_len)
-    results = compare_layouts(facts, config, dtype, workload)
+    results = compare_layouts(facts, config, dtype, workload, kv_cache_dtype)
     if args.json:
         print(json.dumps(layouts_json(results), indent=1))
     else:
         print(f"server: {facts.gpus} GPUs of {facts.gpu_memory_bytes / 2**30:.0f} GiB, PCIe "
               f"{facts.pcie_bytes_per_s / 1e9:.0f} GB/s, GPU links {facts.link_bytes_per_s / 1e9:.0f} GB/s, "
               f"{facts.host_kv_bytes / 2**30:.0f} GiB host KV; model {config.architecture}, {config.num_layers} "
-              f"layers, hidden {config.hidden_size}, {dtype_name}")
+              f"layers, hidden {config.hidden_size}, {dtype_name}, {kv_storage(dtype, kv_cache_dtype)} KV")
         print(f"workload: {len(workload.requests):,} requests, mean {workload.mean_input:.0f} tokens in, "
               f"{workload.mean_output:.0f} out" + "".join(f"; {note}" for note in notes))
         print("\n".join(format_table(results, facts)))

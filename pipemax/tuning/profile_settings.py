@@ -1,5 +1,5 @@
 """serve-offline's settings: a flag the user typed, else the server profile `pipemax autotune`
-saved for this GPU, GPU count and model, else the built-in default.
+saved for this GPU, GPU count, model, dtype and KV cache dtype, else the built-in default.
 
 The profile is found by its key (profiles folder) or named with --profile; --no-profile ignores
 it. A profile made for another GPU or model is refused in one line. Under torchrun, profiles are
@@ -37,7 +37,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def profile_lookup_key(args: argparse.Namespace) -> dict:
-    """The key of the profile this job would use: this device, the GPUs it uses, the model, dtype."""
+    """The key of the profile this job would use: this device, the GPUs it uses, the model, dtype
+    and KV cache dtype (an fp8 KV cache runs with a profile made for it: its pools, copies and
+    step costs count half the KV bytes)."""
     import torch
 
     from pipemax.models import model_config_at
@@ -54,7 +56,9 @@ def profile_lookup_key(args: argparse.Namespace) -> dict:
     else:
         gpus = torch.cuda.device_count() if device.type == "cuda" else 1
     config = model_config_at(Path(args.model) if args.model is not None else default_model_path())
-    return profile_key(this_device_name(device), gpus, config, dtype)
+    # (serve-offline's --kv-cache-dtype; the engine's default where a parser has no such flag)
+    kv_cache_dtype = getattr(args, "kv_cache_dtype", None) or "auto"
+    return profile_key(this_device_name(device), gpus, config, dtype, kv_cache_dtype)
 
 
 def apply_server_profile(args: argparse.Namespace, under_torchrun: bool = False) -> list[str]:

@@ -32,6 +32,11 @@ server not at hand). Two models work together:
     for a workload not much larger than what the pipeline holds at once), or that keeps no
     request on the host, is dropped from the plan: offload=auto never loses to off, and a
     pp_offload that offloads nothing is pp.
+Every KV byte (the pools, the ring, a prefetch, a write-back row, attention's read of the
+context) is counted in the KV cache's storage (`kv_cache_dtype`, core/kv_dtype.py): fp8 holds
+twice the tokens in the same memory, moves half the bytes over PCIe and reads half through
+attention, plus its scales (a float32 per token, layer, K/V and KV head: 4 / head_dim more).
+Weights and activations stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from pipemax.core.kv_dtype import is_fp8, kv_chunk_bytes, kv_storage_name, kv_token_bytes
 from pipemax.core.offload_schedule import ScheduleSettings, plan_schedule
 from pipemax.core.prefetch_budget import staging_slot_chunks
 from pipemax.models import ModelConfig
@@ -80,17 +86,36 @@ class ComputeCosts:
         return cls(StageCosts(**record["layer"]), StageCosts(**record["head"]))
 
 
-def roofline_costs(config: ModelConfig, dtype: torch.dtype, hbm_bytes_per_s: float, flops_per_s: float) -> ComputeCosts:
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def kv_storage(dtype: torch.dtype, kv_cache_dtype: str) -> str:
+    """The KV pools' storage name (core/kv_dtype.py) for a model in dtype: "bfloat16", "fp8_e4m3", ..."""
+    return kv_storage_name(kv_cache_dtype, dtype_name(dtype))
+
+
+def stage_chunk_bytes(config: ModelConfig, ranges: list[tuple[int, int]], chunk_tokens: int,
+                      storage: str) -> tuple[int, ...]:
+    """One KV chunk of each stage's layers, in the pools' storage (fp8: its scales included)."""
+    return tuple(kv_chunk_bytes(end - start, config.num_kv_heads, config.head_dim, chunk_tokens, storage)
+                 for start, end in ranges)
+
+
+def roofline_costs(config: ModelConfig, dtype: torch.dtype, hbm_bytes_per_s: float, flops_per_s: float,
+                   kv_cache_dtype: str = "auto") -> ComputeCosts:
     """Step costs from peak figures: per token, the matmuls' FLOPs at flops_per_s; per context
-    token, its K and V read at HBM bandwidth; per step, the weights read at HBM bandwidth and the
-    kernels' gaps. The sum of the compute and memory times, not their maximum: a step near the
-    ridge point gets neither for free."""
+    token, its K and V read at HBM bandwidth (in the KV cache's storage: fp8 reads half, plus its
+    scales); per step, the weights read at HBM bandwidth and the kernels' gaps. The sum of
+    the compute and memory times, not their maximum: a step near the ridge point gets neither for
+    free. Weights and activations are in the model's dtype whatever the KV's."""
     element = torch.tensor([], dtype=dtype).element_size()
+    context_token_bytes = kv_token_bytes(1, config.num_kv_heads, config.head_dim, kv_storage(dtype, kv_cache_dtype))
     layers, head = layer_costs(config)  # weight elements: a step reads them all (every expert, at scale)
     per_layer = sum(layers) / len(layers)  # (MoE models may mix dense and expert layers)
     # A token multiplies only by its own experts' weights.
     active = sum(config.layer_active_elements(layer) for layer in range(config.num_layers)) / config.num_layers
-    layer = StageCosts(alpha=2 * active / flops_per_s, beta=2 * config.kv_size * element / hbm_bytes_per_s,
+    layer = StageCosts(alpha=2 * active / flops_per_s, beta=context_token_bytes / hbm_bytes_per_s,
                        delta=per_layer * element / hbm_bytes_per_s + 9 * KERNEL_GAP_S)
     return ComputeCosts(layer, StageCosts(alpha=2 * head / flops_per_s, beta=0.0,
                                           delta=head * element / hbm_bytes_per_s + STEP_OVERHEAD_S))
@@ -143,14 +168,21 @@ class Plan:
     prefetch_bytes_per_s: float  # what offload=auto's budget counts on (0 without offload)
     batch_per_micro_batch: float  # the steady state's sequences per step
     estimated_generated_tokens_per_s: float
+    kv_storage: str  # the KV pools' dtype (core/kv_dtype.py): the model's ("bfloat16", ...) or "fp8_e4m3" / "fp8_e5m2"
     staging_chunks: int = 0  # S: one slot of each stage's staging ring, as the engine will size it
     staging_bytes: int = 0  # one slot on the stage with the largest chunks
     simulation: dict = field(default_factory=dict)  # filled by simulate_plan
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The engine's kv_cache_dtype that stores KV as this plan counts it (non-fp8 storage is the model's dtype)."""
+        return self.kv_storage if is_fp8(self.kv_storage) else "auto"
 
     def engine_options(self) -> dict:
         """EngineConfig fields (the profile's `plan` section, each overridable by its flag). The
         engine sizes the staging ring itself, from prefetch_gbs and its step costs."""
         return {"pipeline_parallel": self.stages, "data_parallel": self.replicas,
+                "kv_cache_dtype": self.kv_cache_dtype,
                 "stage_layers": list(self.stage_layers) if self.stages > 1 else None,
                 "micro_batches": self.micro_batches, "offload": self.offload, "chunk_tokens": self.chunk_tokens,
                 "kv_cache_gib": round(self.kv_cache_bytes / 2**30, 3),
@@ -168,8 +200,9 @@ class Plan:
             layers = "1 stage (the whole model on each GPU)"
         words = [layers + (f", {self.replicas} replicas" if self.replicas > 1 else ""),
                  f"{self.micro_batches} micro-batch{'es' if self.micro_batches > 1 else ''} of up to "
-                 f"{self.max_num_seqs:,} sequences", f"{self.kv_cache_bytes / 2**30:.1f} GiB of KV per GPU in "
-                 f"{self.chunk_tokens}-token chunks"]
+                 f"{self.max_num_seqs:,} sequences",
+                 f"{self.kv_cache_bytes / 2**30:.1f} GiB of {self.kv_storage} KV per GPU in {self.chunk_tokens}-token "
+                 "chunks"]
         simulated = self.simulation
         if self.offload != "off":
             resident = simulated.get("host_resident_requests")
@@ -313,12 +346,15 @@ def _with_ring(pipe: _Pipeline, micro_batches: int, pcie_bytes_per_s: float) -> 
 
 
 def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, workload: Workload,
-                layout: str) -> Plan:
+                layout: str, kv_cache_dtype: str = "auto") -> Plan:
     """The best settings for a layout by the steady-state model: pp (a stage per GPU), pp_offload
     (the same, with offload=auto and the host pool), dp (the whole model on each GPU, a replica
     per GPU). Each gets the per-step limits (max_num_seqs, max_num_batched_tokens) its own batch
     asks for; pp_offload without a ring (none pays, or the engine would size none) is pp's plan.
-    Raises PlanError when the model does not fit."""
+    The KV pools (GPU and host), the staging ring and the prefetch budget count chunks in the KV
+    cache's storage (kv_cache_dtype: "auto" is the model's dtype); the weights and activations
+    are in dtype (facts.costs must come from the same KV storage). Raises PlanError when the
+    model does not fit."""
     if layout not in ("pp", "pp_offload", "dp"):
         raise ValueError(f"unknown layout {layout!r}")
     stages, replicas = (1, facts.gpus) if layout == "dp" else (facts.gpus, 1)
@@ -326,8 +362,9 @@ def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, wor
         ranges = partition_layers(config, stages)
     except PartitionError as error:
         raise PlanError(f"{layout}: {error}") from None
-    element = torch.tensor([], dtype=dtype).element_size()
-    kv_token_bytes = [2 * config.kv_size * element * (end - start) for start, end in ranges]
+    element = torch.tensor([], dtype=dtype).element_size()  # (the activations')
+    storage = kv_storage(dtype, kv_cache_dtype)
+    chunk_bytes = stage_chunk_bytes(config, ranges, facts.chunk_tokens, storage)
     budgets = [kv_budget_bytes(facts.gpu_memory_bytes, config, [r], dtype, MIN_BATCHED_TOKENS * 2,
                                MAX_SEQS_PER_STEP, True) for r in ranges]
     if min(budgets) <= 0:
@@ -336,9 +373,8 @@ def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, wor
         raise PlanError(f"{layout}: {weights / 2**30:.1f} GiB of weights on a GPU of "
                         f"{facts.gpu_memory_bytes / 2**30:.1f} GiB leave no room for a KV cache")
     # One chunk count for every stage (the engine's rule): the tightest stage decides.
-    chunks = min(budget // (tokens * facts.chunk_tokens) for budget, tokens in zip(budgets, kv_token_bytes))
-    pipe = _Pipeline(chunks, facts.chunk_tokens, tuple(tokens * facts.chunk_tokens for tokens in kv_token_bytes),
-                     facts.host_kv_bytes // (sum(kv_token_bytes) * facts.chunk_tokens),
+    chunks = min(budget // chunk for budget, chunk in zip(budgets, chunk_bytes))
+    pipe = _Pipeline(chunks, facts.chunk_tokens, chunk_bytes, facts.host_kv_bytes // sum(chunk_bytes),
                      workload.running_context + facts.chunk_tokens / 2,  # (its last chunk is half full)
                      tuple(facts.costs.stage(end - start, index == stages - 1) for index, (start, end)
                            in enumerate(ranges)),
@@ -368,7 +404,7 @@ def choose_plan(facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, wor
     return Plan(layout, stages, replicas, tuple(end - start for start, end in ranges), chosen.micro_batches, offload,
                 facts.chunk_tokens, chunks * pipe.chunk_bytes, facts.host_kv_bytes if offload != "off" else 0,
                 chosen.max_num_seqs, _batched_tokens(pipe, chosen), chosen.prefetch_bytes_per_s,
-                chosen.batch, chosen.generated_per_s * replicas, chosen.staging_chunks,
+                chosen.batch, chosen.generated_per_s * replicas, storage, chosen.staging_chunks,
                 chosen.staging_chunks * pipe.chunk_bytes)
 
 
@@ -400,7 +436,7 @@ def simulate_plan(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: to
     if plan.layout == "pp_offload" and plan.offload != "off":
         try:
             if without_ring is None:
-                without_ring = choose_plan(facts, config, dtype, workload, "pp")
+                without_ring = choose_plan(facts, config, dtype, workload, "pp", plan.kv_cache_dtype)
             if not without_ring.simulation:
                 without_ring.simulation = _simulate(without_ring, facts, config, dtype, workload)
         except PlanError:  # (no pool without the ring holds the workload: the ring stays)
@@ -416,9 +452,9 @@ def simulate_plan(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: to
 
 
 def _simulate(plan: Plan, facts: ServerFacts, config: ModelConfig, dtype: torch.dtype, workload: Workload) -> dict:
-    element = torch.tensor([], dtype=dtype).element_size()
+    element = torch.tensor([], dtype=dtype).element_size()  # (the activations')
     ranges = partition_layers(config, plan.stages, list(plan.stage_layers))
-    chunk_bytes = tuple(2 * config.kv_size * element * (end - start) * plan.chunk_tokens for start, end in ranges)
+    chunk_bytes = stage_chunk_bytes(config, ranges, plan.chunk_tokens, plan.kv_storage)
     costs = [facts.costs.stage(end - start, index == plan.stages - 1) for index, (start, end) in enumerate(ranges)]
     # The cost model the engine's scheduler predicts with: the slowest stage's (as the plan sized S with).
     context = workload.running_context + plan.chunk_tokens / 2

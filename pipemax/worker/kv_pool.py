@@ -3,6 +3,10 @@
     gpu  [num_gpu_chunks,  layers, 2, chunk_tokens, num_kv_heads, head_dim]  on the stage's device
     host [num_host_chunks, layers, 2, chunk_tokens, num_kv_heads, head_dim]  pinned host memory
                                                                             when the device is CUDA
+    gpu_scales, host_scales [chunks, layers, 2, chunk_tokens, num_kv_heads] float32   fp8 pools
+        only: every row's scale per KV head (kernels/fp8.py), in a parallel block beside each
+        pool; every copy of a chunk or a row copies its scales too, so they move with it
+        (prefix-cached chunks keep theirs)
 
 On a CPU-only machine both are ordinary CPU tensors and every copy is synchronous; the logic is
 the same. The pool runs copies on the caller's current stream; the stage executor chooses the
@@ -21,6 +25,17 @@ from dataclasses import dataclass
 import torch
 
 from pipemax import kernels
+from pipemax.core.kv_dtype import kv_chunk_bytes
+
+# KV storage names (core/kv_dtype.py) -> torch dtypes
+KV_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def kv_storage_of(dtype: torch.dtype) -> str:
+    """The storage name (core/kv_dtype.py) of a torch dtype."""
+    return next(name for name, torch_dtype in KV_TORCH_DTYPES.items() if torch_dtype == dtype)
 
 log = logging.getLogger("pipemax")
 KERNEL_BACKENDS = ("triton", "torch")
@@ -35,7 +50,8 @@ class KVPoolSpec:
     num_kv_heads: int
     head_dim: int
     chunk_tokens: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: new K/V arrive in it
+    kv_dtype: torch.dtype | None = None  # what the pools hold: None = dtype, or an fp8 dtype (with scales)
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "head_dim"):
@@ -48,6 +64,19 @@ class KVPoolSpec:
             )
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"KV dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", self.dtype)  # frozen: normalise in place
+        elif self.kv_dtype != self.dtype and self.kv_dtype not in FP8_TORCH_DTYPES:
+            raise ValueError(f"a KV pool holds the model's dtype or fp8, got {self.kv_dtype} for a {self.dtype} model")
+
+    @property
+    def fp8(self) -> bool:
+        return self.kv_dtype in FP8_TORCH_DTYPES
+
+    @property
+    def scales_shape(self) -> tuple[int, ...]:
+        """One chunk's scales (fp8): per layer, K/V, row and KV head."""
+        return (self.num_layers, 2, self.chunk_tokens, self.num_kv_heads)
 
     @property
     def chunk_shape(self) -> tuple[int, ...]:
@@ -55,8 +84,9 @@ class KVPoolSpec:
 
     @property
     def chunk_bytes(self) -> int:
-        elements = 2 * self.num_layers * self.chunk_tokens * self.num_kv_heads * self.head_dim
-        return elements * torch.tensor([], dtype=self.dtype).element_size()
+        """A chunk's bytes, its fp8 scales included."""
+        return kv_chunk_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.chunk_tokens,
+                              kv_storage_of(self.kv_dtype))
 
     def chunks_in(self, budget_bytes: int) -> int:
         """How many whole chunks fit in budget_bytes."""
@@ -79,14 +109,22 @@ class KVPool:
         self.spec = spec
         self.device = torch.device(device)
         self.backend = backend
-        self.gpu = torch.zeros(num_gpu_chunks, *spec.chunk_shape, dtype=spec.dtype, device=self.device)
-        host_shape = (num_host_chunks, *spec.chunk_shape)
-        if self.device.type == "cuda":
-            # Pinned, so that kernels on the GPU can read and write it directly over PCIe.
-            self.host = pinned_empty(host_shape, spec.dtype)
-            self._unpin = weakref.finalize(self, unpin, self.host)
-        else:
-            self.host = torch.zeros(host_shape, dtype=spec.dtype)
+        self.gpu = torch.zeros(num_gpu_chunks, *spec.chunk_shape, dtype=spec.kv_dtype, device=self.device)
+        self.host = self._host_tensor((num_host_chunks, *spec.chunk_shape), spec.kv_dtype)
+        self.gpu_scales = self.host_scales = None
+        if spec.fp8:
+            self.gpu_scales = torch.zeros(num_gpu_chunks, *spec.scales_shape, dtype=torch.float32, device=self.device)
+            self.host_scales = self._host_tensor((num_host_chunks, *spec.scales_shape), torch.float32)
+        # A checkpoint's k_scale / v_scale per layer ([layers, 2] float32 on the device), or None.
+        self.fixed_scales = None
+
+    def _host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.zeros(shape, dtype=dtype)
+        # Pinned, so that kernels on the GPU can read and write it directly over PCIe.
+        tensor = pinned_empty(shape, dtype)
+        weakref.finalize(self, unpin, tensor)
+        return tensor
 
     @classmethod
     def from_budget(cls, spec: KVPoolSpec, gpu_bytes: int, host_bytes: int, device, backend: str = "triton"):
@@ -108,18 +146,21 @@ class KVPool:
     # ---- copies ----------------------------------------------------------------------------
     def prefetch(self, host_chunk_ids: Sequence[int], gpu_chunk_ids: Sequence[int]) -> None:
         """host[host_chunk_ids[i]] -> gpu[gpu_chunk_ids[i]]."""
-        self._copy_chunks(self.host, "host", host_chunk_ids, self.gpu, "GPU", gpu_chunk_ids)
+        self._copy_chunks(self.host, "host", host_chunk_ids, self.gpu, "GPU", gpu_chunk_ids,
+                          self.host_scales, self.gpu_scales)
 
     def offload(self, gpu_chunk_ids: Sequence[int], host_chunk_ids: Sequence[int]) -> None:
         """gpu[gpu_chunk_ids[i]] -> host[host_chunk_ids[i]]."""
-        self._copy_chunks(self.gpu, "GPU", gpu_chunk_ids, self.host, "host", host_chunk_ids)
+        self._copy_chunks(self.gpu, "GPU", gpu_chunk_ids, self.host, "host", host_chunk_ids,
+                          self.gpu_scales, self.host_scales)
 
     def copy_gpu_chunks(self, src_chunk_ids: Sequence[int], dst_chunk_ids: Sequence[int]) -> None:
         """gpu[src] -> gpu[dst], e.g. to compact or fork a sequence. The sets must not overlap:
         the copies run concurrently."""
         if set(src_chunk_ids) & set(dst_chunk_ids):
             raise ValueError("a chunk is both a source and a destination of one GPU->GPU copy")
-        self._copy_chunks(self.gpu, "GPU", src_chunk_ids, self.gpu, "GPU", dst_chunk_ids)
+        self._copy_chunks(self.gpu, "GPU", src_chunk_ids, self.gpu, "GPU", dst_chunk_ids, self.gpu_scales,
+                          self.gpu_scales)
 
     def write_back(
         self,
@@ -147,16 +188,16 @@ class KVPool:
         """The write-through of rows given by row_ids, for layers [layer_start, +num_layers)."""
         num_layers = self.spec.num_layers - layer_start if num_layers is None else num_layers
         impl = kernels.copy_rows if self.backend == "triton" else kernels.copy_rows_ref
-        impl(self.gpu, self.host, *ids, layer_start, num_layers)
+        impl(self.gpu, self.host, *ids, layer_start, num_layers, self.gpu_scales, self.host_scales)
 
     # ---- new tokens --------------------------------------------------------------------------
     def store(self, k: torch.Tensor, v: torch.Tensor, layer: int, slot_mapping: torch.Tensor) -> None:
         """Write new tokens' K/V ([tokens, kv_heads, head_dim]) into their GPU slots at `layer`."""
         impl = kernels.store_kv if self.backend == "triton" else kernels.store_kv_ref
-        impl(k, v, self.gpu, layer, slot_mapping)
+        impl(k, v, self.gpu, layer, slot_mapping, self.gpu_scales, self.fixed_scales)
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _copy_chunks(self, src, src_name, src_ids, dst, dst_name, dst_ids) -> None:
+    def _copy_chunks(self, src, src_name, src_ids, dst, dst_name, dst_ids, src_scales, dst_scales) -> None:
         if len(src_ids) != len(dst_ids):
             raise ValueError(f"{len(src_ids)} source chunks but {len(dst_ids)} destinations")
         self._check_ids(src_ids, src.shape[0], src_name)
@@ -166,7 +207,7 @@ class KVPool:
         if not len(src_ids):
             return
         impl = kernels.copy_chunks if self.backend == "triton" else kernels.copy_chunks_ref
-        impl(src, dst, self._ids(src_ids), self._ids(dst_ids))
+        impl(src, dst, self._ids(src_ids), self._ids(dst_ids), src_scales, dst_scales)
 
     @staticmethod
     def _check_ids(chunk_ids: Sequence[int], count: int, what: str) -> None:

@@ -29,7 +29,10 @@ class ModelRunner:
         self.kv_pool = kv_pool
         self.kv = kv
         self.device = kv_pool.device
-        self.attention = ChunkedAttention(kv_pool.gpu, attention_backend, scale=model.config.head_dim**-0.5)
+        if kv_pool.spec.fp8:  # a checkpoint's own k_scale / v_scale, where it has them
+            kv_pool.fixed_scales = model.kv_cache_scales()
+        self.attention = ChunkedAttention(kv_pool.gpu, attention_backend, scale=model.config.head_dim**-0.5,
+                                          kv_scales=kv_pool.gpu_scales, fixed_scales=kv_pool.fixed_scales)
         self.decode_graphs = decode_graphs
         self.piecewise_graphs: PiecewiseGraphs | None = None  # steps with prefill pieces
         self.tables = DeviceChunkTables(self.device)

@@ -1,7 +1,8 @@
 """`pipemax autotune` end to end on the CPU (the NVML notice, every measurement, a profile the
 engine accepts), then `pipemax serve-offline` running with it: the profile's settings, each
 overridable by its flag, printed; a profile from another model refused in one line; and `pipemax
-plan --profile` timing with the measured costs."""
+plan --profile` timing with the measured costs. With --kv-cache-dtype fp8 it measures fp8 chunks
+and keys the profile by them, and refuses a GPU older than sm_89 before measuring."""
 
 import json
 import os
@@ -324,3 +325,45 @@ def test_a_gpu_memory_of_nothing_is_one_line_naming_the_flag(memory, capsys):
     assert main(["autotune", "--gpu-memory-gib", memory, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err == f"pipemax: --gpu-memory-gib {memory}: give a size in GiB above 0\n"
+
+
+def test_autotune_measures_an_fp8_kv_cache_and_keys_its_profile_by_it(model_folder, tmp_path, capsys):
+    from pipemax.core.kv_dtype import kv_chunk_bytes
+    from pipemax.models import model_config_at
+
+    profile = tmp_path / "fp8.json"
+    assert main(["autotune", "--model", str(model_folder), "--quick", "--num-prompts", "20", "--no-progress", "--force",
+                 "--kv-cache-dtype", "fp8", "-o", str(profile)]) == 0
+    out = capsys.readouterr().out
+    assert "(fp8_e4m3 KV)" in out and "GiB of fp8_e4m3 KV per GPU" in out
+    assert "--kv-cache-dtype fp8 -i requests.jsonl" in out  # serve-offline runs (and finds the profile) with it
+    saved = load_profile(profile)
+    assert saved.key["kv_cache_dtype"] == "fp8_e4m3" and saved.key["dtype"] == "float32"
+    config = model_config_at(model_folder)
+    # The copies moved fp8 chunks of a stage's layers, their scales included.
+    assert {(r["chunk_tokens"], r["chunk_bytes"]) for r in saved.measurements["copy_rates"]} == {
+        (tokens, kv_chunk_bytes(config.num_layers, config.num_kv_heads, config.head_dim, tokens, "fp8_e4m3"))
+        for tokens in (8, 16, 64)}
+    plan = saved.plan
+    assert plan["kv_cache_dtype"] == "fp8_e4m3"
+    EngineConfig(model="m", **{k: v for k, v in plan.items() if k not in ("layout", "dtype", "predicted")})
+    # `pipemax plan` with it plans fp8 KV unless told otherwise, and refuses auto (its costs read fp8).
+    assert main(["plan", "--profile", str(profile), "--model", str(model_folder), "--num-prompts", "20"]) == 0
+    assert "float32, fp8_e4m3 KV" in capsys.readouterr().out
+    assert main(["plan", "--profile", str(profile), "--model", str(model_folder), "--num-prompts", "20",
+                 "--kv-cache-dtype", "auto"]) == 2
+    assert "float32, fp8_e4m3 KV; this is 1 x cpu" in capsys.readouterr().err
+
+
+def test_autotune_refuses_fp8_kv_on_a_gpu_older_than_sm_89_before_measuring(monkeypatch, capsys):
+    import torch
+
+    from pipemax.tuning import microbench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    monkeypatch.setattr(microbench, "copy_rates", lambda *args, **kwargs: pytest.fail("measured"))
+    assert main(["autotune", "--kv-cache-dtype", "fp8", "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("pipemax: --kv-cache-dtype fp8: an fp8 KV cache needs an sm_89+ GPU (Ada, "
+                                       "Hopper, Blackwell); NVIDIA A10 is sm_86: use --kv-cache-dtype auto\n")

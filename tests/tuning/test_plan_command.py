@@ -2,7 +2,9 @@
 from a JSONL file, and one-line errors for what it cannot use. And what it predicts for the
 staging ring on a Llama-2-70B shape over 8 PCIe GPUs of 32 GB: decode-heavy work, where KV
 capacity binds, gains a fifth and more at 55 GB/s and less at half the link; ShareGPT- and
-LongBench-like work, compute-bound, loses nothing."""
+LongBench-like work, compute-bound, loses nothing. With an fp8 KV cache (--kv-cache-dtype, named
+in the table and the JSON, and a profile's key) decode-heavy work gains half again with pp and
+nearly doubles with the staging ring."""
 
 import itertools
 import json
@@ -23,8 +25,10 @@ from pipemax.tuning.server_plan import (
     PlanError,
     ServerFacts,
     Workload,
+    choose_plan,
     fit_to_model,
     roofline_costs,
+    simulate_plan,
 )
 from pipemax.tuning.server_profile import ServerProfile, profile_key, save_profile
 from pipemax.tuning.workloads import synthetic_lengths
@@ -123,16 +127,17 @@ def test_the_help_says_what_a_server_without_a_profile_needs(capsys):
     assert "Without --profile, --gpu-memory-gib, --pcie-gbs, --hbm-tbs and --tflops are all needed" in text
     for flag in SERVER_FLAGS:
         assert text.count(flag) >= 2  # in the description and in its own help
-    assert "--dtype {bfloat16,float16,float32} the weights' and KV cache's dtype (default: the profile's" in text
+    assert ("--dtype {bfloat16,float16,float32} the weights' and activations' dtype, and the KV cache's with "
+            "--kv-cache-dtype auto (default: the profile's") in text
 
 
-def write_plan_profile(path, config, dtype="float32", costs=None, **measured):
+def write_plan_profile(path, config, dtype="float32", costs=None, kv_cache_dtype="auto", **measured):
     """A profile as autotune writes one on a CPU, for `config`: 4 GiB of memory, 5 GB/s copies."""
     costs = costs or {"layer": {"alpha": 1e-6, "beta": 1e-9, "delta": 1e-4}, "head": {"alpha": 0.0, "beta": 0.0,
                                                                                       "delta": 1e-3}}
     measurements = {"gpu_memory_bytes": 4 * 2**30, "pcie_bytes_per_s": 5e9, "link_bytes_per_s": None,
                     "host_kv_bytes": 2**30, "chunk_tokens": 16, "costs": costs, **measured}
-    return save_profile(ServerProfile(profile_key("cpu", 1, config, dtype), {}, measurements,
+    return save_profile(ServerProfile(profile_key("cpu", 1, config, dtype, kv_cache_dtype), {}, measurements,
                                       {"pipeline_parallel": 1, "data_parallel": 1}), path)
 
 
@@ -143,7 +148,8 @@ def test_a_profile_for_another_model_is_refused_as_serve_offline_refuses_it(conf
                  "--gpu-memory-gib", "32", "--num-prompts", "10"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"pipemax: --profile: the profile {smollm2} was made for 1 x cpu, LlamaForCausalLM (30 "
-                          "layers, hidden 576), float32; this is 1 x cpu, LlamaForCausalLM (80 layers, hidden 8192)")
+                          "layers, hidden 576), float32, float32 KV; this is 1 x cpu, LlamaForCausalLM (80 layers, "
+                          "hidden 8192)")
     assert err.count("\n") == 1
     # Other shapes of the tiny model, and its own shape in another dtype, are refused too.
     for change in (dict(num_hidden_layers=4), dict(hidden_size=512), dict(num_key_value_heads=8)):
@@ -154,7 +160,8 @@ def test_a_profile_for_another_model_is_refused_as_serve_offline_refuses_it(conf
     own = write_plan_profile(tmp_path / "own.json", model_config_from_hf(transformers.LlamaConfig(**TINY)))
     assert main(["plan", "--profile", str(own), "--model", str(config_file), "--dtype", "bfloat16",
                  "--num-prompts", "10"]) == 2
-    assert "float32; this is 1 x cpu, LlamaForCausalLM (8 layers, hidden 256), bfloat16" in capsys.readouterr().err
+    assert ("float32, float32 KV; this is 1 x cpu, LlamaForCausalLM (8 layers, hidden 256), bfloat16, bfloat16 KV"
+            in capsys.readouterr().err)
     # Its own model: the profile's dtype unless --dtype says otherwise, and it runs.
     assert main(["plan", "--profile", str(own), "--model", str(config_file), "--num-prompts", "10"]) == 0
     assert "hidden 256, float32" in capsys.readouterr().out
@@ -245,25 +252,32 @@ LLAMA_2_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=
                    num_key_value_heads=8, vocab_size=32000)  # bench/configs/llama-2-70b.json
 
 
-def llama_2_70b_plans(workload: str, pcie_gbs: float, scale: int, num_prompts: int, host_gib: float = 256,
-                      link_gbs: float = 55) -> dict:
+def llama_2_70b_case(workload: str, pcie_gbs: float, scale: int, num_prompts: int, host_gib: float = 256,
+                     link_gbs: float = 55, kv_cache_dtype: str = "auto"):
     """`pipemax plan --gpus 8 --gpu-memory-gib 32 --pcie-gbs P --hbm-tbs 1.8 --tflops 200` with a
     Llama-2-70B shape, scaled down by `scale` so that it runs in seconds: the requests' lengths,
     the model's context, each GPU's KV pool, the host pool, the PCIe link and the chunk size all
     divided by it. Batches, the ring's share of the pool, the chunks a step's prefetch brings
     back and its share of the host pool stay as they are; steps get no shorter but for their
     attention, and a request takes 1/scale the steps. (Unscaled, `pipemax plan` takes minutes and
-    gives similar ratios.) compare_layouts' result: {layout: Plan, simulated}."""
+    gives similar ratios.) (server facts, model config, dtype, workload)."""
     config = model_config_from_hf(transformers.LlamaConfig(**LLAMA_2_70B, max_position_embeddings=4096 // scale))
     dtype = torch.bfloat16
     memory = 32 * 2**30
     kv = kv_budget_bytes(memory, config, [(0, 10)], dtype, 2 * MIN_BATCHED_TOKENS, MAX_SEQS_PER_STEP, True)
     facts = ServerFacts(8, memory - kv + kv // scale, pcie_gbs * 1e9 / scale, link_gbs * 1e9,
-                        int(host_gib * 2**30) // scale, roofline_costs(config, dtype, 1.8e12, 200e12),
+                        int(host_gib * 2**30) // scale, roofline_costs(config, dtype, 1.8e12, 200e12, kv_cache_dtype),
                         chunk_tokens=16 // scale)
     requests = Workload(tuple((max(1, prompt // scale), max(1, output // scale))
                               for prompt, output in synthetic_lengths(workload, num_prompts)))
-    return compare_layouts(facts, config, dtype, fit_to_model(requests, config.max_model_len)[0])
+    return facts, config, dtype, fit_to_model(requests, config.max_model_len)[0]
+
+
+def llama_2_70b_plans(workload: str, pcie_gbs: float, scale: int, num_prompts: int, host_gib: float = 256,
+                      link_gbs: float = 55, kv_cache_dtype: str = "auto") -> dict:
+    """compare_layouts' result on llama_2_70b_case: {layout: Plan, simulated}."""
+    case = llama_2_70b_case(workload, pcie_gbs, scale, num_prompts, host_gib, link_gbs, kv_cache_dtype)
+    return compare_layouts(*case, kv_cache_dtype)
 
 
 def llama_2_70b_ratios(workload: str, pcie_gbs: float, scale: int, num_prompts: int) -> tuple[float, float, Plan]:
@@ -321,3 +335,91 @@ def test_at_half_the_link_the_gain_shrinks_and_offload_never_loses():
 def test_compute_bound_work_loses_nothing_to_offload(workload, num_prompts, pcie_gbs):
     whole, steady, _ = llama_2_70b_ratios(workload, pcie_gbs, scale=4, num_prompts=num_prompts)
     assert whole >= 0.99 and steady >= 0.99
+
+
+# fp8 KV on the same server, decode-heavy work (512 in / 2,048 out), against bf16 KV with plain pp.
+# The issue asked for >= 1.7x with pp and >= 2x with pp_offload; the model gives less. Unscaled,
+# `pipemax plan --gpus 8 --gpu-memory-gib 32 --pcie-gbs 55 --hbm-tbs 1.8 --tflops 200 --model
+# bench/configs/llama-2-70b.json --workload decode-heavy [--kv-cache-dtype fp8]` (2,000 requests,
+# 6 and 8 minutes here) simulates 1,282 generated tokens/s for bf16 pp, 1,567 for bf16 pp_offload,
+# 1,911 for fp8 pp (1.49x) and 2,432 for fp8 pp_offload (1.90x). Why: fp8 doubles the batch (25
+# -> 48 sequences a micro-batch with pp, KV capacity binds), but the roofline adds a step's
+# matmuls (86 us a token on a stage of 10 layers) to its weights' read (9.7 ms), so the stage-step
+# grows from 12.8 to 14.8 ms while the KV read it saves was 0.9 ms; and prefill (44 ms of compute
+# a request on every stage) does not shrink with the KV.
+
+
+def test_fp8_kv_nearly_doubles_decode_heavy_work_in_the_steady_state_model():
+    # The closed form at full size (about a second): the batch per micro-batch nearly doubles, and
+    # the predicted rate gains 1.63x with pp, 1.92x with the staging ring.
+    plans = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        facts, config, dtype, workload = llama_2_70b_case("decode-heavy", 55, scale=1, num_prompts=2000,
+                                                          kv_cache_dtype=kv_cache_dtype)
+        for layout in ("pp", "pp_offload"):
+            plans[kv_cache_dtype, layout] = choose_plan(facts, config, dtype, workload, layout, kv_cache_dtype)
+    bf16, fp8, fp8_offload = plans["auto", "pp"], plans["fp8", "pp"], plans["fp8", "pp_offload"]
+    assert (bf16.kv_storage, fp8.kv_storage, fp8.micro_batches) == ("bfloat16", "fp8_e4m3", 8)
+    assert fp8.batch_per_micro_batch >= 1.9 * bf16.batch_per_micro_batch
+    assert fp8_offload.offload == "auto" and fp8_offload.batch_per_micro_batch > fp8.batch_per_micro_batch
+    rate = {key: plan.estimated_generated_tokens_per_s for key, plan in plans.items()}
+    assert rate["fp8", "pp"] >= 1.55 * rate["auto", "pp"]
+    assert rate["fp8", "pp_offload"] >= 1.85 * rate["auto", "pp"] and rate["fp8", "pp_offload"] > rate["auto",
+                                                                                                         "pp_offload"]
+
+
+def test_fp8_kv_gains_half_again_on_decode_heavy_work_with_pp_simulated():
+    # Simulated, scaled by 8 (600 requests, half again what fp8's pipeline holds at once; about 8
+    # s): 1.50x for the whole run, 1.53x in the steady state (unscaled: 1.49x, 1.50x).
+    simulated = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        facts, config, dtype, workload = llama_2_70b_case("decode-heavy", 55, scale=8, num_prompts=600,
+                                                          kv_cache_dtype=kv_cache_dtype)
+        plan = choose_plan(facts, config, dtype, workload, "pp", kv_cache_dtype)
+        simulated[kv_cache_dtype] = simulate_plan(plan, facts, config, dtype, workload)
+    for figure in ("generated_tokens_per_s", "steady_generated_tokens_per_s"):
+        assert simulated["fp8"][figure] >= 1.45 * simulated["auto"][figure]
+
+
+def test_plan_names_the_kv_caches_dtype(config_file, capsys):
+    assert main(["plan", *SERVER, "--model", str(config_file), "--num-prompts", "40", "--kv-cache-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden 256, bfloat16, fp8_e4m3 KV" in out and "GiB of fp8_e4m3 KV per GPU" in out.split("best: ")[1]
+    for flags, storage, setting in (([], "bfloat16", "auto"), (["--kv-cache-dtype", "fp8_e5m2"], "fp8_e5m2",
+                                                                "fp8_e5m2")):
+        assert main(["plan", *SERVER, "--model", str(config_file), "--num-prompts", "40", "--json", *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert {layout["kv_storage"] for layout in result.values()} == {storage}
+        assert {layout["settings"]["kv_cache_dtype"] for layout in result.values()} == {setting}
+    with pytest.raises(SystemExit):
+        main(["plan", *SERVER, "--model", str(config_file), "--kv-cache-dtype", "fp16"])
+    assert "--kv-cache-dtype: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["plan", "autotune"])
+def test_the_help_says_what_fp8_kv_does_and_needs(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--kv-cache-dtype {auto,fp8,fp8_e4m3,fp8_e5m2}" in text
+    assert "fp8 halves the KV's bytes in VRAM, over PCIe and through attention" in text and "sm_89+ GPUs" in text
+
+
+def test_a_profile_is_used_for_its_own_kv_dtype_only(config_file, tmp_path, capsys):
+    tiny = model_config_from_hf(transformers.LlamaConfig(**TINY))
+    bf16 = write_plan_profile(tmp_path / "bf16.json", tiny, dtype="bfloat16")
+    fp8 = write_plan_profile(tmp_path / "fp8.json", tiny, dtype="bfloat16", kv_cache_dtype="fp8")
+    # Each is the default for its own KV dtype...
+    for profile, storage in ((bf16, "bfloat16"), (fp8, "fp8_e4m3")):
+        assert main(["plan", "--profile", str(profile), "--model", str(config_file), "--num-prompts", "10"]) == 0
+        assert f"hidden 256, bfloat16, {storage} KV" in capsys.readouterr().out
+    assert main(["plan", "--profile", str(fp8), "--model", str(config_file), "--num-prompts", "10",
+                 "--kv-cache-dtype", "fp8_e4m3"]) == 0
+    capsys.readouterr()
+    # ...and refused for the other, both ways: its costs read KV of its own dtype.
+    for profile, flag, made, wanted in ((bf16, "fp8", "bfloat16", "fp8_e4m3"), (fp8, "auto", "fp8_e4m3", "bfloat16")):
+        assert main(["plan", "--profile", str(profile), "--model", str(config_file), "--num-prompts", "10",
+                     "--kv-cache-dtype", flag]) == 2
+        err = capsys.readouterr().err
+        assert f"bfloat16, {made} KV; this is 1 x cpu, LlamaForCausalLM (8 layers, hidden 256), bfloat16, {wanted} KV" \
+            in err and err.count("\n") == 1

@@ -2,7 +2,8 @@
 less, in the closed form and in offload's simulated figures, each varied alone too), pp owes
 nothing to host memory or PCIe, pp_offload holds no more KV than PCIe brings back and is pp where
 it keeps nothing on the host, it says plainly when a model does not fit, and its simulated figures
-come from the real scheduler."""
+come from the real scheduler. An fp8 KV cache is counted in fp8 chunks (scales included)
+everywhere KV bytes appear: the pools, the ring, the copies and attention's read of the context."""
 
 import dataclasses
 
@@ -12,6 +13,7 @@ import transformers
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pipemax.core.kv_dtype import kv_chunk_bytes, kv_token_bytes
 from pipemax.models import model_config_from_hf
 from pipemax.parallel.partition import partition_layers
 from pipemax.tuning.server_plan import (
@@ -344,3 +346,69 @@ def test_at_lower_pcie_alone_offload_plans_no_larger_batch(server, pcie_factor, 
     assert slow.max_num_seqs <= fast.max_num_seqs
     assert slow.estimated_generated_tokens_per_s <= fast.estimated_generated_tokens_per_s
     assert slow.batch_per_micro_batch * slow.micro_batches <= fast.batch_per_micro_batch * fast.micro_batches + 1e-6
+
+
+def test_the_roofline_reads_the_context_in_the_kv_caches_dtype():
+    # fp8: a byte an element and a float32 scale per token, layer, K/V and KV head (2 KV heads of
+    # 32: 2 x 64 + 2 x 2 x 4 = 144 bytes a token and layer, against bf16's 256). The weights and
+    # the matmuls stay in the model's dtype.
+    fp8 = roofline_costs(CONFIG, DTYPE, hbm_bytes_per_s=1e12, flops_per_s=1e14, kv_cache_dtype="fp8")
+    assert fp8.layer.beta == pytest.approx(144 / 1e12) and COSTS.layer.beta == pytest.approx(256 / 1e12)
+    assert fp8.layer.beta == pytest.approx(kv_token_bytes(1, 2, 32, "fp8_e4m3") / 1e12)
+    assert (fp8.layer.alpha, fp8.layer.delta, fp8.head) == (COSTS.layer.alpha, COSTS.layer.delta, COSTS.head)
+    assert roofline_costs(CONFIG, DTYPE, 1e12, 1e14, "fp8_e5m2") == fp8
+
+
+def test_an_fp8_plan_holds_nearly_twice_the_tokens_in_the_same_memory():
+    server = facts(gpus=4)
+    plain = choose_plan(server, CONFIG, DTYPE, WORKLOAD, "pp")
+    fp8 = choose_plan(server, CONFIG, DTYPE, WORKLOAD, "pp", kv_cache_dtype="fp8")
+    assert (plain.kv_storage, fp8.kv_storage) == ("bfloat16", "fp8_e4m3")
+    assert plain.engine_options()["kv_cache_dtype"] == "auto" and fp8.engine_options()["kv_cache_dtype"] == "fp8_e4m3"
+    assert fp8.stage_layers == plain.stage_layers == (2, 2, 2, 2)
+    # The same KV budget (weights and activations in bf16 either way), in chunks of 2 layers.
+    # (this head_dim of 32 makes the scales 1/8 of the data: 4 / head_dim)
+    fp8_chunk, bf16_chunk = kv_chunk_bytes(2, 2, 32, 16, "fp8_e4m3"), kv_chunk_bytes(2, 2, 32, 16, "bfloat16")
+    assert fp8_chunk == 2 * 2 * 16 * 2 * 32 + 2 * 2 * 16 * 2 * 4 and bf16_chunk == 2 * 2 * 16 * 2 * 32 * 2
+    assert plain.kv_cache_bytes % bf16_chunk == 0 and fp8.kv_cache_bytes % fp8_chunk == 0
+    assert abs(fp8.kv_cache_bytes - plain.kv_cache_bytes) < bf16_chunk  # (each the budget's whole chunks)
+    assert fp8.kv_cache_bytes // fp8_chunk >= 1.75 * (plain.kv_cache_bytes // bf16_chunk)  # 256 / 144 bytes a token
+    # "fp8" is e4m3; e5m2 has the same bytes; "auto" is the model's dtype.
+    assert choose_plan(server, CONFIG, DTYPE, WORKLOAD, "pp", "fp8_e4m3") == fp8
+    e5m2 = choose_plan(server, CONFIG, DTYPE, WORKLOAD, "pp", "fp8_e5m2")
+    assert dataclasses.replace(e5m2, kv_storage="fp8_e4m3") == fp8
+    assert choose_plan(server, CONFIG, torch.float16, WORKLOAD, "pp").kv_storage == "float16"
+    assert "GiB of fp8_e4m3 KV per GPU" in fp8.describe(server) and "GiB of bfloat16 KV" in plain.describe(server)
+
+
+def test_the_simulation_counts_pools_copies_and_the_ring_in_fp8_chunks(monkeypatch):
+    # Every KV byte the simulated server moves, and every pool the real scheduler fills, is in
+    # fp8 chunks (scales included); the activations between stages stay bf16.
+    import pipemax.tuning.server_plan as server_plan
+
+    seen = {}
+    real_schedule, real_simulate = server_plan.plan_schedule, server_plan.simulate
+
+    def schedule(requests, settings, **options):
+        seen["settings"] = settings
+        return real_schedule(requests, settings, **options)
+
+    def simulate(schedule, server, chunk_tokens):
+        seen["server"] = server
+        return real_simulate(schedule, server, chunk_tokens)
+
+    monkeypatch.setattr(server_plan, "plan_schedule", schedule)
+    monkeypatch.setattr(server_plan, "simulate", simulate)
+    server = facts(1596, pcie=5e9, gpus=4, host_mib=64, costs=WEIGHTS_BOUND)
+    plan = choose_plan(server, CONFIG, DTYPE, DECODE_HEAVY, "pp_offload", "fp8")
+    assert plan.offload == "auto" and plan.staging_chunks > 0
+    server_plan._simulate(plan, server, CONFIG, DTYPE, SHORT_DECODE_HEAVY)  # (its schedule's settings are the plan's)
+    chunks = tuple(kv_chunk_bytes(layers, 2, 32, 16, "fp8_e4m3") for layers in plan.stage_layers)
+    settings, simulated = seen["settings"], seen["server"]
+    assert simulated.chunk_bytes == chunks and simulated.activation_bytes_per_token == 256 * 2
+    assert settings.chunk_bytes == max(chunks) and plan.staging_bytes == plan.staging_chunks * max(chunks)
+    assert settings.num_gpu_chunks == plan.kv_cache_bytes // max(chunks)
+    assert settings.num_host_chunks == 64 * MiB // sum(chunks)
+    # The ring holds what a step's prefetch brings back: about as many bytes as bf16's, twice the chunks.
+    bf16 = choose_plan(server, CONFIG, DTYPE, DECODE_HEAVY, "pp_offload")
+    assert plan.staging_chunks > 1.5 * bf16.staging_chunks and plan.batch_per_micro_batch > bf16.batch_per_micro_batch

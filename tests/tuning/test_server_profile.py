@@ -1,7 +1,10 @@
-"""Server profiles: a round trip keeps everything; a profile from another GPU, GPU count or model
-is refused with one line saying what it was made for and what this is; damaged files, and settings
-of the wrong kind or a layout of other GPUs, are refused plainly, naming the field at fault."""
+"""Server profiles: a round trip keeps everything; a profile from another GPU, GPU count, model or
+KV cache dtype is refused with one line saying what it was made for and what this is (one made
+before the key named the KV dtype is its model's dtype's, found where it always was); damaged
+files, and settings of the wrong kind or a layout of other GPUs, are refused plainly, naming the
+field at fault."""
 
+import hashlib
 import json
 from types import SimpleNamespace
 
@@ -21,6 +24,8 @@ from pipemax.tuning.server_profile import (
     ProfileError,
     ServerProfile,
     default_profile_path,
+    describe_key,
+    kv_cache_dtype_of,
     load_profile,
     profile_key,
     save_profile,
@@ -154,3 +159,49 @@ def test_serve_offline_refuses_a_bad_profile_field_in_one_line(model_folder, tmp
 
 def test_every_profile_field_is_checked():
     assert set(INTEGER_FIELDS) | set(NUMBER_FIELDS) | {"offload", "stage_layers"} == set(PROFILE_FIELDS)
+
+
+def test_the_key_names_the_kv_caches_storage_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path))
+    bf16 = profile_key("NVIDIA L40S", 8, LLAMA_8B, "bfloat16")
+    fp8 = profile_key("NVIDIA L40S", 8, LLAMA_8B, "bfloat16", "fp8")
+    assert bf16["kv_cache_dtype"] == "bfloat16" and fp8["kv_cache_dtype"] == "fp8_e4m3"
+    assert profile_key("NVIDIA L40S", 8, LLAMA_8B, "bfloat16", "fp8_e4m3") == fp8  # fp8 is e4m3
+    assert profile_key("NVIDIA L40S", 8, LLAMA_8B, "bfloat16", "fp8_e5m2") != fp8
+    assert (kv_cache_dtype_of(bf16), kv_cache_dtype_of(fp8)) == ("auto", "fp8_e4m3")
+    assert describe_key(fp8).endswith("(32 layers, hidden 4096), bfloat16, fp8_e4m3 KV")
+    assert default_profile_path(fp8) != default_profile_path(bf16)
+    # A profile made for one KV dtype is refused for the other, both ways, naming both.
+    for made, wanted in ((bf16, fp8), (fp8, bf16)):
+        path = save_profile(ServerProfile(made))
+        with pytest.raises(ProfileError, match="was made for") as error:
+            load_profile(path, wanted)
+        assert (f"bfloat16, {made['kv_cache_dtype']} KV; this is 8 x NVIDIA L40S" in str(error.value)
+                and str(error.value).count(f"{wanted['kv_cache_dtype']} KV") == 1 + (made == wanted))
+
+
+def test_a_profile_from_before_the_kv_dtype_was_keyed_is_the_models_dtypes(tmp_path, monkeypatch):
+    # Its KV was in the model's dtype (there was no other): read as such, at the path it always
+    # had; refused for fp8.
+    monkeypatch.setenv("PIPEMAX_PROFILES", str(tmp_path))
+    key = profile_key("NVIDIA L40S", 8, LLAMA_8B, "bfloat16")
+    old_key = {name: value for name, value in key.items() if name != "kv_cache_dtype"}
+    digest = hashlib.sha256(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:16]
+    path = tmp_path / f"server-{digest}.json"
+    path.write_text(json.dumps({"format": "pipemax server profile", "version": 2, "key": old_key, "hardware": {},
+                                "measurements": {}, "plan": {"chunk_tokens": 32}}))
+    assert default_profile_path(key) == path
+    profile = load_profile(path, key)
+    assert profile.key == key and profile.plan == {"chunk_tokens": 32}
+    with pytest.raises(ProfileError, match="bfloat16, bfloat16 KV; this is .* bfloat16, fp8_e4m3 KV"):
+        load_profile(path, profile_key("NVIDIA L40S", 8, LLAMA_8B, "bfloat16", "fp8"))
+
+
+def test_serve_offline_looks_up_the_profile_of_its_kv_dtype(model_folder):
+    from pipemax.cli import build_parser
+    from pipemax.tuning.profile_settings import profile_lookup_key
+
+    args = build_parser().parse_args(["serve-offline", "--model", str(model_folder), "-i", "in", "-o", "out"])
+    assert profile_lookup_key(args)["kv_cache_dtype"] == "float32"  # the CPU's dtype
+    args.kv_cache_dtype = "fp8"  # (serve-offline's --kv-cache-dtype)
+    assert profile_lookup_key(args)["kv_cache_dtype"] == "fp8_e4m3"
