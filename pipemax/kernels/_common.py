@@ -44,7 +44,8 @@ def shared_memory_per_block(capability: tuple[int, int] | None) -> int:
     return SHARED_MEMORY_PER_BLOCK.get(capability, SMALLEST_SHARED_MEMORY)
 
 
-def prefill_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> dict:
+def prefill_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None = None,
+                  kv_fp8: bool = False) -> dict:
     """block_m x block_n tiles, warps and pipeline depth for prefill attention, per GPU
     generation: the largest tiles whose shared memory fits the card and whose registers do not
     spill (checked by ptxas in tests/kernels/aot_compile.py for sm_90, sm_80 and sm_86)."""
@@ -56,7 +57,8 @@ def prefill_tiles(head_dim: int, dtype: torch.dtype, capability: tuple[int, int]
     shared = shared_memory_per_block(capability)
     if shared >= 200_000:  # sm_90 / sm_100: 227 KiB
         if wide:
-            return {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 3}
+            # (an fp8 tile's widening and scales take registers: 64 x 64 spills at 256)
+            return {"block_m": 64, "block_n": 32 if kv_fp8 else 64, "num_warps": 8, "num_stages": 3}
         return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
     if shared >= 160_000:  # sm_80: 163 KiB
         if wide:

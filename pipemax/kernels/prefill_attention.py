@@ -39,7 +39,7 @@ from ._common import (
 )
 from .attention_core import load_kv_tile, online_softmax_step, tile_chunk_ids
 from .decode_attention import LOG2_E, gather_sequence_kv
-from .fp8 import check_kv_scales, v_weight
+from .fp8 import check_kv_scales, is_fp8, v_weight
 
 
 @triton.jit(do_not_specialize=["layer", "stride_table_batch"])
@@ -162,7 +162,7 @@ def prefill_attention(
     batch = seq_lens.shape[0]
     if cu_seqlens_q.shape[0] != batch + 1 or chunk_tables.shape[0] != batch:
         raise ValueError(f"cu_seqlens_q needs {batch + 1} entries and chunk_tables {batch} rows")
-    tiles = prefill_tiles(head_dim, q.dtype, device_capability(q.device))
+    tiles = prefill_tiles(head_dim, q.dtype, device_capability(q.device), kv_fp8=is_fp8(kv_pool.dtype))
     block_m, block_n = block_m or tiles["block_m"], block_n or tiles["block_n"]
     check_block("block_m", block_m)
     check_block("block_n", block_n)

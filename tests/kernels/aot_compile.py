@@ -2,6 +2,9 @@
 
 Run as a script (TRITON_INTERPRET must be off so @triton.jit gives real JIT functions):
     python tests/kernels/aot_compile.py 90 80
+fp8 KV pools (e4m3 and e5m2) compile for the targets with fp8 conversion (sm_89, sm_90, sm_120):
+the store and RoPE kernels that quantise, attention that dequantises in registers with the same
+tiles in flight, and the copies that move fp8 bytes and their scales.
 Each launcher is called on small CPU tensors of the shapes the engine uses, with its kernels
 swapped for recorders; the recorded arguments give each kernel's signature and constexprs, which
 triton.compile turns into PTX and a cubin for each target. This catches what the interpreter
@@ -32,8 +35,14 @@ from pipemax.kernels._common import shared_memory_per_block  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 80, 96, 128, 256)
-# Targets: H100/H200, A100, and the smallest we aim at (sm_86, 99 KiB: RTX 3090, A6000; sm_89 alike).
-CAPABILITIES = {90: (9, 0), 80: (8, 0), 86: (8, 6)}
+# Targets: H100/H200, A100, the smallest we aim at (sm_86, 99 KiB: RTX 3090, A6000), and for fp8
+# KV the Ada (sm_89: L4, L40S, RTX 4090) and consumer Blackwell (sm_120: RTX 5090) cards, 99 KiB too.
+CAPABILITIES = {90: (9, 0), 80: (8, 0), 86: (8, 6), 89: (8, 9), 120: (12, 0)}
+FP8_ONLY_TARGETS = (89, 120)
+# (pool, model dtype) pairs: e4m3 under both GPU model dtypes; e5m2 differs only in constants
+FP8_CASES = ((torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e4m3fn, torch.float16),
+             (torch.float8_e5m2, torch.bfloat16))
+FP8_HEAD_DIMS = (64, 128, 256)  # 80 and 96 take 128's tiles (BLOCK_D is a power of two)
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -100,8 +109,11 @@ def ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
     import tempfile
     from pathlib import Path
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(capability).path  # the one Triton compiles with (Blackwell has its own)
+    # the PTX's own target (Triton picks sm_90a, sm_120a, ... where the architecture has one)
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
         source.flush()
@@ -112,9 +124,10 @@ def ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
-def record_launches(capability: tuple[int, int] | None = None):
+def record_launches(capability: tuple[int, int] | None = None, fp8_only: bool = False):
     """Call each launcher on engine-like shapes, choosing tiles as on a GPU of that capability;
-    return [(kernel, args, constexprs)]."""
+    return [(kernel, args, constexprs)]. fp8_only: only the fp8 KV kernels (sm_89 and sm_120 run
+    the other kernels with sm_86's tiles: the same shared memory)."""
     for module in (decode_attention, prefill_attention):
         module.device_capability = lambda device: capability
     recorders = {}
@@ -123,6 +136,7 @@ def record_launches(capability: tuple[int, int] | None = None):
         (decode_attention, "_decode_attention_merge_kernel"),
         (prefill_attention, "_prefill_attention_kernel"),
         (kv_store, "_store_kv_kernel"),
+        (kv_store, "_store_kv_fp8_kernel"),
         (kv_copy, "_copy_chunks_kernel"),
         (kv_copy, "_copy_rows_kernel"),
         (norm, "_rms_norm_kernel"),
@@ -136,7 +150,7 @@ def record_launches(capability: tuple[int, int] | None = None):
         setattr(module, name, recorders[name])
 
     chunk_tokens, layers, num_kv_heads, group = 16, 2, 2, 4
-    for dtype in DTYPES:
+    for dtype in DTYPES if not fp8_only else ():
         for head_dim in HEAD_DIMS:
             pool = torch.zeros(4, layers, 2, chunk_tokens, num_kv_heads, head_dim, dtype=dtype)
             table = torch.zeros(2, 2, dtype=torch.int32)
@@ -174,14 +188,47 @@ def record_launches(capability: tuple[int, int] | None = None):
             a = torch.zeros(3, 128, dtype=dtype)
             moe_gemm.grouped_gemm(a, torch.zeros(2, 256, 128, dtype=dtype), sorted_pairs, block_experts, 2,
                                   torch.zeros(6, 256, dtype=dtype), torch.zeros(6) if scaled else None)
+    if capability is not None and capability >= (8, 9):
+        record_fp8_launches(chunk_tokens, layers, num_kv_heads, group)
     sampling_noise.gumbel_noise(torch.zeros(2, dtype=torch.int64), 128_256)
     return [(rec.kernel, args, constexprs) for rec in recorders.values() for args, constexprs in rec.launches]
 
 
+def record_fp8_launches(chunk_tokens: int, layers: int, num_kv_heads: int, group: int) -> None:
+    """The kernels an fp8 KV cache runs, for every fp8 format, model dtype and head_dim."""
+    for pool_dtype, dtype in FP8_CASES:
+        for head_dim in FP8_HEAD_DIMS:
+            pool = torch.zeros(4, layers, 2, chunk_tokens, num_kv_heads, head_dim, dtype=pool_dtype)
+            scales = torch.zeros(pool.shape[:5])
+            fixed = torch.ones(layers, 2)
+            table = torch.zeros(2, 2, dtype=torch.int32)
+            lens = torch.full((2,), 20, dtype=torch.int32)
+            q = torch.zeros(2, num_kv_heads * group, head_dim, dtype=dtype)
+            for num_splits in (1, 2):
+                decode_attention.decode_attention(q, pool, 1, table, lens, 0.1, num_splits=num_splits,
+                                                  max_seq_len=20, kv_scales=scales)
+            cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+            q_packed = torch.zeros(9, num_kv_heads * group, head_dim, dtype=dtype)
+            prefill_attention.prefill_attention(q_packed, pool, 1, table, cu, lens, 0.1, max_q_len=5,
+                                                kv_scales=scales)
+            k = torch.zeros(3, num_kv_heads, head_dim, dtype=dtype)
+            slots = torch.zeros(3, dtype=torch.int64)
+            for fixed_scales in (None, fixed):  # computed scales; a checkpoint's
+                kv_store.store_kv(k, k, pool, 1, slots, scales, fixed_scales)
+                heads = num_kv_heads * group
+                qkv = torch.zeros(3, (heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+                rows = torch.zeros(3, head_dim, dtype=torch.float32)
+                rope.rope_store_kv(qkv, rows, rows, pool, 1, slots, heads, kv_scales=scales,
+                                   fixed_scales=fixed_scales)
+            ids = torch.zeros(2, dtype=torch.int32)
+            kv_copy.copy_chunks(pool, pool.clone(), ids, ids, scales, scales.clone())
+            kv_copy.copy_rows(pool, pool.clone(), ids, ids, ids, 0, layers, scales, scales.clone())
+
+
 def main(capabilities):
-    compiled = 0
+    compiled = fp8 = 0
     for capability in capabilities:
-        launches = record_launches(CAPABILITIES[capability])
+        launches = record_launches(CAPABILITIES[capability], fp8_only=capability in FP8_ONLY_TARGETS)
         target = GPUTarget("cuda", capability, 32)
         seen = set()
         for kernel, args, constexprs in launches:
@@ -195,7 +242,9 @@ def main(capabilities):
                 print(f"FAILED sm_{capability} {kernel.__name__} {constexprs}: {error}", file=sys.stderr)
                 raise
             compiled += 1
-    print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, capabilities))}")
+            fp8 += any(isinstance(arg, torch.Tensor) and arg.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+                       for arg in args)
+    print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, capabilities))}, {fp8} of them fp8")
 
 
 if __name__ == "__main__":
