@@ -78,7 +78,7 @@ class Bench:
         return order.view(batch, chunks_per_seq).to(torch.int32).to(self.device)
 
     def decode(self, peaks, batch: int, context: int, chunk_tokens: int = 16, num_stages: int | None = None,
-               num_splits: int | None = None):
+               num_splits: int | None = None, fp8: bool = False):
         """Decode attention over scattered chunks. num_stages / num_splits: a variant against the
         default tiles (issue 22: two stages, 5 CTAs an SM; two splits at short contexts)."""
         import importlib
@@ -88,26 +88,33 @@ class Bench:
         if num_stages is not None:
             decode_module.decode_tiles = lambda *args: {**default_tiles(*args), "num_stages": num_stages}
         try:
-            self._decode(peaks, batch, context, chunk_tokens, num_stages, num_splits)
+            self._decode(peaks, batch, context, chunk_tokens, num_stages, num_splits, fp8)
         finally:
             decode_module.decode_tiles = default_tiles
 
-    def _decode(self, peaks, batch: int, context: int, chunk_tokens: int, num_stages, num_splits):
+    def _decode(self, peaks, batch: int, context: int, chunk_tokens: int, num_stages, num_splits, fp8: bool):
         chunks_per_seq = -(-context // chunk_tokens)
         num_chunks = batch * chunks_per_seq
         layers = 2  # the per-layer read pattern does not depend on how many layers a chunk holds
-        pool = torch.randn(num_chunks, layers, 2, chunk_tokens, NUM_KV_HEADS, HEAD_DIM, device=self.device, dtype=self.dtype)
+        pool = torch.randn(num_chunks, layers, 2, chunk_tokens, NUM_KV_HEADS, HEAD_DIM, device=self.device,
+                           dtype=self.dtype)
+        scales = None
+        if fp8:  # e4m3 KV, a float32 scale per row and head (read beside the tile: counted below)
+            pool = pool.to(torch.float8_e4m3fn)
+            scales = torch.rand(pool.shape[:5], device=self.device) * 0.01
         tables = self.random_tables(batch, chunks_per_seq, num_chunks)
         lens = torch.full((batch,), context, dtype=torch.int32, device=self.device)
         q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device=self.device, dtype=self.dtype)
         scale = 1 / math.sqrt(HEAD_DIM)
         ms = self.time_ms(lambda: kernels.decode_attention(q, pool, 1, tables, lens, scale, max_seq_len=context,
-                                                           num_splits=num_splits))
-        nbytes = batch * context * NUM_KV_HEADS * HEAD_DIM * 2 * pool.element_size() + 2 * q.numel() * q.element_size()
+                                                           num_splits=num_splits, kv_scales=scales))
+        row_bytes = HEAD_DIM * pool.element_size() + (4 if fp8 else 0)
+        nbytes = batch * context * NUM_KV_HEADS * 2 * row_bytes + 2 * q.numel() * q.element_size()
         rate = nbytes / ms / 1e6
-        target = 0.85 if (batch, context) == (128, 2048) and num_stages is None and num_splits is None else None
+        target = 0.85 if (batch, context) == (128, 2048) and num_stages is None and num_splits is None \
+            and not fp8 else None
         variant = "".join(f" {name}={value}" for name, value in (("stages", num_stages), ("splits", num_splits))
-                          if value is not None)
+                          if value is not None) + (" fp8" if fp8 else "")
         self.rows.append(Row("decode_attention", f"B={batch} ctx={context}{variant}", ms, rate, "GB/s",
                              rate / peaks["hbm_gbps"], target))
 
@@ -258,6 +265,7 @@ class Bench:
         if self.smoke:
             self.decode(peaks, batch=2, context=40)
             self.decode(peaks, batch=2, context=40, num_stages=2, num_splits=2)
+            self.decode(peaks, batch=2, context=40, fp8=True)
             self.prefill(peaks, batch=2, new_tokens=20, prefix=8)
             self.store(peaks, tokens=8)
             self.chunk_copies(peaks, num_copies=3, chunk_tokens=16, layers=2)
@@ -274,6 +282,8 @@ class Bench:
             self.decode(peaks, 128, context, num_stages=2)
         for context in (512, 1024):
             self.decode(peaks, 128, context, num_splits=2)
+        for context in (2048, 8192):  # issue 23: fp8 KV, half the bytes (their HBM rate against the rows above)
+            self.decode(peaks, 128, context, fp8=True)
         self.prefill(peaks, batch=4, new_tokens=2048, prefix=0)
         self.prefill(peaks, batch=4, new_tokens=512, prefix=3584)
         self.store(peaks, tokens=4096)

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_peaks import measure_peaks  # noqa: E402
+from pipemax.core.kv_dtype import kv_storage_name, kv_token_bytes  # noqa: E402
 from pipemax.core.sampling_params import SamplingParams  # noqa: E402
 from pipemax.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from pipemax.models import build_model, model_config_from_hf  # noqa: E402
@@ -118,7 +119,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 1, micro_batches: int | None = None,
-                offload: str = "off", prefix_caching: bool = False, async_scheduling: bool = True) -> Result:
+                offload: str = "off", prefix_caching: bool = False, async_scheduling: bool = True,
+                kv_cache_dtype: str = "auto") -> Result:
     config = model_config_from_hf(hf_config(args.model))
     torch.manual_seed(0)
     model = build_model(config, device=device, dtype=dtype)
@@ -133,6 +135,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
         pipeline_transport="inprocess",  # random weights live in this process: stages time-share this device
         offload=offload, host_memory_gib=args.host_memory_gib if offload != "off" else None,
         cuda_graphs=args.cuda_graphs == "on", prefix_caching=prefix_caching, async_scheduling=async_scheduling,
+        kv_cache_dtype=kv_cache_dtype,
     )
     engine = LLMEngine(engine_config, model=model)
     warm_up(engine, args, workload)
@@ -176,6 +179,7 @@ def run_pipemax(args, workload, device, dtype, prefill_mode: str, stages: int = 
             + ("" if async_scheduling or stats["micro_batches"] > 1 else ", no async")
             + (f", offload {offload}" if offload != "off" else "")
             + (", prefix cache" if prefix_caching else "")
+            + (f", {kv_cache_dtype} KV" if kv_cache_dtype != "auto" else "")
             + (", no CUDA graphs" if args.cuda_graphs == "off" and device.type == "cuda" else "") + ")")
     return Result(name, seconds, generated, generated + prompt_tokens, note)
 
@@ -244,8 +248,9 @@ def run_transformers(args, workload, device, dtype, cache: str = "dynamic") -> R
     return Result(name, seconds, generated, generated + prompt_tokens, f"batches of {batch_size}")
 
 
-def roofline_seconds(args, workload, peaks, dtype) -> tuple[float, float]:
-    """(prefill, decode) seconds at the measured peaks, if every request decoded in one batch."""
+def roofline_seconds(args, workload, peaks, dtype, kv_cache_dtype: str = "auto") -> tuple[float, float]:
+    """(prefill, decode) seconds at the measured peaks, if every request decoded in one batch, with
+    the KV read in kv_cache_dtype (fp8: a byte an element and a float32 scale per row and head)."""
     config = model_config_from_hf(hf_config(args.model))
     element = torch.tensor([], dtype=dtype).element_size()
     weights = config.weight_bytes(dtype)
@@ -253,7 +258,8 @@ def roofline_seconds(args, workload, peaks, dtype) -> tuple[float, float]:
     input_tokens = sum(len(p) for p, _ in workload)
     attention_pairs = sum(len(p) * (len(p) + 1) / 2 for p, _ in workload)
     prefill_flops = 2 * layer_params * input_tokens + 4 * attention_pairs * config.num_layers * config.q_size
-    kv_per_token = 2 * config.num_layers * config.kv_size * element
+    storage = kv_storage_name(kv_cache_dtype, str(dtype).removeprefix("torch."))
+    kv_per_token = kv_token_bytes(config.num_layers, config.num_kv_heads, config.head_dim, storage)
     steps = max(n for _, n in workload)
     kv_reads = sum(sum(len(p) + t for t in range(n)) for p, n in workload) * kv_per_token
     decode_bytes = steps * weights + kv_reads
@@ -283,6 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix-caching", default="off", help="comma-separated: on,off runs each (default off)")
     parser.add_argument("--async-scheduling", default="on",
                         help="comma-separated: on,off runs each (the host one step ahead at M = 1; default on)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="comma-separated KV cache dtypes: auto,fp8 runs each (rows' roofline: their KV bytes)")
     parser.add_argument("--cuda-graphs", default="on", choices=["on", "off"],
                         help="off: every step eager (to measure what the graphs, decode and piecewise, buy)")
     parser.add_argument("--peer-batch", type=int, help="first batch size to try for transformers")
@@ -314,11 +322,17 @@ def main(argv=None) -> int:
           f"memory cap {args.memory_cap_gib or '-'} GiB", flush=True)
     print(f"peaks: HBM {peaks['hbm_gbps']:.0f} GB/s, matmul {peaks['matmul_tflops']:.1f} TFLOP/s; roofline "
           f"{roofline:.2f} s (prefill {prefill_s:.2f} s + decode {decode_s:.2f} s)", flush=True)
+    kv_dtypes = args.kv_cache_dtype.split(",")
+    rooflines = {kv: sum(roofline_seconds(args, workload, peaks, dtype, kv)) for kv in kv_dtypes}
+    for kv in kv_dtypes:
+        if kv != "auto":
+            print(f"roofline with {kv} KV: {rooflines[kv]:.2f} s", flush=True)
     print(f"{'system':<32} {'seconds':>9} {'gen tok/s':>11} {'total tok/s':>12} {'roofline':>9}  note", flush=True)
 
-    def row(result: Result) -> Result:
+    def row(result: Result, kv_cache_dtype: str = "auto") -> Result:
+        bound = rooflines.get(kv_cache_dtype, roofline)
         print(f"{result.system:<32} {result.seconds:>9.2f} {result.generated_per_s:>11.1f} "
-              f"{result.total_per_s:>12.1f} {roofline / result.seconds:>9.0%}  {result.note}", flush=True)
+              f"{result.total_per_s:>12.1f} {bound / result.seconds:>9.0%}  {result.note}", flush=True)
         return result
 
     results = []
@@ -336,8 +350,10 @@ def main(argv=None) -> int:
                 for offload in offload_modes:
                     for prefix_caching in caching:
                         for async_scheduling in running_ahead:
-                            results.append(row(run_pipemax(args, workload, device, dtype, mode, stages, micro_batches,
-                                                           offload, prefix_caching, async_scheduling)))
+                            for kv in kv_dtypes:
+                                results.append(row(run_pipemax(args, workload, device, dtype, mode, stages,
+                                                               micro_batches, offload, prefix_caching,
+                                                               async_scheduling, kv), kv))
     peer = None if args.skip_peer else row(run_transformers(args, workload, device, dtype))
     if peer:
         results.append(peer)
@@ -355,6 +371,14 @@ def main(argv=None) -> int:
         if len(pair) == 2:
             lines.append(f"prefix cache on / off, {system}: {pair['on'].generated_per_s / pair['off'].generated_per_s:.2f}x "
                          f"generated tokens/s")
+    for result in results:  # each fp8 row against the same configuration with the model's-dtype KV
+        for kv in kv_dtypes:
+            suffix = f", {kv} KV)"
+            if kv != "auto" and result.system.endswith(suffix):
+                base = next((r for r in results if r.system == result.system.replace(suffix, ")")), None)
+                if base:
+                    lines.append(f"{kv} / model-dtype KV, {base.system}: "
+                                 f"{result.generated_per_s / base.generated_per_s:.2f}x generated tokens/s")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"device": name, "args": vars(args) | {"json": None},

@@ -9,6 +9,8 @@
 # Second call: bash bench/gpu_check_offload.sh (issue 20's per-stage KV residency).
 # Third call: bash bench/gpu_check_peers.sh (LongBench offload, autotune + the simulator's
 #   calibration, the peers on OPT-6.7B).
+# Fourth call: bash bench/gpu_check_fp8.sh (issue 23: fp8 KV kernels, accuracy, the 8B decode-heavy
+#   comparison at a 24 GiB cap).
 # Logs go to $OUT (the device tool's output folder) or bench/out. (The P/M grid of issue 7 and the
 # prefill modes were measured on an H100 and are in RESULTS.md; rerun them with bench/bench_throughput.py.)
 set -uo pipefail

@@ -30,6 +30,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for kernel in ("decode_attention", "prefill_attention", "store_kv", "copy_chunks host->GPU", "copy_rows GPU->host"):
         assert kernel in result.stdout
+    assert "B=2 ctx=40 fp8" in result.stdout  # decode attention over an fp8 pool
     assert '"device": "CPU (smoke)"' in out.read_text()
 
 
@@ -39,6 +40,16 @@ def test_prefix_cache_benchmark_smoke(capsys):
     assert "pipemax (mixed, M=1, prefix cache)" in stdout and "pipemax (mixed, M=1) " in stdout
     assert "prefix cache 160 of 360 prompt tokens (44%)" in stdout  # 5 of 6 reuse 2 chunks of the 40 shared
     assert "prefix cache on / off, pipemax (mixed, M=1): " in stdout
+
+
+def test_fp8_kv_throughput_smoke(capsys):
+    """gpu_check_fp8.sh's comparison: each configuration with the model's-dtype KV and fp8, the
+    ratio, and the roofline of the fp8 rows counted at their KV bytes."""
+    stdout = run_main("bench_throughput", ["--smoke", "--workload", "decode-heavy", "--num-prompts", "4",
+                                           "--kv-cache-dtype", "auto,fp8", "--skip-peer"], capsys)
+    assert "pipemax (mixed, M=1) " in stdout and "pipemax (mixed, M=1, fp8 KV)" in stdout
+    assert "roofline with fp8 KV: " in stdout
+    assert "fp8 / model-dtype KV, pipemax (mixed, M=1): " in stdout
 
 
 def test_throughput_benchmark_smoke(tmp_path, capsys):
