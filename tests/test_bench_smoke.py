@@ -89,16 +89,16 @@ def test_peers_benchmark_smoke(tmp_path, capsys):
 def test_fp8_kv_stays_within_the_stated_agreement_on_the_bundled_model(tmp_path, capsys):
     """bench_fp8_accuracy on the real SmolLM2-135M (float32 on the CPU), a bounded set of its
     prompts: e4m3 KV against the model's-dtype KV. The README states 96.8% teacher-forced top-1
-    agreement and a mean KL of 0.0046 nats over 32 prompts x 48 tokens; this subset measured 92 of
-    96 tokens (95.8%) and a KL of 0.0066, and must keep at least 90 (a wrong scale or a dropped row
-    falls far below it)."""
+    agreement and a mean KL of 0.0046 nats over 32 prompts x 48 tokens; this subset (4 prompts x 12
+    tokens) measured 47 of 48 tokens (97.9%) and a KL of 0.0058, and must keep at least 45 (a wrong
+    scale or a dropped row falls far below it)."""
     from bench.bench_fp8_accuracy import main
 
-    figures = main(["--kv-cache-dtype", "fp8", "--num-prompts", "8", "--output-len", "12",
+    figures = main(["--kv-cache-dtype", "fp8", "--num-prompts", "4", "--output-len", "12",
                     "--json", str(tmp_path / "accuracy.json")])
     assert "top-1 agree" in capsys.readouterr().out
     assert json.loads((tmp_path / "accuracy.json").read_text()) == figures
     auto, fp8 = figures["kv"]["auto"], figures["kv"]["fp8"]
-    assert auto["top1_agreement"] == 1.0 and abs(auto["mean_kl_nats"]) < 1e-6 and auto["exact_greedy_matches"] == 8
-    assert fp8["top1_agreement"] >= 90 / 96, fp8
+    assert auto["top1_agreement"] == 1.0 and abs(auto["mean_kl_nats"]) < 1e-6 and auto["exact_greedy_matches"] == 4
+    assert fp8["top1_agreement"] >= 45 / 48, fp8
     assert 0 < fp8["mean_kl_nats"] < 0.01, fp8
