@@ -60,11 +60,12 @@ from .rope import rope_store_kv, rope_store_kv_ref  # noqa: E402
 from .sampling_noise import gumbel_noise, gumbel_noise_ref  # noqa: E402
 from .prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
 from .moe_gemm import moe_experts, moe_experts_ref  # noqa: E402
-from .fp8 import FP8_DTYPES, dequantize_ref, quantize_ref  # noqa: E402
+from .fp8 import FP8_DTYPES, dequantize_ref, is_fp8, quantize_ref  # noqa: E402
 
 __all__ = [
     "FP8_DTYPES",
     "dequantize_ref",
+    "is_fp8",
     "quantize_ref",
     "copy_chunks",
     "copy_chunks_ref",

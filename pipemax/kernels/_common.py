@@ -9,8 +9,10 @@ import os
 import torch
 import triton
 
+from .fp8 import FP8_DTYPES
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KV_POOL_DTYPES = SUPPORTED_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)  # fp8: with scales (fp8.py)
+KV_POOL_DTYPES = SUPPORTED_DTYPES + FP8_DTYPES  # fp8: with scales (fp8.py)
 
 
 def interpreter_active() -> bool:

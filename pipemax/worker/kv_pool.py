@@ -30,7 +30,6 @@ from pipemax.core.kv_dtype import kv_chunk_bytes
 # KV storage names (core/kv_dtype.py) -> torch dtypes
 KV_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                    "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def kv_storage_of(dtype: torch.dtype) -> str:
@@ -66,12 +65,12 @@ class KVPoolSpec:
             raise ValueError(f"KV dtype must be float32, float16 or bfloat16, got {self.dtype}")
         if self.kv_dtype is None:
             object.__setattr__(self, "kv_dtype", self.dtype)  # frozen: normalise in place
-        elif self.kv_dtype != self.dtype and self.kv_dtype not in FP8_TORCH_DTYPES:
+        elif self.kv_dtype != self.dtype and not kernels.is_fp8(self.kv_dtype):
             raise ValueError(f"a KV pool holds the model's dtype or fp8, got {self.kv_dtype} for a {self.dtype} model")
 
     @property
     def fp8(self) -> bool:
-        return self.kv_dtype in FP8_TORCH_DTYPES
+        return kernels.is_fp8(self.kv_dtype)
 
     @property
     def scales_shape(self) -> tuple[int, ...]:
