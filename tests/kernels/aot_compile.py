@@ -80,12 +80,47 @@ def compile_launch(kernel, args, constexprs, target):
     assert shared <= limit, f"{kernel.__name__} {constexprs}: {shared} bytes of shared memory, over {limit}"
     if args[0].dtype != torch.float32:  # (float32 runs IEEE FMA dots, from registers: nothing to pipeline)
         check_pipelined(kernel, compiled.asm["ptx"], constexprs, options.num_stages)
-    registers, spills = ptxas_resources(compiled.asm["ptx"], target.arch)
-    # float32 (the equality tests' dtype) at head_dim 256 spills whatever the tiles: allowed there only.
-    wide_float32 = args[0].dtype == torch.float32 and constexprs.get("HEAD_DIM", 0) >= 256
-    assert spills == 0 or wide_float32, f"{kernel.__name__} {constexprs}: {spills} bytes of register spill stores"
+    registers, stack_frame = cubin_resources(compiled.asm["cubin"])
+    assert stack_frame == 0 or may_spill(args, constexprs), (
+        f"{kernel.__name__} {constexprs}: a {stack_frame}-byte stack frame (register spills)")
     assert registers * 32 * options.num_warps <= 65536, f"{kernel.__name__}: {registers} registers a thread"
     return compiled
+
+
+def may_spill(args, constexprs) -> bool:
+    """float32 (the equality tests' dtype) at head_dim 256 spills whatever the tiles: allowed there only."""
+    return args[0].dtype == torch.float32 and constexprs.get("HEAD_DIM", 0) >= 256
+
+
+def cubin_resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack frame bytes) of the cubin's one kernel, read from its ELF
+    `.nv.info` section (EIATTR_REGCOUNT 0x2f, EIATTR_FRAME_SIZE 0x11): what `ptxas -v` prints,
+    without running ptxas a second time. Triton's kernels keep no local arrays, so a stack frame
+    means register spills. main() checks this reading against ptxas once per target."""
+    import struct
+
+    section_headers, = struct.unpack_from("<Q", cubin, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    # (name offset, offset, size) of each section header (ELF64: sh_name, sh_offset, sh_size)
+    headers = [struct.unpack_from("<I20xQQ", cubin, section_headers + i * entry_size) for i in range(count)]
+    names_offset = headers[names_index][1]
+
+    def name(offset: int) -> bytes:
+        start = names_offset + offset
+        return cubin[start:cubin.index(b"\0", start)]
+
+    _, offset, size = next(h for h in headers if name(h[0]) == b".nv.info")
+    values, end = {}, offset + size
+    while offset < end:
+        form, attribute = cubin[offset], cubin[offset + 1]
+        if form == 0x04:  # EIFMT_SVAL: a 2-byte size, then (symbol index, value) for these attributes
+            length, = struct.unpack_from("<H", cubin, offset + 2)
+            if attribute in (0x2F, 0x11):
+                values[attribute] = struct.unpack_from("<I", cubin, offset + 8)[0]
+            offset += 4 + length
+        else:  # EIFMT_NVAL (no value), EIFMT_BVAL / EIFMT_HVAL (a 2-byte value)
+            offset += 2 if form == 0x01 else 4
+    return values[0x2F], values[0x11]
 
 
 PIPELINED_KERNELS = ("_decode_attention_split_kernel", "_prefill_attention_kernel", "_grouped_gemm_kernel")
@@ -103,7 +138,8 @@ def check_pipelined(kernel, ptx: str, constexprs: dict, num_stages: int) -> None
 
 
 def ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
-    """(registers per thread, spill-store bytes) that ptxas reports for the kernel."""
+    """(registers per thread, spill-store bytes) that ptxas reports for the kernel (the check of
+    cubin_resources: ptxas again costs 50 ms a kernel, a third of this script's time)."""
     import re
     import subprocess
     import tempfile
@@ -237,11 +273,18 @@ def main(capabilities):
                 continue
             seen.add(key)
             try:
-                compile_launch(kernel, args, constexprs, target)
+                compiled_kernel = compile_launch(kernel, args, constexprs, target)
             except Exception as error:  # report which kernel and configuration broke
                 print(f"FAILED sm_{capability} {kernel.__name__} {constexprs}: {error}", file=sys.stderr)
                 raise
             compiled += 1
+            # ptxas agrees with the cubin's figures: on the first kernel, and on each that may spill
+            if len(seen) == 1 or may_spill(args, constexprs):
+                registers, stack_frame = cubin_resources(compiled_kernel.asm["cubin"])
+                reported = ptxas_resources(compiled_kernel.asm["ptx"], capability)
+                assert reported[0] == registers and (reported[1] > 0) == (stack_frame > 0), (
+                    f"{kernel.__name__}: the cubin says {registers} registers and a {stack_frame}-byte stack frame, "
+                    f"ptxas {reported[0]} registers and {reported[1]} bytes of spill stores")
             fp8 += any(isinstance(arg, torch.Tensor) and arg.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
                        for arg in args)
     print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, capabilities))}, {fp8} of them fp8")
