@@ -102,3 +102,20 @@ def test_fp8_kv_stays_within_the_stated_agreement_on_the_bundled_model(tmp_path,
     assert auto["top1_agreement"] == 1.0 and abs(auto["mean_kl_nats"]) < 1e-6 and auto["exact_greedy_matches"] == 4
     assert fp8["top1_agreement"] >= 45 / 48, fp8
     assert 0 < fp8["mean_kl_nats"] < 0.01, fp8
+
+
+def test_kv_quant_schemes_study_smoke(tmp_path, capsys):
+    """bench_kv_quant_schemes on the bundled model, 2 prompts x 4 tokens: bf16 KV is near exact,
+    e4m3 costs more KL than bf16, e5m2 (one mantissa bit fewer) more than e4m3, and an unknown
+    scheme is refused by name."""
+    from bench.bench_kv_quant_schemes import main
+
+    figures = main(["--smoke", "--schemes", "bf16,e4m3,e5m2", "--json", str(tmp_path / "schemes.json")])
+    assert "top-1 agree" in capsys.readouterr().out
+    assert json.loads((tmp_path / "schemes.json").read_text()) == figures
+    rows = figures["schemes"]
+    assert figures["prompts"] == 2 and list(rows) == ["bf16", "e4m3", "e5m2"]
+    assert 0 <= rows["bf16"]["mean_kl_nats"] < rows["e4m3"]["mean_kl_nats"] < rows["e5m2"]["mean_kl_nats"], rows
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--schemes", "e4m3,int3"])
+    assert "unknown schemes ['int3']" in capsys.readouterr().err
