@@ -143,8 +143,9 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     prompts = [chat_ids(tokenizer, text) for text in (PROMPTS * 2)[:args.num_prompts]]
     with torch.inference_mode():
-        continuations = [model.generate(torch.tensor([p]), max_new_tokens=args.output_len, min_new_tokens=args.output_len,
-                                        do_sample=False)[0, len(p):].tolist() for p in prompts]
+        length = {"max_new_tokens": args.output_len, "min_new_tokens": args.output_len}
+        continuations = [model.generate(torch.tensor([p]), do_sample=False, **length)[0, len(p):].tolist()
+                         for p in prompts]
     reference = teacher_forced(model, prompts, continuations)
     figures = {"model": Path(model_path).name, "prompts": len(prompts), "output_len": args.output_len, "schemes": {}}
     with QuantisedAttention(module) as attention:
