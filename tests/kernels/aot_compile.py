@@ -32,6 +32,7 @@ decode_attention, prefill_attention, kv_store, kv_copy, norm, activation, rope, 
 )
 
 from pipemax.kernels._common import shared_memory_per_block  # noqa: E402
+from pipemax.kernels.fp8 import is_fp8  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -57,7 +58,7 @@ class Recorder:
         return lambda *args, **constexprs: self.launches.append((args, constexprs))
 
 
-def compile_launch(kernel, args, constexprs, target):
+def compile_launch(kernel, args, constexprs, target, check_with_ptxas: bool = False):
     names = kernel.arg_names
     signature, attrs = {}, {}
     for index, (name, value) in enumerate(zip(names, args)):
@@ -81,6 +82,11 @@ def compile_launch(kernel, args, constexprs, target):
     if args[0].dtype != torch.float32:  # (float32 runs IEEE FMA dots, from registers: nothing to pipeline)
         check_pipelined(kernel, compiled.asm["ptx"], constexprs, options.num_stages)
     registers, stack_frame = cubin_resources(compiled.asm["cubin"])
+    if check_with_ptxas:  # the cubin's figures are the ones ptxas reports
+        reported = ptxas_resources(compiled.asm["ptx"], target.arch)
+        assert reported[0] == registers and (reported[1] > 0) == (stack_frame > 0), (
+            f"{kernel.__name__}: the cubin says {registers} registers and a {stack_frame}-byte stack frame, "
+            f"ptxas {reported[0]} registers and {reported[1]} bytes of spill stores")
     assert stack_frame == 0 or may_spill(args, constexprs), (
         f"{kernel.__name__} {constexprs}: a {stack_frame}-byte stack frame (register spills)")
     assert registers * 32 * options.num_warps <= 65536, f"{kernel.__name__}: {registers} registers a thread"
@@ -96,7 +102,8 @@ def cubin_resources(cubin: bytes) -> tuple[int, int]:
     """(registers per thread, stack frame bytes) of the cubin's one kernel, read from its ELF
     `.nv.info` section (EIATTR_REGCOUNT 0x2f, EIATTR_FRAME_SIZE 0x11): what `ptxas -v` prints,
     without running ptxas a second time. Triton's kernels keep no local arrays, so a stack frame
-    means register spills. main() checks this reading against ptxas once per target."""
+    means register spills. main() checks this reading against ptxas on each target's first kernel
+    and on every kernel that may spill."""
     import struct
 
     section_headers, = struct.unpack_from("<Q", cubin, 0x28)
@@ -139,7 +146,8 @@ def check_pipelined(kernel, ptx: str, constexprs: dict, num_stages: int) -> None
 
 def ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
     """(registers per thread, spill-store bytes) that ptxas reports for the kernel (the check of
-    cubin_resources: ptxas again costs 50 ms a kernel, a third of this script's time)."""
+    cubin_resources: ptxas again costs 50 ms a kernel, most of this script's time when Triton's
+    compiles are cached)."""
     import re
     import subprocess
     import tempfile
@@ -273,20 +281,14 @@ def main(capabilities):
                 continue
             seen.add(key)
             try:
-                compiled_kernel = compile_launch(kernel, args, constexprs, target)
+                # ptxas checks the cubin's figures on the target's first kernel and on each that may spill
+                compile_launch(kernel, args, constexprs, target,
+                               check_with_ptxas=len(seen) == 1 or may_spill(args, constexprs))
             except Exception as error:  # report which kernel and configuration broke
                 print(f"FAILED sm_{capability} {kernel.__name__} {constexprs}: {error}", file=sys.stderr)
                 raise
             compiled += 1
-            # ptxas agrees with the cubin's figures: on the first kernel, and on each that may spill
-            if len(seen) == 1 or may_spill(args, constexprs):
-                registers, stack_frame = cubin_resources(compiled_kernel.asm["cubin"])
-                reported = ptxas_resources(compiled_kernel.asm["ptx"], capability)
-                assert reported[0] == registers and (reported[1] > 0) == (stack_frame > 0), (
-                    f"{kernel.__name__}: the cubin says {registers} registers and a {stack_frame}-byte stack frame, "
-                    f"ptxas {reported[0]} registers and {reported[1]} bytes of spill stores")
-            fp8 += any(isinstance(arg, torch.Tensor) and arg.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-                       for arg in args)
+            fp8 += any(isinstance(arg, torch.Tensor) and is_fp8(arg.dtype) for arg in args)
     print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, capabilities))}, {fp8} of them fp8")
 
 
